@@ -1,0 +1,5 @@
+//! The two front doors. Protocol only: decode, validate, call the engine, map
+//! errors to gRPC codes / HTTP statuses.
+
+pub mod grpc;
+pub mod http;

@@ -1,0 +1,61 @@
+//! Command line: `genai-factory <subcommand>`. Flags override the config file
+//! and the environment (see `config`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "genai-factory", version, about = "Self-hosted LLM inference server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve gRPC and OpenAI-compatible HTTP on the configured models.
+    Serve(ServeArgs),
+    /// Print the effective configuration (file + environment + flags) as TOML.
+    Config(ServeArgs),
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Configuration file (TOML). Default: ./genai-factory.toml when present.
+    #[arg(long, short = 'c', value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// HTTP (OpenAI-compatible) listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_addr: Option<SocketAddr>,
+    /// Directory holding the models (see scripts/fetch-models.sh).
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Where to run the models.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
+    /// CPU threads for the engine (0 = all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceArg::Auto => "auto",
+            DeviceArg::Cpu => "cpu",
+            DeviceArg::Cuda => "cuda",
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! `genai-factory`: the one command users run.
+//!
+//! Data flow, top down: `cli` → `config` → `registry` (model files) →
+//! `serve` (binds listeners, loads models, runs `api::grpc` and `api::http`
+//! until SIGTERM).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use genai_factory::cli::{Cli, Command};
+use genai_factory::config::Config;
+use genai_factory::{serve, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line naming the path/key and the fix; never a panic or a backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = Config::load(&args)?;
+            telemetry::init(&config.log)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(serve::run(config))
+        }
+        Command::Config(args) => {
+            print!("{}", Config::load(&args)?.to_toml()?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Model families and their loaders (GGUF, safetensors), tokenizers and chat templates.

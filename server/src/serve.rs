@@ -1,0 +1,101 @@
+//! `genai-factory serve`: binds both listeners first (a port in use fails fast),
+//! starts gRPC and HTTP answering health as NOT_SERVING, loads and validates the
+//! models off the async runtime, flips health to SERVING, and on SIGTERM/SIGINT
+//! stops admitting, lets in-flight streams finish within the drain time, exits 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api;
+use crate::config::Config;
+use crate::registry;
+use crate::state::{AppState, Loaded};
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let grpc_listener = bind(config.server.grpc_addr, "server.grpc_addr", "--grpc-addr").await?;
+    let http_listener = bind(config.server.http_addr, "server.http_addr", "--http-addr").await?;
+    let drain = Duration::from_secs(config.server.drain_timeout_secs);
+    let state = AppState::new(config);
+    tracing::info!(
+        grpc = %grpc_listener.local_addr()?,
+        http = %http_listener.local_addr()?,
+        "listening; loading models"
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grpc = tokio::spawn(api::grpc::serve(state.clone(), grpc_listener, shutdown_rx.clone()));
+    let http = tokio::spawn(api::http::serve(state.clone(), http_listener, shutdown_rx));
+
+    let load_state = state.clone();
+    let load = tokio::task::spawn_blocking(move || load_models(&load_state));
+    tokio::select! {
+        res = load => {
+            res.context("model loading task failed")??;
+            tracing::info!("models loaded; SERVING");
+        }
+        _ = shutdown_signal() => {
+            tracing::info!("signal received while loading; exiting");
+            return Ok(());
+        }
+    }
+
+    shutdown_signal().await;
+    tracing::info!(
+        drain_secs = drain.as_secs(),
+        "shutting down: no new requests, draining in-flight ones"
+    );
+    state.start_draining();
+    let _ = shutdown_tx.send(true);
+    let servers = async {
+        let (g, h) = tokio::join!(grpc, http);
+        g??;
+        h??;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(drain, servers).await {
+        Ok(res) => res?,
+        Err(_) => tracing::warn!("drain time exceeded; closing remaining streams"),
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+fn load_models(state: &Arc<AppState>) -> anyhow::Result<()> {
+    let files = registry::locate(&state.config.models)?;
+    state.set_loaded(Loaded { files });
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, key: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr} ({key}): {e}; choose another address with {flag} or stop the process using it"
+        )
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,59 @@
+//! Process-wide state shared by the gRPC and HTTP front doors.
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::registry::ModelFiles;
+
+/// What exists once the models are loaded and validated.
+pub struct Loaded {
+    pub files: ModelFiles,
+}
+
+pub struct AppState {
+    pub config: Config,
+    loaded: OnceLock<Loaded>,
+    /// Flips to true when the models are ready; health endpoints follow it.
+    ready: watch::Sender<bool>,
+    /// Flips to true on SIGTERM/SIGINT: stop admitting new work.
+    draining: watch::Sender<bool>,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            loaded: OnceLock::new(),
+            ready: watch::channel(false).0,
+            draining: watch::channel(false).0,
+        })
+    }
+
+    pub fn set_loaded(&self, loaded: Loaded) {
+        if self.loaded.set(loaded).is_ok() {
+            self.ready.send_replace(true);
+        }
+    }
+
+    pub fn loaded(&self) -> Option<&Loaded> {
+        self.loaded.get()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow() && !self.is_draining()
+    }
+
+    pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+}

@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod model;
 pub mod registry;
+pub mod retrieval;
 pub mod serve;
 pub mod state;
 pub mod telemetry;

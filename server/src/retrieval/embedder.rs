@@ -156,7 +156,7 @@ impl Bert {
                 cfg.hidden_act
             )));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(model_err(
                 "config.json: hidden_size must be a multiple of num_attention_heads",
             ));

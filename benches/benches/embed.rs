@@ -12,15 +12,42 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use genai_factory::retrieval::embedder::Embedder;
 
 const WORDS: [&str; 24] = [
-    "the", "model", "retrieves", "relevant", "passages", "from", "a", "large", "collection", "of", "documents",
-    "before", "answering", "questions", "about", "science", "history", "and", "cooking", "with", "careful",
-    "citations", "to", "sources",
+    "the",
+    "model",
+    "retrieves",
+    "relevant",
+    "passages",
+    "from",
+    "a",
+    "large",
+    "collection",
+    "of",
+    "documents",
+    "before",
+    "answering",
+    "questions",
+    "about",
+    "science",
+    "history",
+    "and",
+    "cooking",
+    "with",
+    "careful",
+    "citations",
+    "to",
+    "sources",
 ];
 
 /// Deterministic ~43-word sentences, different from each other.
 fn sentences(n: usize) -> Vec<String> {
     (0..n)
-        .map(|i| (0..43).map(|j| WORDS[(i * 7 + j * 5 + j / 3) % WORDS.len()]).collect::<Vec<_>>().join(" ") + ".")
+        .map(|i| {
+            (0..43)
+                .map(|j| WORDS[(i * 7 + j * 5 + j / 3) % WORDS.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+                + "."
+        })
         .collect()
 }
 

@@ -44,16 +44,28 @@ fn build(factory: &str, vectors: &[Vec<f32>]) -> VectorStore {
             chunks: vectors.iter().map(|v| (String::new(), v.clone())).collect(),
         })
         .expect("upsert");
-    eprintln!("{factory}: built over {} vectors in {:.1} s", vectors.len(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "{factory}: built over {} vectors in {:.1} s",
+        vectors.len(),
+        t.elapsed().as_secs_f64()
+    );
     store
 }
 
 fn top10(store: &VectorStore, q: &[f32]) -> Vec<u64> {
-    store.search(q, 10, &Filter::default()).unwrap().into_iter().map(|h| h.id).collect()
+    store
+        .search(q, 10, &Filter::default())
+        .unwrap()
+        .into_iter()
+        .map(|h| h.id)
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
-    let n: usize = std::env::var("GF_BENCH_VECTORS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let n: usize = std::env::var("GF_BENCH_VECTORS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
     let factories = std::env::var("GF_BENCH_FACTORIES").unwrap_or_else(|_| "Flat;IVF1024,Flat;HNSW32".into());
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let vectors: Vec<Vec<f32>> = (0..n).map(|_| unit(&mut rng)).collect();
@@ -64,14 +76,21 @@ fn bench(c: &mut Criterion) {
     g.sample_size(20);
     g.throughput(Throughput::Elements(1));
     for factory in factories.split(';') {
-        let store = if factory == "Flat" { None } else { Some(build(factory, &vectors)) };
+        let store = if factory == "Flat" {
+            None
+        } else {
+            Some(build(factory, &vectors))
+        };
         let s = store.as_ref().unwrap_or(&flat);
         let found: usize = queries
             .iter()
             .zip(&truth)
             .map(|(q, t)| top10(s, q).iter().filter(|id| t.contains(id)).count())
             .sum();
-        eprintln!("{factory}: recall@10 vs Flat = {:.3} ({n} vectors)", found as f64 / (10 * QUERIES) as f64);
+        eprintln!(
+            "{factory}: recall@10 vs Flat = {:.3} ({n} vectors)",
+            found as f64 / (10 * QUERIES) as f64
+        );
         let mut i = 0;
         g.bench_function(BenchmarkId::new("top10", format!("{factory} n={n}")), |b| {
             b.iter(|| {

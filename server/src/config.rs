@@ -307,6 +307,17 @@ mod tests {
         assert!(e.contains("engine.block_size"), "{e}");
     }
 
+    /// The documented file at the repository root lists every key with its default.
+    #[test]
+    fn documented_config_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../genai-factory.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let documented = load_with(&text).unwrap();
+        assert_eq!(documented.to_toml().unwrap(), Config::default().to_toml().unwrap());
+        let keys = |t: &str| t.lines().filter(|l| !l.starts_with('#') && l.contains(" = ")).count();
+        assert_eq!(keys(&text), keys(&Config::default().to_toml().unwrap()), "a key is undocumented");
+    }
+
     #[test]
     fn printed_config_round_trips() {
         let text = Config::default().to_toml().unwrap();

@@ -13,6 +13,8 @@ use tokio::sync::watch;
 
 use crate::api;
 use crate::config::Config;
+use crate::engine::EngineHandle;
+use crate::model;
 use crate::registry;
 use crate::state::{AppState, Loaded};
 
@@ -50,6 +52,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "shutting down: no new requests, draining in-flight ones"
     );
     state.start_draining();
+    if let Some(l) = state.loaded() {
+        l.engine.shutdown();
+    }
     let _ = shutdown_tx.send(true);
     let servers = async {
         let (g, h) = tokio::join!(grpc, http);
@@ -66,8 +71,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 fn load_models(state: &Arc<AppState>) -> anyhow::Result<()> {
-    let files = registry::locate(&state.config.models)?;
-    state.set_loaded(Loaded { files });
+    let cfg = &state.config;
+    let files = registry::locate(&cfg.models)?;
+    let threads = match cfg.models.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let model = model::load(&files.generation, threads)?;
+    let engine = EngineHandle::start(model.runner, model.tokenizer.clone(), &cfg.engine)?;
+    tracing::info!(
+        model = %files.generation.name,
+        context = engine.info().context_length,
+        threads,
+        "generation engine started"
+    );
+    state.set_loaded(Loaded {
+        model_name: files.generation.name.clone(),
+        files,
+        engine,
+        tokenizer: model.tokenizer,
+        add_bos: model.add_bos,
+        chat_template: model.chat_template,
+    });
     Ok(())
 }
 

@@ -5,11 +5,20 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::engine::EngineHandle;
+use crate::model::chat_template::ChatTemplate;
 use crate::registry::ModelFiles;
 
 /// What exists once the models are loaded and validated.
 pub struct Loaded {
     pub files: ModelFiles,
+    /// The generation model's name as clients address it.
+    pub model_name: String,
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Whether prompts get the model's BOS token (GGUF `tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    pub chat_template: ChatTemplate,
 }
 
 pub struct AppState {
@@ -47,6 +56,10 @@ impl AppState {
 
     pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    pub fn subscribe_draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     pub fn start_draining(&self) {

@@ -157,10 +157,19 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub async fn terminate(mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let ok = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("kill");
+    pub async fn terminate(self, timeout: Duration) -> ExitStatus {
+        self.signal_term();
+        self.terminate_wait(timeout).await
+    }
+
+    pub fn signal_term(&self) {
+        let ok = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().expect("kill");
         assert!(ok.success());
+    }
+
+    /// Waits for the process to exit (after a signal).
+    pub async fn terminate_wait(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
         let start = Instant::now();
         loop {
             if let Some(s) = child.try_wait().expect("wait") {

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::openai;
 use crate::state::AppState;
 
 pub async fn serve(
@@ -21,6 +22,9 @@ pub async fn serve(
     let app = Router::new()
         .route("/health", get(health))
         .route("/ready", get(health))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

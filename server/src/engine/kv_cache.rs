@@ -472,9 +472,9 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
         #[test]
-        fn random_ops_keep_contents_refcounts_and_no_leaks(ops in prop::collection::vec(op(), 1..120)) {
+        fn random_ops_keep_contents_refcounts_and_no_leaks(ops in prop::collection::vec(op(), 1..200)) {
             let bs = 4;
             let mut m = BlockManager::new(24, bs);
             let mut store = vec![vec![None; bs]; 24];

@@ -318,7 +318,10 @@ impl BlockManager {
             Some(b) => b,
             None => {
                 let (_, b) = self.evictable.pop_first()?;
-                let h = self.blocks[b as usize].hash.take().expect("evictable blocks are hashed");
+                let h = self.blocks[b as usize]
+                    .hash
+                    .take()
+                    .expect("evictable blocks are hashed");
                 self.cache.remove(&h);
                 b
             }
@@ -346,7 +349,15 @@ mod tests {
         assert_eq!(m.block_table(1).unwrap(), &[0, 1, 2, 3]);
         assert_eq!(m.usage().used, 4);
         m.free(1);
-        assert_eq!(m.usage(), KvUsage { total: 8, used: 0, cached: 0, free: 8 });
+        assert_eq!(
+            m.usage(),
+            KvUsage {
+                total: 8,
+                used: 0,
+                cached: 0,
+                free: 8
+            }
+        );
     }
 
     #[test]
@@ -360,7 +371,10 @@ mod tests {
         other.extend([99, 98, 97]);
         assert_eq!(m.admit(2, &other, 11), Ok(8));
         assert_eq!(m.block_table(2).unwrap(), &[0, 1, 3]);
-        assert_eq!((m.ref_count(0), m.ref_count(1), m.ref_count(2), m.ref_count(3)), (2, 2, 1, 1));
+        assert_eq!(
+            (m.ref_count(0), m.ref_count(1), m.ref_count(2), m.ref_count(3)),
+            (2, 2, 1, 1)
+        );
         assert_eq!(m.prefix_counters(), (21, 8));
         // Diverging in the first block: no hit at all.
         assert_eq!(m.admit(3, &[5, 1, 2, 3, 4, 5], 6), Ok(0));
@@ -386,7 +400,15 @@ mod tests {
         m.cache_computed(1, &a, 5); // 0 and 1 hashed
         m.free(1);
         // Released tail first: block 1 then block 0 become evictable; 2 is free.
-        assert_eq!(m.usage(), KvUsage { total: 4, used: 0, cached: 2, free: 2 });
+        assert_eq!(
+            m.usage(),
+            KvUsage {
+                total: 4,
+                used: 0,
+                cached: 2,
+                free: 2
+            }
+        );
         // Two fresh blocks come from the empty pool (2, just released, then 3): no eviction.
         m.admit(2, &[9, 9, 9], 3).unwrap();
         assert_eq!(m.block_table(2).unwrap(), &[2, 3]);
@@ -537,7 +559,7 @@ mod tests {
                     }
                 }
                 // Refcount of each block = number of tables holding it.
-                let mut held = vec![0u32; 24];
+                let mut held = [0u32; 24];
                 for s in &live {
                     for &b in m.block_table(s.id).unwrap() { held[b as usize] += 1; }
                 }

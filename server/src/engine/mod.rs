@@ -25,8 +25,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::EngineConfig;
 use kv_cache::{BlockManager, SeqId};
@@ -239,7 +239,7 @@ struct Shared {
 }
 
 enum Command {
-    Submit(Sequence),
+    Submit(Box<Sequence>),
     /// Wakes an idle engine thread (shutdown).
     Wake,
 }
@@ -256,7 +256,9 @@ pub struct EngineHandle {
 
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineHandle").field("model", &self.info.name).finish_non_exhaustive()
+        f.debug_struct("EngineHandle")
+            .field("model", &self.info.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -297,7 +299,11 @@ impl EngineHandle {
             next_id: AtomicU64::new(1),
         });
         let (tx, rx) = mpsc::channel();
-        let scheduler = Scheduler::new(BlockManager::new(num_blocks, cfg.block_size), cfg.max_batch_tokens, cfg.max_running);
+        let scheduler = Scheduler::new(
+            BlockManager::new(num_blocks, cfg.block_size),
+            cfg.max_batch_tokens,
+            cfg.max_running,
+        );
         let mut engine = Engine {
             runner,
             tokenizer,
@@ -322,7 +328,8 @@ impl EngineHandle {
 
     /// Validates and queues a request; never blocks.
     pub fn submit(&self, req: GenerateRequest) -> Result<UnboundedReceiver<EngineEvent>, SubmitError> {
-        let rejected = |reason: &'static str| metrics::counter!("genai_requests_rejected_total", "reason" => reason).increment(1);
+        let rejected =
+            |reason: &'static str| metrics::counter!("genai_requests_rejected_total", "reason" => reason).increment(1);
         if self.shared.shutting_down.load(Ordering::Acquire) {
             rejected("shutting_down");
             return Err(SubmitError::ShuttingDown);
@@ -334,7 +341,9 @@ impl EngineHandle {
         let admitted = self
             .shared
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < self.max_waiting).then_some(q + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.max_waiting).then_some(q + 1)
+            });
         if admitted.is_err() {
             rejected("queue_full");
             return Err(SubmitError::QueueFull {
@@ -344,7 +353,7 @@ impl EngineHandle {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let seq = Sequence::new(id, req.request_id, req.prompt_tokens, req.params, tx);
-        if self.commands.send(Command::Submit(seq)).is_err() {
+        if self.commands.send(Command::Submit(Box::new(seq))).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             rejected("shutting_down");
             return Err(SubmitError::ShuttingDown);
@@ -359,7 +368,10 @@ impl EngineHandle {
             return Err(invalid("prompt", "must not be empty"));
         }
         if let Some(&t) = req.prompt_tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(invalid("prompt", format!("token id {t} is outside the vocabulary ({})", self.info.vocab_size)));
+            return Err(invalid(
+                "prompt",
+                format!("token id {t} is outside the vocabulary ({})", self.info.vocab_size),
+            ));
         }
         if n >= self.max_context {
             return Err(invalid(
@@ -452,7 +464,7 @@ impl Engine {
     fn accept(&mut self, cmd: Command) {
         if let Command::Submit(seq) = cmd {
             metrics::counter!("genai_prompt_tokens_total").increment(seq.prompt_len as u64);
-            self.scheduler.add(seq);
+            self.scheduler.add(*seq);
         }
     }
 
@@ -481,7 +493,11 @@ impl Engine {
         self.steps += 1;
         let num_tokens: usize = batch.entries.iter().map(|e| e.tokens.len()).sum();
         let prefill = batch.entries.iter().any(|e| e.tokens.len() > 1 || !e.want_logits);
-        let step_metric = if prefill { "genai_prefill_step_seconds" } else { "genai_decode_step_seconds" };
+        let step_metric = if prefill {
+            "genai_prefill_step_seconds"
+        } else {
+            "genai_decode_step_seconds"
+        };
         metrics::histogram!(step_metric).record(elapsed);
         metrics::histogram!("genai_batch_size").record(batch.entries.len() as f64);
         metrics::histogram!("genai_iteration_tokens").record(num_tokens as f64);
@@ -491,14 +507,28 @@ impl Engine {
             Err(e) => {
                 let message = format!("model forward failed: {e:#}");
                 tracing::error!("{message}");
-                outcomes.extend(batch.entries.iter().map(|e| (e.seq_id, Outcome::Failed(message.clone()))));
+                outcomes.extend(
+                    batch
+                        .entries
+                        .iter()
+                        .map(|e| (e.seq_id, Outcome::Failed(message.clone()))),
+                );
             }
             Ok(rows) => {
                 self.scheduler.complete(&batch);
                 let wanted = batch.entries.iter().filter(|e| e.want_logits);
                 if rows.len() != wanted.clone().count() {
-                    let message = format!("model returned {} logit rows for {} sequences", rows.len(), wanted.count());
-                    outcomes.extend(batch.entries.iter().map(|e| (e.seq_id, Outcome::Failed(message.clone()))));
+                    let message = format!(
+                        "model returned {} logit rows for {} sequences",
+                        rows.len(),
+                        wanted.count()
+                    );
+                    outcomes.extend(
+                        batch
+                            .entries
+                            .iter()
+                            .map(|e| (e.seq_id, Outcome::Failed(message.clone()))),
+                    );
                 } else {
                     for (e, row) in wanted.zip(rows) {
                         if let Some(o) = self.advance(e.seq_id, row) {
@@ -517,7 +547,8 @@ impl Engine {
     /// Queue-time bookkeeping for sequences admitted for the first time.
     fn note_admissions(&mut self) {
         for (arrival, admitted) in self.scheduler.take_first_admissions() {
-            metrics::histogram!("genai_request_queue_time_seconds").record(admitted.duration_since(arrival).as_secs_f64());
+            metrics::histogram!("genai_request_queue_time_seconds")
+                .record(admitted.duration_since(arrival).as_secs_f64());
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -705,9 +736,9 @@ mod tests {
 
         fn logits(&self, history: &[u32]) -> Vec<f32> {
             // FNV-1a over the history, then one pseudo-random logit per token.
-            let h = history
-                .iter()
-                .fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3));
+            let h = history.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+                (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
+            });
             let mut row: Vec<f32> = (0..self.info.vocab_size as u64)
                 .map(|v| {
                     let x = (h ^ v.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -726,7 +757,10 @@ mod tests {
         }
 
         fn slot(&self, e: &BatchEntry, pos: usize) -> anyhow::Result<usize> {
-            let block = *e.block_table.get(pos / self.block_size).context("position beyond the block table")?;
+            let block = *e
+                .block_table
+                .get(pos / self.block_size)
+                .context("position beyond the block table")?;
             let slot = block as usize * self.block_size + pos % self.block_size;
             anyhow::ensure!(slot < self.store.len(), "block {block} outside the pool");
             Ok(slot)
@@ -770,7 +804,10 @@ mod tests {
             let mut written = HashSet::new();
             for e in &batch.entries {
                 let end = e.start_pos + e.tokens.len();
-                anyhow::ensure!(e.block_table.len() == end.div_ceil(bs), "block table length for {end} tokens");
+                anyhow::ensure!(
+                    e.block_table.len() == end.div_ceil(bs),
+                    "block table length for {end} tokens"
+                );
                 for (i, &t) in e.tokens.iter().enumerate() {
                     let slot = self.slot(e, e.start_pos + i)?;
                     anyhow::ensure!(written.insert(slot), "two sequences write slot {slot} in one step");
@@ -888,7 +925,13 @@ mod tests {
 
     fn sixteen() -> Vec<GenerateRequest> {
         (0..16u32)
-            .map(|i| request(&format!("r{i}"), prompt(i, 5 + i as usize), sampled(i as u64, 12 + i as usize)))
+            .map(|i| {
+                request(
+                    &format!("r{i}"),
+                    prompt(i, 5 + i as usize),
+                    sampled(i as u64, 12 + i as usize),
+                )
+            })
             .collect()
     }
 
@@ -907,7 +950,10 @@ mod tests {
             assert_eq!(o.tokens.len(), r.params.max_tokens);
             assert_eq!(o.text.len(), o.tokens.len(), "one printable byte per token");
         }
-        assert!(log.lock().unwrap().iter().any(|step| step.len() >= 8), "requests were batched");
+        assert!(
+            log.lock().unwrap().iter().any(|step| step.len() >= 8),
+            "requests were batched"
+        );
     }
 
     #[test]
@@ -918,8 +964,14 @@ mod tests {
         let h = start(ScriptedRunner::new(16, 4), &config(64, 16, 64));
         let rxs: Vec<_> = reqs.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
         let got: Vec<_> = rxs.into_iter().map(collect).collect();
-        assert_eq!(got.iter().map(|o| &o.tokens).collect::<Vec<_>>(), expected.iter().map(|o| &o.tokens).collect::<Vec<_>>());
-        assert_eq!(got.iter().map(|o| &o.text).collect::<Vec<_>>(), expected.iter().map(|o| &o.text).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|o| &o.tokens).collect::<Vec<_>>(),
+            expected.iter().map(|o| &o.tokens).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            got.iter().map(|o| &o.text).collect::<Vec<_>>(),
+            expected.iter().map(|o| &o.text).collect::<Vec<_>>()
+        );
         let s = wait_for(&h, |s| s.running == 0);
         assert!(s.preemptions > 0, "{s:?}");
         assert_eq!(s.kv_blocks_used, 0);
@@ -950,11 +1002,20 @@ mod tests {
         // 100 tokens under a 16-token budget shared with one decode: 15 per step.
         assert_eq!(prefill_steps.len(), 7, "{prefill_steps:?}");
         for step in &prefill_steps {
-            assert!(step.contains(&(ida, step[0].1, 1, true)), "decode of `a` runs first in {step:?}");
+            assert!(
+                step.contains(&(ida, step[0].1, 1, true)),
+                "decode of `a` runs first in {step:?}"
+            );
             assert!(step.iter().map(|e| e.2).sum::<usize>() <= 16);
         }
-        assert!(!prefill_steps[5].iter().any(|e| e.0 == idb && e.3), "non-final chunk wants no logits");
-        assert!(prefill_steps[6].iter().any(|e| e.0 == idb && e.3), "final chunk wants logits");
+        assert!(
+            !prefill_steps[5].iter().any(|e| e.0 == idb && e.3),
+            "non-final chunk wants no logits"
+        );
+        assert!(
+            prefill_steps[6].iter().any(|e| e.0 == idb && e.3),
+            "final chunk wants logits"
+        );
     }
 
     #[test]
@@ -989,7 +1050,12 @@ mod tests {
         let b = h.submit(request("b", prompt(2, 4), sampled(2, 3))).unwrap();
         let c = h.submit(request("c", prompt(3, 4), sampled(3, 3))).unwrap();
         let full = h.submit(request("d", prompt(4, 4), sampled(4, 3))).unwrap_err();
-        assert_eq!(full, SubmitError::QueueFull { retry_after: QUEUE_FULL_RETRY_AFTER });
+        assert_eq!(
+            full,
+            SubmitError::QueueFull {
+                retry_after: QUEUE_FULL_RETRY_AFTER
+            }
+        );
         for _ in 0..9 {
             permit.send(()).unwrap();
         }
@@ -1011,10 +1077,19 @@ mod tests {
         let with_question = |q: u32| [system.clone(), prompt(q, 5)].concat();
         let first = collect(h.submit(request("0", with_question(0), sampled(0, 4))).unwrap());
         assert_eq!(first.usage.cached_prompt_tokens, 0);
-        let rxs: Vec<_> = (1..=4).map(|q| h.submit(request("q", with_question(q), sampled(q as u64, 4))).unwrap()).collect();
+        let rxs: Vec<_> = (1..=4)
+            .map(|q| h.submit(request("q", with_question(q), sampled(q as u64, 4))).unwrap())
+            .collect();
         for rx in rxs {
             let o = collect(rx);
-            assert_eq!(o.usage, Usage { prompt_tokens: 37, completion_tokens: 4, cached_prompt_tokens: 32 });
+            assert_eq!(
+                o.usage,
+                Usage {
+                    prompt_tokens: 37,
+                    completion_tokens: 4,
+                    cached_prompt_tokens: 32
+                }
+            );
         }
         let s = h.stats();
         assert_eq!((s.prefix_cache_queries, s.prefix_cache_hits), (5 * 37, 4 * 32));
@@ -1038,14 +1113,20 @@ mod tests {
         let full = collect(h.submit(request("a", prompt(1, 6), greedy(20))).unwrap());
         assert_eq!(full.text.len(), 20);
         // Stop at a 3-character string that first occurs at byte 8 or later.
-        let stop = (8..17).map(|i| full.text[i..i + 3].to_string()).find(|s| full.text.find(s.as_str()).unwrap() >= 8).unwrap();
+        let stop = (8..17)
+            .map(|i| full.text[i..i + 3].to_string())
+            .find(|s| full.text.find(s.as_str()).unwrap() >= 8)
+            .unwrap();
         let at = full.text.find(&stop).unwrap();
         let params = SamplingParams {
             stop: vec![stop],
             ..greedy(20)
         };
         let o = collect(h.submit(request("b", prompt(1, 6), params)).unwrap());
-        assert_eq!((o.text.as_str(), o.finish), (&full.text[..at], Some(FinishReason::Stop)));
+        assert_eq!(
+            (o.text.as_str(), o.finish),
+            (&full.text[..at], Some(FinishReason::Stop))
+        );
         assert_eq!(o.tokens.len(), at + 3, "the stop string's tokens were generated");
 
         let mut runner = ScriptedRunner::new(64, 4);
@@ -1055,10 +1136,16 @@ mod tests {
         assert_eq!((o.tokens.len(), o.finish), (5, Some(FinishReason::Stop)));
         assert_eq!(o.tokens.last(), Some(&EOS));
         assert_eq!(o.text.len(), 4, "EOS is not text");
-        let p = SamplingParams { min_tokens: 8, ..greedy(20) };
+        let p = SamplingParams {
+            min_tokens: 8,
+            ..greedy(20)
+        };
         let o = collect(h.submit(request("d", prompt(1, 6), p)).unwrap());
         assert_eq!((o.tokens.len(), o.tokens[8]), (9, EOS));
-        let p = SamplingParams { ignore_eos: true, ..greedy(12) };
+        let p = SamplingParams {
+            ignore_eos: true,
+            ..greedy(12)
+        };
         let o = collect(h.submit(request("e", prompt(1, 6), p)).unwrap());
         assert_eq!((o.tokens.len(), o.finish), (12, Some(FinishReason::Length)));
         assert!(o.tokens[4..].iter().all(|&t| t == EOS));
@@ -1105,11 +1192,17 @@ mod tests {
         assert_eq!(field(request("x", vec![300], sampled(1, 5))), "prompt");
         assert_eq!(field(request("x", vec![1; 256], sampled(1, 5))), "prompt");
         assert_eq!(field(request("x", vec![1; 200], sampled(1, 57))), "max_tokens");
-        let p = SamplingParams { temperature: -1.0, ..sampled(1, 5) };
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..sampled(1, 5)
+        };
         assert_eq!(field(request("x", vec![1], p)), "temperature");
         let ok = h.submit(request("x", vec![1; 200], sampled(1, 56))).unwrap();
         h.shutdown();
-        assert_eq!(h.submit(request("y", vec![1], sampled(1, 5))).unwrap_err(), SubmitError::ShuttingDown);
+        assert_eq!(
+            h.submit(request("y", vec![1], sampled(1, 5))).unwrap_err(),
+            SubmitError::ShuttingDown
+        );
         assert_eq!(collect(ok).tokens.len(), 56, "accepted work still finishes");
     }
 
@@ -1118,14 +1211,44 @@ mod tests {
         let bad = |p: SamplingParams| p.validate().unwrap_err().field;
         let d = SamplingParams::default;
         assert!(d().validate().is_ok());
-        assert_eq!(bad(SamplingParams { temperature: f32::NAN, ..d() }), "temperature");
+        assert_eq!(
+            bad(SamplingParams {
+                temperature: f32::NAN,
+                ..d()
+            }),
+            "temperature"
+        );
         assert_eq!(bad(SamplingParams { top_p: 0.0, ..d() }), "top_p");
         assert_eq!(bad(SamplingParams { min_p: 1.5, ..d() }), "min_p");
-        assert_eq!(bad(SamplingParams { repetition_penalty: 0.0, ..d() }), "repetition_penalty");
-        assert_eq!(bad(SamplingParams { presence_penalty: 2.5, ..d() }), "presence_penalty");
-        assert_eq!(bad(SamplingParams { frequency_penalty: -3.0, ..d() }), "frequency_penalty");
+        assert_eq!(
+            bad(SamplingParams {
+                repetition_penalty: 0.0,
+                ..d()
+            }),
+            "repetition_penalty"
+        );
+        assert_eq!(
+            bad(SamplingParams {
+                presence_penalty: 2.5,
+                ..d()
+            }),
+            "presence_penalty"
+        );
+        assert_eq!(
+            bad(SamplingParams {
+                frequency_penalty: -3.0,
+                ..d()
+            }),
+            "frequency_penalty"
+        );
         assert_eq!(bad(SamplingParams { max_tokens: 0, ..d() }), "max_tokens");
-        assert_eq!(bad(SamplingParams { logprobs: Some(21), ..d() }), "logprobs");
+        assert_eq!(
+            bad(SamplingParams {
+                logprobs: Some(21),
+                ..d()
+            }),
+            "logprobs"
+        );
         assert_eq!(bad(SamplingParams { min_tokens: 300, ..d() }), "min_tokens");
     }
 }

@@ -1,10 +1,10 @@
 //! Token sampling from one row of logits: penalties, temperature, top-k,
 //! top-p, min-p, min_tokens masking, seeded RNG and top-n logprobs.
 //!
-//! Order (as vLLM): min_tokens mask → repetition penalty (HF style, on prompt
-//! + output) → presence/frequency penalties (OpenAI style, on output) →
-//! [logprobs are taken here] → greedy argmax, or temperature → top-k → top-p →
-//! min-p → draw. Logprobs are the log-softmax of the *processed* logits
+//! Order (as vLLM): min_tokens mask → repetition penalty (HF style, on
+//! prompt and output) → presence/frequency penalties (OpenAI style, on
+//! output) → temperature → (logprobs are taken here) → greedy argmax, or
+//! top-k → top-p → min-p → draw. Logprobs are the log-softmax of the *processed* logits
 //! (after masking, penalties and temperature; temperature 0 counts as 1),
 //! before the top-k/top-p/min-p truncation, so every returned logprob is
 //! finite and comparable across requests with different truncation.
@@ -250,19 +250,30 @@ mod tests {
         };
         let run = |p: &SamplingParams| {
             let mut s = SeqSampler::new(p.seed);
-            (0..200).map(|_| s.sample(logits.clone(), p, &[0], 1, &[]).token).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(logits.clone(), p, &[0], 1, &[]).token)
+                .collect::<Vec<_>>()
         };
         let a = run(&p);
         assert_eq!(a, run(&p));
-        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 10, "temperature spreads draws");
+        assert!(
+            a.iter().collect::<std::collections::HashSet<_>>().len() > 10,
+            "temperature spreads draws"
+        );
         // top_k = 1 is greedy whatever the seed (ties → lowest id: 6).
         let k1 = run(&SamplingParams { top_k: 1, ..p.clone() });
         assert!(k1.iter().all(|&t| t == 6));
         // The max logit (1.8) is shared by ids 6, 13, 20, ...: top_p tiny keeps only id 6.
-        let tp = run(&SamplingParams { top_p: 1e-3, ..p.clone() });
+        let tp = run(&SamplingParams {
+            top_p: 1e-3,
+            ..p.clone()
+        });
         assert!(tp.iter().all(|&t| t == 6));
         // min_p 0.9 keeps only the max-logit tokens (ids ≡ 6 mod 7).
-        let mp = run(&SamplingParams { min_p: 0.9, ..p.clone() });
+        let mp = run(&SamplingParams {
+            min_p: 0.9,
+            ..p.clone()
+        });
         assert!(mp.iter().all(|&t| t % 7 == 6));
         assert!(mp.iter().collect::<std::collections::HashSet<_>>().len() > 1);
         // top_k = 3 keeps the three best: 6, 13, 20.

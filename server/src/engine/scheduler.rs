@@ -131,7 +131,11 @@ impl Scheduler {
                 }
                 let (id, computed) = (s.id, s.num_computed);
                 let n = left.min(budget).min(self.kv.slot_capacity(id, computed));
-                let got = if n > 0 { self.kv.allocate_slots(id, computed, n).ok() } else { None };
+                let got = if n > 0 {
+                    self.kv.allocate_slots(id, computed, n).ok()
+                } else {
+                    None
+                };
                 match got {
                     Some(c) => {
                         copies.extend(c);
@@ -158,7 +162,9 @@ impl Scheduler {
 
         while budget > 0 && !preempted && self.running.len() < self.max_running {
             let Some(s) = self.waiting.front_mut() else { break };
-            let Ok(cached) = self.kv.admit(s.id, &s.tokens, budget) else { break };
+            let Ok(cached) = self.kv.admit(s.id, &s.tokens, budget) else {
+                break;
+            };
             let n = (s.tokens.len() - cached).min(budget);
             s.num_computed = cached;
             if s.admitted_at.is_none() {
@@ -240,7 +246,10 @@ mod tests {
     }
 
     fn plan(b: &ForwardBatch) -> Vec<(SeqId, usize, usize, bool)> {
-        b.entries.iter().map(|e| (e.seq_id, e.start_pos, e.tokens.len(), e.want_logits)).collect()
+        b.entries
+            .iter()
+            .map(|e| (e.seq_id, e.start_pos, e.tokens.len(), e.want_logits))
+            .collect()
     }
 
     #[test]
@@ -312,7 +321,13 @@ mod tests {
     fn cancelled_sequences_free_their_blocks_immediately() {
         let mut s = Scheduler::new(BlockManager::new(8, 2), 100, 8);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        s.add(Sequence::new(1, "r".into(), vec![1, 2, 3], SamplingParams::default(), tx));
+        s.add(Sequence::new(
+            1,
+            "r".into(),
+            vec![1, 2, 3],
+            SamplingParams::default(),
+            tx,
+        ));
         let b = s.schedule();
         run(&mut s, &b, 4);
         assert_eq!(s.kv_usage().used, 2);

@@ -40,7 +40,13 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(id: SeqId, request_id: String, prompt: Vec<u32>, params: SamplingParams, events: UnboundedSender<EngineEvent>) -> Self {
+    pub fn new(
+        id: SeqId,
+        request_id: String,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        events: UnboundedSender<EngineEvent>,
+    ) -> Self {
         let prompt_len = prompt.len();
         Self {
             id,

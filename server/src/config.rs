@@ -507,11 +507,17 @@ mod tests {
         assert_eq!(c.ops.request_log.max_files, 3);
         let e = load_with("[ops.cost.budgets]\nacme = -1.0\n").unwrap_err().to_string();
         assert!(e.contains("ops.cost.budgets.acme"), "{e}");
-        let e = load_with("[ops.latency.slo.chat]\np95 = 0.0\n").unwrap_err().to_string();
+        let e = load_with("[ops.latency.slo.chat]\np95 = 0.0\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ops.latency.slo.chat.p95"), "{e}");
-        let e = load_with("[ops.request_log]\ntext_mode = \"plain\"\n").unwrap_err().to_string();
+        let e = load_with("[ops.request_log]\ntext_mode = \"plain\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ops.request_log.text_mode"), "{e}");
-        let e = load_with("[ops]\notlp_endpoint = \"collector:4317\"\n").unwrap_err().to_string();
+        let e = load_with("[ops]\notlp_endpoint = \"collector:4317\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ops.otlp_endpoint"), "{e}");
     }
 }

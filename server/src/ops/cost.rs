@@ -86,7 +86,14 @@ impl CostMonitor {
         completion_tokens: u64,
         gpu_seconds: f64,
     ) -> Charge {
-        self.record_at(model, tenant, prompt_tokens, completion_tokens, gpu_seconds, Instant::now())
+        self.record_at(
+            model,
+            tenant,
+            prompt_tokens,
+            completion_tokens,
+            gpu_seconds,
+            Instant::now(),
+        )
     }
 
     /// [`record`](Self::record) at an explicit instant (budget periods are measured from construction).
@@ -102,15 +109,22 @@ impl CostMonitor {
         let price = self.prices.get(model).copied();
         let p = price.unwrap_or_default();
         // A bad gpu_seconds (NaN, negative) from a caller must not poison the running totals.
-        let gpu_seconds = if gpu_seconds.is_finite() && gpu_seconds > 0.0 { gpu_seconds } else { 0.0 };
+        let gpu_seconds = if gpu_seconds.is_finite() && gpu_seconds > 0.0 {
+            gpu_seconds
+        } else {
+            0.0
+        };
         let prompt_usd = prompt_tokens as f64 / 1000.0 * p.prompt_per_1k;
         let completion_usd = completion_tokens as f64 / 1000.0 * p.completion_per_1k;
         let gpu_usd = gpu_seconds * p.gpu_second;
         let total_usd = prompt_usd + completion_usd + gpu_usd;
         for (kind, usd) in [("prompt", prompt_usd), ("completion", completion_usd), ("gpu", gpu_usd)] {
             if usd > 0.0 {
-                self.counters
-                    .add(metrics::COST_USD, &[("model", model), ("tenant", tenant), ("kind", kind)], usd);
+                self.counters.add(
+                    metrics::COST_USD,
+                    &[("model", model), ("tenant", tenant), ("kind", kind)],
+                    usd,
+                );
             }
         }
 
@@ -141,7 +155,8 @@ impl CostMonitor {
             tracing::warn!(target: "genai::cost", model, "model has no entry in ops.cost.prices; its requests cost 0");
         }
         if let Some(b) = budget {
-            ::metrics::gauge!(metrics::TENANT_BUDGET_USED_RATIO, "tenant" => tenant.to_owned()).set(tenant_spend_usd / b);
+            ::metrics::gauge!(metrics::TENANT_BUDGET_USED_RATIO, "tenant" => tenant.to_owned())
+                .set(tenant_spend_usd / b);
             if crossed_budget {
                 ::metrics::counter!(metrics::TENANT_BUDGET_EXCEEDED, "tenant" => tenant.to_owned()).increment(1);
                 tracing::warn!(
@@ -173,7 +188,9 @@ impl CostMonitor {
     /// True when the tenant has a budget and has spent all of it this period
     /// (for the ingress stage to refuse further requests).
     pub fn over_budget(&self, tenant: &str) -> bool {
-        self.budgets.get(tenant).is_some_and(|b| self.tenant_spend(tenant) >= *b)
+        self.budgets
+            .get(tenant)
+            .is_some_and(|b| self.tenant_spend(tenant) >= *b)
     }
 }
 
@@ -198,7 +215,8 @@ mod tests {
     }
 
     fn counter_value(text: &str, series: &str) -> Option<f64> {
-        text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
     }
 
     #[test]
@@ -225,20 +243,34 @@ mod tests {
         let crossings: Vec<bool> = tracing::subscriber::with_default(sub, || {
             ::metrics::with_local_recorder(&rec, || {
                 // 4 USD per request (1k prompt + 1k completion + 2 GPU-s): 4, 8, 12, 16.
-                (0..4).map(|_| m.record("m", "acme", 1000, 1000, 2.0).crossed_budget).collect()
+                (0..4)
+                    .map(|_| m.record("m", "acme", 1000, 1000, 2.0).crossed_budget)
+                    .collect()
             })
         });
         assert_eq!(crossings, [false, false, true, false]);
         assert!(m.over_budget("acme"));
-        let alerts: Vec<_> = logs.lines().into_iter().filter(|l| l["message"] == "tenant budget exceeded").collect();
+        let alerts: Vec<_> = logs
+            .lines()
+            .into_iter()
+            .filter(|l| l["message"] == "tenant budget exceeded")
+            .collect();
         assert_eq!(alerts.len(), 1, "{alerts:?}");
         assert_eq!(alerts[0]["tenant"], "acme");
         assert_eq!(alerts[0]["budget_usd"], 10.0);
         assert_eq!(alerts[0]["spent_usd"], 12.0);
         assert_eq!(alerts[0]["level"], "WARN");
         let text = rec.handle().render();
-        assert_eq!(counter_value(&text, "genai_tenant_budget_exceeded_total{tenant=\"acme\"}"), Some(1.0), "{text}");
-        assert_eq!(counter_value(&text, "genai_tenant_budget_used_ratio{tenant=\"acme\"}"), Some(1.6), "{text}");
+        assert_eq!(
+            counter_value(&text, "genai_tenant_budget_exceeded_total{tenant=\"acme\"}"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            counter_value(&text, "genai_tenant_budget_used_ratio{tenant=\"acme\"}"),
+            Some(1.6),
+            "{text}"
+        );
     }
 
     #[test]
@@ -255,10 +287,16 @@ mod tests {
         let m = CostMonitor::with_counters(&cfg(5.0, 60), Arc::new(FloatCounters::new()));
         let t0 = Instant::now();
         assert!(m.record_at("m", "acme", 0, 0, 12.0, t0).crossed_budget); // 6 USD
-        assert!(!m.record_at("m", "acme", 0, 0, 12.0, t0 + Duration::from_secs(30)).crossed_budget);
+        assert!(
+            !m.record_at("m", "acme", 0, 0, 12.0, t0 + Duration::from_secs(30))
+                .crossed_budget
+        );
         let c = m.record_at("m", "acme", 0, 0, 4.0, t0 + Duration::from_secs(61));
         assert_eq!((c.tenant_spend_usd, c.crossed_budget), (2.0, false));
-        assert!(m.record_at("m", "acme", 0, 0, 6.0, t0 + Duration::from_secs(62)).crossed_budget);
+        assert!(
+            m.record_at("m", "acme", 0, 0, 6.0, t0 + Duration::from_secs(62))
+                .crossed_budget
+        );
         // Two empty periods later: still exactly one reset to zero.
         let c = m.record_at("m", "acme", 0, 0, 0.0, t0 + Duration::from_secs(200));
         assert_eq!(c.tenant_spend_usd, 0.0);

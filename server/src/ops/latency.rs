@@ -85,7 +85,9 @@ impl LatencyMonitor {
         while w.samples.len() > self.max_samples {
             w.samples.pop_front();
         }
-        let due = w.last_eval.is_none_or(|t| now.saturating_duration_since(t) >= self.eval_interval);
+        let due = w
+            .last_eval
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.eval_interval);
         if due {
             self.evaluate_route(route, w, now);
         }
@@ -123,7 +125,11 @@ impl LatencyMonitor {
     }
 
     fn evict(&self, w: &mut Window, now: Instant) {
-        while w.samples.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.window) {
+        while w
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.window)
+        {
             w.samples.pop_front();
         }
     }
@@ -210,7 +216,8 @@ mod tests {
     }
 
     fn series(text: &str, prefix: &str) -> Option<String> {
-        text.lines().find_map(|l| l.strip_prefix(prefix).map(|v| v.trim().to_owned()))
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix).map(|v| v.trim().to_owned()))
     }
 
     #[test]
@@ -284,7 +291,10 @@ mod tests {
         let recovered = lines.iter().filter(|l| l["message"] == "latency SLO recovered").count();
         assert_eq!((breached, recovered), (2, 1), "{lines:?}");
         let first = lines.iter().find(|l| l["message"] == "latency SLO breached").unwrap();
-        assert_eq!((first["route"].as_str(), first["percentile"].as_str()), (Some("chat"), Some("p99")));
+        assert_eq!(
+            (first["route"].as_str(), first["percentile"].as_str()),
+            (Some("chat"), Some("p99"))
+        );
         assert_eq!(first["threshold_seconds"], 0.5);
     }
 

@@ -117,7 +117,9 @@ pub const STEP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 ];
 /// Sequences per engine step.
-pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, 512.0];
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, 512.0,
+];
 /// Tokens per engine step.
 pub const TOKEN_BUCKETS: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
@@ -136,7 +138,14 @@ const fn def(
     unit: Option<Unit>,
     help: &'static str,
 ) -> MetricDef {
-    MetricDef { name, kind, labels, unit, help, buckets: &[] }
+    MetricDef {
+        name,
+        kind,
+        labels,
+        unit,
+        help,
+        buckets: &[],
+    }
 }
 
 const fn hist(
@@ -146,7 +155,14 @@ const fn hist(
     buckets: &'static [f64],
     help: &'static str,
 ) -> MetricDef {
-    MetricDef { name, kind: Kind::Histogram, labels, unit, help, buckets }
+    MetricDef {
+        name,
+        kind: Kind::Histogram,
+        labels,
+        unit,
+        help,
+        buckets,
+    }
 }
 
 const S: Option<Unit> = Some(Unit::Seconds);
@@ -154,39 +170,231 @@ const N: Option<Unit> = Some(Unit::Count);
 
 /// Every metric GenAI Factory exports.
 pub const CATALOGUE: &[MetricDef] = &[
-    hist(TIME_TO_FIRST_TOKEN, &[], S, LATENCY_BUCKETS, "Time from request arrival at the engine to its first generated token."),
-    hist(INTER_TOKEN_LATENCY, &[], S, ITL_BUCKETS, "Time between consecutive generated tokens of one request, at engine steps."),
-    hist(E2E_REQUEST_LATENCY, &[], S, LATENCY_BUCKETS, "Time from request arrival at the engine to its last token."),
-    hist(REQUEST_QUEUE_TIME, &[], S, QUEUE_BUCKETS, "Time a request waited before its first scheduled step."),
-    hist(PREFILL_STEP, &[], S, STEP_BUCKETS, "Duration of engine steps that contain prefill tokens."),
-    hist(DECODE_STEP, &[], S, STEP_BUCKETS, "Duration of engine steps that contain only decode tokens."),
+    hist(
+        TIME_TO_FIRST_TOKEN,
+        &[],
+        S,
+        LATENCY_BUCKETS,
+        "Time from request arrival at the engine to its first generated token.",
+    ),
+    hist(
+        INTER_TOKEN_LATENCY,
+        &[],
+        S,
+        ITL_BUCKETS,
+        "Time between consecutive generated tokens of one request, at engine steps.",
+    ),
+    hist(
+        E2E_REQUEST_LATENCY,
+        &[],
+        S,
+        LATENCY_BUCKETS,
+        "Time from request arrival at the engine to its last token.",
+    ),
+    hist(
+        REQUEST_QUEUE_TIME,
+        &[],
+        S,
+        QUEUE_BUCKETS,
+        "Time a request waited before its first scheduled step.",
+    ),
+    hist(
+        PREFILL_STEP,
+        &[],
+        S,
+        STEP_BUCKETS,
+        "Duration of engine steps that contain prefill tokens.",
+    ),
+    hist(
+        DECODE_STEP,
+        &[],
+        S,
+        STEP_BUCKETS,
+        "Duration of engine steps that contain only decode tokens.",
+    ),
     hist(BATCH_SIZE, &[], N, BATCH_BUCKETS, "Sequences in one engine step."),
-    hist(ITERATION_TOKENS, &[], N, TOKEN_BUCKETS, "Tokens (prefill + decode) computed in one engine step."),
-    def(PROMPT_TOKENS, Kind::Counter, &[], N, "Prompt tokens of finished requests."),
-    def(GENERATION_TOKENS, Kind::Counter, &[], N, "Generated (completion) tokens."),
-    def(PREFIX_CACHE_QUERIES, Kind::Counter, &[], N, "Prompt tokens looked up in the prefix cache."),
-    def(PREFIX_CACHE_HITS, Kind::Counter, &[], N, "Prompt tokens found in the prefix cache (not recomputed)."),
-    def(PREEMPTIONS, Kind::Counter, &[], N, "Running sequences preempted (KV blocks freed, recomputed later)."),
-    def(REQUESTS_REJECTED, Kind::Counter, &["reason"], N, "Requests the engine refused at submission, by reason."),
-    def(REQUESTS_RUNNING, Kind::Gauge, &[], N, "Sequences currently scheduled in the engine."),
-    def(REQUESTS_WAITING, Kind::Gauge, &[], N, "Requests queued for admission to the engine."),
-    def(KV_BLOCKS_USED, Kind::Gauge, &[], N, "KV-cache blocks held by sequences."),
-    def(KV_BLOCKS_FREE, Kind::Gauge, &[], N, "KV-cache blocks free (including reusable cached prefix blocks)."),
-    def(KV_USAGE_RATIO, Kind::Gauge, &[], None, "Fraction of KV-cache blocks in use, 0 to 1."),
-    def(REQUESTS, Kind::Counter, &["api", "method", "status", "tenant"], N, "API requests answered, by API (grpc|http), method, status and tenant."),
-    hist(REQUEST_DURATION, &["api", "method"], S, LATENCY_BUCKETS, "Wall time of an API request, from arrival to the last byte or message."),
-    hist(EMBEDDING_BATCH_SIZE, &[], N, EMBEDDING_BATCH_BUCKETS, "Texts embedded in one embedding-model batch."),
-    hist(RETRIEVAL_LATENCY, &[], S, RETRIEVAL_BUCKETS, "Time to retrieve context for a query (query embedding + vector search)."),
-    def(COST_USD, Kind::FloatCounter, &["model", "tenant", "kind"], None, "Cost in USD by model, tenant and kind (prompt|completion|gpu), from the configured price table."),
-    def(TENANT_BUDGET_EXCEEDED, Kind::Counter, &["tenant"], N, "Times a tenant's spend crossed its budget (once per budget period)."),
-    def(TENANT_BUDGET_USED_RATIO, Kind::Gauge, &["tenant"], None, "Spend in the current budget period divided by the tenant's budget."),
-    def(SLO_BREACHES, Kind::Counter, &["route", "percentile"], N, "Times a route's rolling latency percentile (p50|p95|p99) went above its SLO threshold."),
-    def(ROUTE_LATENCY, Kind::Gauge, &["route", "percentile"], S, "Rolling latency percentile (p50|p95|p99) per route over the latency window; NaN when the window is empty."),
-    def(PREFIX_CACHE_HIT_RATIO, Kind::Gauge, &[], None, "Prefix-cache hits divided by queries (in tokens) since start."),
-    def(REQUEST_LOG_LINES, Kind::Counter, &["type"], N, "Lines written to the request log, by type (request|feedback)."),
-    def(REQUEST_LOG_DROPPED, Kind::Counter, &[], N, "Request-log lines dropped because the writer queue was full or closed."),
-    def(REQUEST_LOG_ERRORS, Kind::Counter, &[], N, "Request-log write, rotation or cleanup errors."),
-    def(BUILD_INFO, Kind::Gauge, &["version", "cuda"], None, "Always 1; labels carry the build version and whether CUDA is compiled in."),
+    hist(
+        ITERATION_TOKENS,
+        &[],
+        N,
+        TOKEN_BUCKETS,
+        "Tokens (prefill + decode) computed in one engine step.",
+    ),
+    def(
+        PROMPT_TOKENS,
+        Kind::Counter,
+        &[],
+        N,
+        "Prompt tokens of finished requests.",
+    ),
+    def(
+        GENERATION_TOKENS,
+        Kind::Counter,
+        &[],
+        N,
+        "Generated (completion) tokens.",
+    ),
+    def(
+        PREFIX_CACHE_QUERIES,
+        Kind::Counter,
+        &[],
+        N,
+        "Prompt tokens looked up in the prefix cache.",
+    ),
+    def(
+        PREFIX_CACHE_HITS,
+        Kind::Counter,
+        &[],
+        N,
+        "Prompt tokens found in the prefix cache (not recomputed).",
+    ),
+    def(
+        PREEMPTIONS,
+        Kind::Counter,
+        &[],
+        N,
+        "Running sequences preempted (KV blocks freed, recomputed later).",
+    ),
+    def(
+        REQUESTS_REJECTED,
+        Kind::Counter,
+        &["reason"],
+        N,
+        "Requests the engine refused at submission, by reason.",
+    ),
+    def(
+        REQUESTS_RUNNING,
+        Kind::Gauge,
+        &[],
+        N,
+        "Sequences currently scheduled in the engine.",
+    ),
+    def(
+        REQUESTS_WAITING,
+        Kind::Gauge,
+        &[],
+        N,
+        "Requests queued for admission to the engine.",
+    ),
+    def(
+        KV_BLOCKS_USED,
+        Kind::Gauge,
+        &[],
+        N,
+        "KV-cache blocks held by sequences.",
+    ),
+    def(
+        KV_BLOCKS_FREE,
+        Kind::Gauge,
+        &[],
+        N,
+        "KV-cache blocks free (including reusable cached prefix blocks).",
+    ),
+    def(
+        KV_USAGE_RATIO,
+        Kind::Gauge,
+        &[],
+        None,
+        "Fraction of KV-cache blocks in use, 0 to 1.",
+    ),
+    def(
+        REQUESTS,
+        Kind::Counter,
+        &["api", "method", "status", "tenant"],
+        N,
+        "API requests answered, by API (grpc|http), method, status and tenant.",
+    ),
+    hist(
+        REQUEST_DURATION,
+        &["api", "method"],
+        S,
+        LATENCY_BUCKETS,
+        "Wall time of an API request, from arrival to the last byte or message.",
+    ),
+    hist(
+        EMBEDDING_BATCH_SIZE,
+        &[],
+        N,
+        EMBEDDING_BATCH_BUCKETS,
+        "Texts embedded in one embedding-model batch.",
+    ),
+    hist(
+        RETRIEVAL_LATENCY,
+        &[],
+        S,
+        RETRIEVAL_BUCKETS,
+        "Time to retrieve context for a query (query embedding + vector search).",
+    ),
+    def(
+        COST_USD,
+        Kind::FloatCounter,
+        &["model", "tenant", "kind"],
+        None,
+        "Cost in USD by model, tenant and kind (prompt|completion|gpu), from the configured price table.",
+    ),
+    def(
+        TENANT_BUDGET_EXCEEDED,
+        Kind::Counter,
+        &["tenant"],
+        N,
+        "Times a tenant's spend crossed its budget (once per budget period).",
+    ),
+    def(
+        TENANT_BUDGET_USED_RATIO,
+        Kind::Gauge,
+        &["tenant"],
+        None,
+        "Spend in the current budget period divided by the tenant's budget.",
+    ),
+    def(
+        SLO_BREACHES,
+        Kind::Counter,
+        &["route", "percentile"],
+        N,
+        "Times a route's rolling latency percentile (p50|p95|p99) went above its SLO threshold.",
+    ),
+    def(
+        ROUTE_LATENCY,
+        Kind::Gauge,
+        &["route", "percentile"],
+        S,
+        "Rolling latency percentile (p50|p95|p99) per route over the latency window; NaN when the window is empty.",
+    ),
+    def(
+        PREFIX_CACHE_HIT_RATIO,
+        Kind::Gauge,
+        &[],
+        None,
+        "Prefix-cache hits divided by queries (in tokens) since start.",
+    ),
+    def(
+        REQUEST_LOG_LINES,
+        Kind::Counter,
+        &["type"],
+        N,
+        "Lines written to the request log, by type (request|feedback).",
+    ),
+    def(
+        REQUEST_LOG_DROPPED,
+        Kind::Counter,
+        &[],
+        N,
+        "Request-log lines dropped because the writer queue was full or closed.",
+    ),
+    def(
+        REQUEST_LOG_ERRORS,
+        Kind::Counter,
+        &[],
+        N,
+        "Request-log write, rotation or cleanup errors.",
+    ),
+    def(
+        BUILD_INFO,
+        Kind::Gauge,
+        &["version", "cuda"],
+        None,
+        "Always 1; labels carry the build version and whether CUDA is compiled in.",
+    ),
 ];
 
 /// The catalogue entry of `name`.
@@ -270,8 +478,9 @@ pub fn install() -> anyhow::Result<MetricsHandle> {
     }
     let recorder = local_recorder()?;
     let prometheus = recorder.handle();
-    metrics::set_global_recorder(recorder)
-        .map_err(|e| anyhow::anyhow!("installing the Prometheus recorder: {e} (another metrics recorder is installed)"))?;
+    metrics::set_global_recorder(recorder).map_err(|e| {
+        anyhow::anyhow!("installing the Prometheus recorder: {e} (another metrics recorder is installed)")
+    })?;
     describe_all();
     let upkeep = prometheus.clone();
     std::thread::Builder::new()
@@ -296,7 +505,11 @@ pub fn record_request(api: &str, method: &str, status: &str, tenant: &str, durat
 
 /// Sets `genai_prefix_cache_hit_ratio` from the engine's cumulative counts (`EngineStats`).
 pub fn record_prefix_cache(queries: u64, hits: u64) {
-    let ratio = if queries == 0 { 0.0 } else { hits as f64 / queries as f64 };
+    let ratio = if queries == 0 {
+        0.0
+    } else {
+        hits as f64 / queries as f64
+    };
     metrics::gauge!(PREFIX_CACHE_HIT_RATIO).set(ratio);
 }
 
@@ -400,8 +613,11 @@ mod tests {
         metrics::with_local_recorder(rec, || {
             describe_all();
             for d in CATALOGUE {
-                let labels: Vec<metrics::Label> =
-                    d.labels.iter().map(|l| metrics::Label::new(*l, format!("t\"e\\st-{l}"))).collect();
+                let labels: Vec<metrics::Label> = d
+                    .labels
+                    .iter()
+                    .map(|l| metrics::Label::new(*l, format!("t\"e\\st-{l}")))
+                    .collect();
                 match d.kind {
                     Kind::Counter => metrics::counter!(d.name, labels).increment(3),
                     Kind::Gauge => metrics::gauge!(d.name, labels).set(0.25),
@@ -417,7 +633,13 @@ mod tests {
                     }
                 }
             }
-            record_request("http", "/v1/chat/completions", "200", "acme", Duration::from_millis(120));
+            record_request(
+                "http",
+                "/v1/chat/completions",
+                "200",
+                "acme",
+                Duration::from_millis(120),
+            );
             record_prefix_cache(10, 4);
         });
     }
@@ -439,15 +661,28 @@ mod tests {
     fn every_catalogued_metric_renders_with_help_and_type() {
         let text = full_exposition();
         for d in CATALOGUE {
-            assert!(text.contains(&format!("# TYPE {} {}\n", d.name, d.kind.as_str())), "{} missing:\n{text}", d.name);
+            assert!(
+                text.contains(&format!("# TYPE {} {}\n", d.name, d.kind.as_str())),
+                "{} missing:\n{text}",
+                d.name
+            );
             assert!(text.contains(&format!("# HELP {} ", d.name)), "{} has no HELP", d.name);
         }
         // Histograms, never summaries, with the catalogue's buckets.
         assert!(!text.contains(" summary\n"), "{text}");
-        assert!(text.contains("genai_inter_token_latency_seconds_bucket{le=\"0.001\"}"), "{text}");
-        assert!(text.contains("genai_time_to_first_token_seconds_bucket{le=\"60\"}"), "{text}");
+        assert!(
+            text.contains("genai_inter_token_latency_seconds_bucket{le=\"0.001\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("genai_time_to_first_token_seconds_bucket{le=\"60\"}"),
+            "{text}"
+        );
         assert!(text.contains("genai_prefix_cache_hit_ratio 0.4"), "{text}");
-        assert!(text.contains("genai_cost_usd_total{model=\"a\\\"b\",tenant=\"a\\\"b\",kind=\"a\\\"b\"} 0.125"), "{text}");
+        assert!(
+            text.contains("genai_cost_usd_total{model=\"a\\\"b\",tenant=\"a\\\"b\",kind=\"a\\\"b\"} 0.125"),
+            "{text}"
+        );
         assert!(text.contains("genai_build_info{"), "{text}");
     }
 
@@ -485,7 +720,10 @@ mod tests {
         f.add(COST_USD, &[("model", "m"), ("tenant", "t"), ("kind", "gpu")], -1.0);
         f.add(COST_USD, &[("model", "m"), ("tenant", "t"), ("kind", "gpu")], f64::NAN);
         f.add(REQUESTS, &[], 1.0);
-        assert_eq!(f.get(COST_USD, &[("model", "m"), ("tenant", "t"), ("kind", "gpu")]), 0.75);
+        assert_eq!(
+            f.get(COST_USD, &[("model", "m"), ("tenant", "t"), ("kind", "gpu")]),
+            0.75
+        );
         let mut out = String::new();
         f.render_into(&mut out);
         assert!(!out.contains(REQUESTS), "{out}");
@@ -525,7 +763,14 @@ mod tests {
                 }
             }
         }
-        for must in [TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_REQUEST_LATENCY, KV_USAGE_RATIO, COST_USD, SLO_BREACHES] {
+        for must in [
+            TIME_TO_FIRST_TOKEN,
+            INTER_TOKEN_LATENCY,
+            E2E_REQUEST_LATENCY,
+            KV_USAGE_RATIO,
+            COST_USD,
+            SLO_BREACHES,
+        ] {
             assert!(used.contains(must), "dashboard does not chart {must}");
         }
     }
@@ -582,7 +827,11 @@ mod tests {
             ),
         )
         .unwrap();
-        let prom_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let prom_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let _prom = KillOnDrop(
             Command::new("prometheus")
                 .arg(format!("--config.file={}", cfg.display()))
@@ -598,10 +847,17 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(40);
         let mut last = String::new();
         loop {
-            assert!(std::time::Instant::now() < deadline, "target never became healthy; last /api/v1/targets: {last}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "target never became healthy; last /api/v1/targets: {last}"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let Ok(resp) = client.get(format!("{base}/api/v1/targets")).send().await else { continue };
-            let Ok(v) = resp.json::<serde_json::Value>().await else { continue };
+            let Ok(resp) = client.get(format!("{base}/api/v1/targets")).send().await else {
+                continue;
+            };
+            let Ok(v) = resp.json::<serde_json::Value>().await else {
+                continue;
+            };
             last = v.to_string();
             let targets = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
             if let Some(t) = targets.first() {
@@ -621,7 +877,10 @@ mod tests {
             .json()
             .await
             .unwrap();
-        let value = v["data"]["result"][0]["value"][1].as_str().unwrap_or_default().to_owned();
+        let value = v["data"]["result"][0]["value"][1]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         assert_eq!(value, LATENCY_BUCKETS.len().to_string(), "query answer: {v}");
     }
 }

@@ -45,7 +45,9 @@ fn header_name() -> HeaderName {
 pub fn is_valid(id: &[u8]) -> bool {
     !id.is_empty()
         && id.len() <= MAX_LEN
-        && id.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// The request's id (after [`layer`] ran, always present).
@@ -150,7 +152,13 @@ mod tests {
         }
         let resp = app().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(resp.status(), 200);
-        let header = resp.headers().get(HEADER).expect("id echoed").to_str().unwrap().to_owned();
+        let header = resp
+            .headers()
+            .get(HEADER)
+            .expect("id echoed")
+            .to_str()
+            .unwrap()
+            .to_owned();
         let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
         (header, String::from_utf8(body.to_vec()).unwrap())
     }
@@ -162,7 +170,10 @@ mod tests {
         let (header, seen) = call(Some("req-42.a:b_c")).await;
         assert_eq!((header.as_str(), seen.as_str()), ("req-42.a:b_c", "req-42.a:b_c"));
         let lines = logs.lines();
-        let handled = lines.iter().find(|l| l["message"] == "handling").expect("handler logged");
+        let handled = lines
+            .iter()
+            .find(|l| l["message"] == "handling")
+            .expect("handler logged");
         assert_eq!(handled["span"]["request_id"], "req-42.a:b_c", "{handled}");
         assert_eq!(handled["span"]["path"], "/t");
         // tower-http's own request/response lines are inside the span too.
@@ -175,7 +186,13 @@ mod tests {
     #[tokio::test]
     async fn missing_or_invalid_ids_are_replaced_by_uuids() {
         let too_long = "a".repeat(MAX_LEN + 1);
-        for id in [None, Some(""), Some("has space"), Some("quote\"d"), Some(too_long.as_str())] {
+        for id in [
+            None,
+            Some(""),
+            Some("has space"),
+            Some("quote\"d"),
+            Some(too_long.as_str()),
+        ] {
             let (header, seen) = call(id).await;
             assert_eq!(header, seen);
             let uuid = uuid::Uuid::parse_str(&header).unwrap_or_else(|e| panic!("{id:?} → {header}: {e}"));
@@ -201,13 +218,20 @@ mod tests {
                 .add_service(health)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut client = HealthClient::new(channel);
         let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
         req.metadata_mut().insert(HEADER, "grpc-id-7".parse().unwrap());
         let resp = client.check(req).await.unwrap();
         assert_eq!(from_metadata(resp.metadata()), Some("grpc-id-7"));
-        let resp = client.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+        let resp = client
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .unwrap();
         let generated = from_metadata(resp.metadata()).expect("generated id echoed");
         assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated}");
     }

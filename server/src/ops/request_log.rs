@@ -103,9 +103,8 @@ pub struct RequestLog {
 impl RequestLog {
     /// Creates the directory and starts the writer thread.
     pub fn start(cfg: &RequestLogConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&cfg.dir).map_err(|e| {
-            anyhow::anyhow!("ops.request_log.dir: cannot create {}: {e}", cfg.dir.display())
-        })?;
+        std::fs::create_dir_all(&cfg.dir)
+            .map_err(|e| anyhow::anyhow!("ops.request_log.dir: cannot create {}: {e}", cfg.dir.display()))?;
         let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
         let writer = Writer {
             dir: cfg.dir.clone(),
@@ -399,7 +398,10 @@ impl Writer {
 
     fn open(&mut self) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let f = OpenOptions::new().create(true).append(true).open(self.dir.join(ACTIVE_FILE))?;
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(ACTIVE_FILE))?;
         self.size = f.metadata()?.len();
         self.opened = Instant::now();
         self.file = Some(BufWriter::new(f));
@@ -522,7 +524,10 @@ mod tests {
         log.append_feedback("req-1", 5, "great, call me at 555-0199").unwrap();
         assert!(log.flush());
         let raw = std::fs::read_to_string(dir.path().join(ACTIVE_FILE)).unwrap();
-        assert!(!raw.contains("555-0199") && !raw.contains("repeat"), "raw text leaked: {raw}");
+        assert!(
+            !raw.contains("555-0199") && !raw.contains("repeat"),
+            "raw text leaked: {raw}"
+        );
         let lines = read_lines(&dir.path().join(ACTIVE_FILE));
         assert_eq!(lines.len(), 4);
         let first = &lines[0];
@@ -530,16 +535,26 @@ mod tests {
         assert_eq!(first["request_id"], "req-0");
         assert_eq!(first["tenant"], "acme");
         assert_eq!(first["finish_reason"], "stop");
-        assert_eq!((first["prompt_tokens"].as_u64(), first["cached_tokens"].as_u64()), (Some(12), Some(4)));
+        assert_eq!(
+            (first["prompt_tokens"].as_u64(), first["cached_tokens"].as_u64()),
+            (Some(12), Some(4))
+        );
         assert_eq!(first["ttft_ms"], 15.5);
         assert_eq!(first["safety_flags"][0], "pii");
         assert_eq!(first["text_mode"], "hash");
         assert_eq!(first["prompt_sha256"], sha256_hex(&record(0).prompt));
         assert_eq!(first["answer_sha256"], sha256_hex("I will not repeat it"));
         assert!(first.get("prompt").is_none() && first.get("answer").is_none());
-        assert!(humantime::parse_rfc3339(first["ts"].as_str().unwrap()).is_ok(), "{}", first["ts"]);
+        assert!(
+            humantime::parse_rfc3339(first["ts"].as_str().unwrap()).is_ok(),
+            "{}",
+            first["ts"]
+        );
         let fb = &lines[3];
-        assert_eq!((fb["type"].as_str(), fb["request_id"].as_str(), fb["rating"].as_i64()), (Some("feedback"), Some("req-1"), Some(5)));
+        assert_eq!(
+            (fb["type"].as_str(), fb["request_id"].as_str(), fb["rating"].as_i64()),
+            (Some("feedback"), Some("req-1"), Some(5))
+        );
         assert_eq!(fb["comment_sha256"], sha256_hex("great, call me at 555-0199"));
     }
 
@@ -559,7 +574,14 @@ mod tests {
         log.append_feedback("req-0", 1, "bad").unwrap();
         log.close();
         for l in read_lines(&dir.path().join(ACTIVE_FILE)) {
-            for k in ["prompt", "prompt_sha256", "answer", "answer_sha256", "comment", "comment_sha256"] {
+            for k in [
+                "prompt",
+                "prompt_sha256",
+                "answer",
+                "answer_sha256",
+                "comment",
+                "comment_sha256",
+            ] {
                 assert!(l.get(k).is_none(), "{k} present in none mode: {l}");
             }
         }
@@ -580,7 +602,11 @@ mod tests {
         let mut ids = Vec::new();
         for f in rotated.iter().chain([&dir.path().join(ACTIVE_FILE)]) {
             assert!(std::fs::metadata(f).unwrap().len() <= 2000, "{} too big", f.display());
-            ids.extend(read_lines(f).into_iter().map(|l| l["request_id"].as_str().unwrap().to_owned()));
+            ids.extend(
+                read_lines(f)
+                    .into_iter()
+                    .map(|l| l["request_id"].as_str().unwrap().to_owned()),
+            );
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
         // The kept files hold the newest lines, in order, ending with the last one.
@@ -610,7 +636,10 @@ mod tests {
         let log = RequestLog::start(&cfg(dir.path(), TextMode::Hash)).unwrap();
         log.log(record(2));
         drop(log);
-        let ids: Vec<_> = read_lines(&dir.path().join(ACTIVE_FILE)).iter().map(|l| l["request_id"].clone()).collect();
+        let ids: Vec<_> = read_lines(&dir.path().join(ACTIVE_FILE))
+            .iter()
+            .map(|l| l["request_id"].clone())
+            .collect();
         assert_eq!(ids, ["req-1", "req-2"]);
     }
 
@@ -626,7 +655,10 @@ mod tests {
         assert_eq!(field(log.append_feedback("bad id", 3, "")), "request_id");
         assert_eq!(field(log.append_feedback("r1", 0, "")), "rating");
         assert_eq!(field(log.append_feedback("r1", 6, "")), "rating");
-        assert_eq!(field(log.append_feedback("r1", 3, &"x".repeat(MAX_COMMENT_CHARS + 1))), "comment");
+        assert_eq!(
+            field(log.append_feedback("r1", 3, &"x".repeat(MAX_COMMENT_CHARS + 1))),
+            "comment"
+        );
         log.close();
         log.close(); // idempotent
         assert!(!log.log(record(0)));

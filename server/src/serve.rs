@@ -12,9 +12,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api;
+use crate::api::observe::Ops;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::model;
+use crate::ops;
 use crate::registry;
 use crate::state::{AppState, Loaded};
 
@@ -22,7 +24,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_listener = bind(config.server.grpc_addr, "server.grpc_addr", "--grpc-addr").await?;
     let http_listener = bind(config.server.http_addr, "server.http_addr", "--http-addr").await?;
     let drain = Duration::from_secs(config.server.drain_timeout_secs);
-    let state = AppState::new(config);
+    let ops = start_ops(&config)?;
+    let latency = ops.latency.clone();
+    let state = AppState::new(config, ops);
+    tokio::spawn(latency.run(Duration::from_secs(5)));
+    tokio::spawn(publish_engine_stats(state.clone()));
     tracing::info!(
         grpc = %grpc_listener.local_addr()?,
         http = %http_listener.local_addr()?,
@@ -66,8 +72,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(res) => res?,
         Err(_) => tracing::warn!("drain time exceeded; closing remaining streams"),
     }
+    if let Some(log) = &state.ops().request_log {
+        log.close();
+    }
     tracing::info!("bye");
     Ok(())
+}
+
+fn start_ops(config: &Config) -> anyhow::Result<Ops> {
+    let metrics = ops::metrics::install()?;
+    let cost = Arc::new(ops::cost::CostMonitor::new(&config.ops.cost));
+    let latency = Arc::new(ops::latency::LatencyMonitor::new(&config.ops.latency));
+    let log_cfg = &config.ops.request_log;
+    let request_log = if log_cfg.enabled { Some(Arc::new(ops::request_log::RequestLog::start(log_cfg)?)) } else { None };
+    let tenants = config.ops.cost.budgets.keys().cloned().collect();
+    Ok(Ops::new(metrics, cost, latency, request_log, tenants))
+}
+
+/// Engine-level gauges the engine cannot push itself (ratios over its counters).
+async fn publish_engine_stats(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Some(l) = state.loaded() {
+            let s = l.engine.stats();
+            ops::metrics::record_prefix_cache(s.prefix_cache_queries, s.prefix_cache_hits);
+        }
+    }
 }
 
 fn load_models(state: &Arc<AppState>) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 
+use crate::api::observe::Ops;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::model::chat_template::ChatTemplate;
@@ -23,6 +24,7 @@ pub struct Loaded {
 
 pub struct AppState {
     pub config: Config,
+    ops: Arc<Ops>,
     loaded: OnceLock<Loaded>,
     /// Flips to true when the models are ready; health endpoints follow it.
     ready: watch::Sender<bool>,
@@ -31,13 +33,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Arc<Self> {
+    pub fn new(config: Config, ops: Ops) -> Arc<Self> {
         Arc::new(Self {
             config,
+            ops: Arc::new(ops),
             loaded: OnceLock::new(),
             ready: watch::channel(false).0,
             draining: watch::channel(false).0,
         })
+    }
+
+    pub fn ops(&self) -> &Arc<Ops> {
+        &self.ops
     }
 
     pub fn set_loaded(&self, loaded: Loaded) {

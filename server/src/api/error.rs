@@ -9,6 +9,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::engine::{InvalidParam, SubmitError};
+use crate::ops::request_log::FeedbackError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
@@ -28,6 +29,16 @@ impl ApiError {
         ApiError::Invalid { param: param.into(), message: message.into() }
     }
 
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
     fn message(&self) -> String {
         match self {
             ApiError::Invalid { param, message } => format!("{param}: {message}"),
@@ -43,6 +54,15 @@ impl ApiError {
 impl From<InvalidParam> for ApiError {
     fn from(e: InvalidParam) -> Self {
         ApiError::invalid(e.field, e.message)
+    }
+}
+
+impl From<FeedbackError> for ApiError {
+    fn from(e: FeedbackError) -> Self {
+        match e {
+            FeedbackError::Invalid { field, message } => ApiError::invalid(field, message),
+            FeedbackError::Unavailable => ApiError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -78,15 +98,16 @@ impl From<ApiError> for tonic::Status {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let msg = self.message();
-        let (status, kind, param, code) = match &self {
+        let status = self.http_status();
+        let (kind, param, code) = match &self {
             ApiError::Invalid { param, .. } => {
                 let code = if param == "model" { "model_not_found" } else { "invalid_value" };
-                (StatusCode::BAD_REQUEST, "invalid_request_error", Some(param.clone()), code)
+                ("invalid_request_error", Some(param.clone()), code)
             }
-            ApiError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None, "queue_full"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "unavailable"),
-            ApiError::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error", None, "timeout"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "internal_error"),
+            ApiError::Overloaded { .. } => ("rate_limit_error", None, "queue_full"),
+            ApiError::Unavailable(_) => ("server_error", None, "unavailable"),
+            ApiError::DeadlineExceeded => ("server_error", None, "timeout"),
+            ApiError::Internal(_) => ("server_error", None, "internal_error"),
         };
         let body = json!({"error": {"message": msg, "type": kind, "param": param, "code": code}});
         let mut resp = (status, Json(body)).into_response();

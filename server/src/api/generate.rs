@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::error::ApiError;
 use crate::engine::{EngineEvent, GenerateRequest, SamplingParams};
 use crate::model::chat_template::Message;
+use super::observe::Observer;
 use crate::state::Loaded;
 
 /// Accepts the served model's name, "" and "default".
@@ -32,8 +33,9 @@ pub fn prompt_tokens(loaded: &Loaded, prompt: &str) -> Result<Vec<u32>, ApiError
     encode(loaded, prompt, "prompt")
 }
 
-/// Renders chat messages with the model's chat template and tokenizes them.
-pub fn chat_tokens(loaded: &Loaded, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
+/// Renders chat messages with the model's chat template and tokenizes them;
+/// returns the rendered prompt too.
+pub fn chat_tokens(loaded: &Loaded, messages: &[Message]) -> Result<(String, Vec<u32>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "must contain at least one message"));
     }
@@ -49,7 +51,8 @@ pub fn chat_tokens(loaded: &Loaded, messages: &[Message]) -> Result<Vec<u32>, Ap
         .chat_template
         .render(messages, true)
         .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))?;
-    encode(loaded, &text, "messages")
+    let tokens = encode(loaded, &text, "messages")?;
+    Ok((text, tokens))
 }
 
 fn encode(loaded: &Loaded, text: &str, field: &str) -> Result<Vec<u32>, ApiError> {
@@ -65,35 +68,61 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<EngineEvent, ApiError>> 
 /// Submits to the engine. The returned stream ends after `Finished`/`Failed`,
 /// or with `DeadlineExceeded` once `deadline` passes; dropping it cancels the
 /// request (the engine frees its KV blocks within one step).
+/// The `observer` travels with the stream and records the request when the
+/// stream ends or is dropped.
 pub fn submit(
     loaded: &Loaded,
-    request_id: String,
+    mut observer: Observer,
     prompt_tokens: Vec<u32>,
     params: SamplingParams,
     deadline: Option<Duration>,
 ) -> Result<EventStream, ApiError> {
-    let rx = loaded.engine.submit(GenerateRequest { request_id, prompt_tokens, params })?;
+    let request_id = observer.request_id().to_owned();
+    let rx = match loaded.engine.submit(GenerateRequest { request_id, prompt_tokens, params }) {
+        Ok(rx) => rx,
+        Err(e) => {
+            let e = ApiError::from(e);
+            observer.on_api_error(&e);
+            return Err(e);
+        }
+    };
     let deadline = deadline.map(|d| Instant::now() + d);
-    Ok(Box::pin(futures::stream::unfold(Some((rx, deadline)), next_event)))
+    Ok(Box::pin(futures::stream::unfold(Some(Pending { rx, deadline, observer }), next_event)))
 }
 
-type State = Option<(UnboundedReceiver<EngineEvent>, Option<Instant>)>;
+struct Pending {
+    rx: UnboundedReceiver<EngineEvent>,
+    deadline: Option<Instant>,
+    observer: Observer,
+}
 
-async fn next_event(state: State) -> Option<(Result<EngineEvent, ApiError>, State)> {
-    let (mut rx, deadline) = state?;
-    let ev = match deadline {
+async fn next_event(state: Option<Pending>) -> Option<(Result<EngineEvent, ApiError>, Option<Pending>)> {
+    let mut p = state?;
+    // Outer None: the deadline passed; inner None: the engine dropped the request.
+    let ev = match p.deadline {
         Some(d) => tokio::select! {
-            ev = rx.recv() => ev,
-            _ = tokio::time::sleep_until(d) => return Some((Err(ApiError::DeadlineExceeded), None)),
+            ev = p.rx.recv() => Some(ev),
+            _ = tokio::time::sleep_until(d) => None,
         },
-        None => rx.recv().await,
+        None => Some(p.rx.recv().await),
     };
-    match ev {
-        Some(EngineEvent::Failed { message }) => Some((Err(ApiError::Internal(message)), None)),
-        Some(ev @ EngineEvent::Finished { .. }) => Some((Ok(ev), None)),
-        Some(ev) => Some((Ok(ev), Some((rx, deadline)))),
-        None => Some((Err(ApiError::Internal("engine stopped".into())), None)),
+    let out = match ev {
+        None => Err(ApiError::DeadlineExceeded),
+        Some(None) => Err(ApiError::Internal("engine stopped".into())),
+        Some(Some(EngineEvent::Failed { message })) => Err(ApiError::Internal(message)),
+        Some(Some(EngineEvent::Delta { text, token_ids, logprobs })) => {
+            p.observer.on_text(&text);
+            return Some((Ok(EngineEvent::Delta { text, token_ids, logprobs }), Some(p)));
+        }
+        Some(Some(EngineEvent::Finished { reason, usage })) => {
+            p.observer.on_finish(reason, &usage);
+            Ok(EngineEvent::Finished { reason, usage })
+        }
+    };
+    if let Err(e) = &out {
+        p.observer.on_api_error(e);
     }
+    Some((out, None))
 }
 
 /// Parses a gRPC `grpc-timeout` header value ("100m", "5S", ...).

@@ -18,6 +18,7 @@ use tonic_health::ServingStatus;
 
 use super::error::ApiError;
 use super::generate::{self, parse_grpc_timeout, SamplingInput};
+use super::observe::Observer;
 use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, TokenLogprob};
 use crate::model::chat_template::Message;
 use crate::registry::WeightsFormat;
@@ -67,6 +68,7 @@ pub async fn serve(
         .send_compressed(CompressionEncoding::Gzip);
 
     tonic::transport::Server::builder()
+        .layer(crate::ops::request_id::layer())
         .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_secs)))
         .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_secs)))
         .add_service(health_service)
@@ -87,11 +89,20 @@ pub struct InferenceService {
 type GenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl InferenceService {
-    fn loaded(&self) -> Result<&Loaded, Status> {
+    fn loaded(&self) -> Result<&Loaded, ApiError> {
         if self.state.is_draining() {
-            return Err(Status::unavailable("server is shutting down"));
+            return Err(ApiError::Unavailable("server is shutting down".into()));
         }
-        self.state.loaded().ok_or_else(|| Status::unavailable("models are still loading"))
+        self.state.loaded().ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
+    }
+
+    fn observer<T>(&self, req: &Request<T>, method: &'static str, route: &str) -> Observer {
+        let md = req.metadata();
+        let rid = crate::ops::request_id::from_metadata(md)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let tenant = self.state.ops().tenant_label(md.get("x-tenant-id").and_then(|v| v.to_str().ok()));
+        Observer::new(self.state.ops().clone(), "grpc", method, route, &rid, &tenant)
     }
 
     fn sampling(&self, p: Option<pb::SamplingParams>) -> Result<SamplingParams, ApiError> {
@@ -119,11 +130,24 @@ impl InferenceService {
         input.into_params(self.state.config.engine.default_max_tokens)
     }
 
-    fn stream<T>(&self, req: &Request<T>, tokens: Vec<u32>, params: SamplingParams) -> Result<Response<GenStream>, Status> {
-        let loaded = self.loaded()?;
+    /// Validates with `prepare`, then streams the engine's events; every outcome is recorded by the observer.
+    fn stream<T>(
+        &self,
+        req: &Request<T>,
+        mut obs: Observer,
+        prepare: impl FnOnce(&Loaded) -> Result<(String, Vec<u32>, SamplingParams), ApiError>,
+    ) -> Result<Response<GenStream>, Status> {
         let deadline = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-        let request_id = request_id(req);
-        let events = generate::submit(loaded, request_id.clone(), tokens, params, deadline)?;
+        let prepared = self.loaded().and_then(|l| prepare(l).map(|p| (l, p)));
+        let (loaded, (prompt, tokens, params)) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                obs.on_api_error(&e);
+                return Err(e.into());
+            }
+        };
+        obs.set_model(&loaded.model_name, &prompt);
+        let events = generate::submit(loaded, obs, tokens, params, deadline)?;
         let out = events.map(|ev| match ev {
             Ok(EngineEvent::Delta { text, token_ids, logprobs }) => Ok(pb::GenerateResponse {
                 text,
@@ -143,22 +167,26 @@ impl InferenceService {
             Ok(EngineEvent::Failed { message }) => Err(Status::internal(message)),
             Err(e) => Err(e.into()),
         });
-        let mut resp = Response::new(Box::pin(out) as GenStream);
-        if let Ok(v) = request_id.parse() {
-            resp.metadata_mut().insert("x-request-id", v);
-        }
-        Ok(resp)
+        Ok(Response::new(Box::pin(out) as GenStream))
     }
-}
 
-/// The caller's `x-request-id`, or a fresh one.
-fn request_id<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+    /// Runs a unary call with accounting.
+    fn unary<R>(
+        &self,
+        mut obs: Observer,
+        f: impl FnOnce(&Loaded) -> Result<R, ApiError>,
+    ) -> Result<Response<R>, Status> {
+        match self.loaded().and_then(f) {
+            Ok(r) => {
+                obs.on_ok();
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                obs.on_api_error(&e);
+                Err(e.into())
+            }
+        }
+    }
 }
 
 fn position_logprobs(p: PositionLogprobs) -> pb::PositionLogprobs {
@@ -172,54 +200,71 @@ impl Inference for InferenceService {
     type ChatStream = GenStream;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
-        let loaded = self.loaded()?;
+        let obs = self.observer(&req, "Generate", "completion");
         let r = req.get_ref();
-        generate::check_model(loaded, &r.model)?;
-        let tokens = generate::prompt_tokens(loaded, &r.prompt)?;
-        let params = self.sampling(r.sampling.clone())?;
-        self.stream(&req, tokens, params)
+        self.stream(&req, obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let tokens = generate::prompt_tokens(loaded, &r.prompt)?;
+            Ok((r.prompt.clone(), tokens, self.sampling(r.sampling.clone())?))
+        })
     }
 
     async fn chat(&self, req: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
-        let loaded = self.loaded()?;
+        let obs = self.observer(&req, "Chat", "chat");
         let r = req.get_ref();
-        generate::check_model(loaded, &r.model)?;
-        let messages: Vec<Message> =
-            r.messages.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect();
-        let tokens = generate::chat_tokens(loaded, &messages)?;
-        let params = self.sampling(r.sampling.clone())?;
-        self.stream(&req, tokens, params)
+        self.stream(&req, obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let messages: Vec<Message> =
+                r.messages.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect();
+            let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
+            Ok((prompt, tokens, self.sampling(r.sampling.clone())?))
+        })
     }
 
     async fn embed(&self, _req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        self.loaded()?;
         Err(Status::unimplemented("Embed arrives with the embedder"))
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let loaded = self.loaded()?;
+        let obs = self.observer(&req, "Tokenize", "tokenize");
         let r = req.into_inner();
-        generate::check_model(loaded, &r.model)?;
-        let enc = loaded
-            .tokenizer
-            .encode(r.text.as_str(), r.add_special_tokens && loaded.add_bos)
-            .map_err(|e| Status::invalid_argument(format!("text: cannot tokenize: {e}")))?;
-        Ok(Response::new(pb::TokenizeResponse { token_ids: enc.get_ids().to_vec(), tokens: enc.get_tokens().to_vec() }))
+        self.unary(obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let enc = loaded
+                .tokenizer
+                .encode(r.text.as_str(), r.add_special_tokens && loaded.add_bos)
+                .map_err(|e| ApiError::invalid("text", format!("cannot tokenize: {e}")))?;
+            Ok(pb::TokenizeResponse { token_ids: enc.get_ids().to_vec(), tokens: enc.get_tokens().to_vec() })
+        })
     }
 
     async fn detokenize(&self, req: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
-        let loaded = self.loaded()?;
+        let obs = self.observer(&req, "Detokenize", "tokenize");
         let r = req.into_inner();
-        generate::check_model(loaded, &r.model)?;
-        let vocab = loaded.tokenizer.get_vocab_size(true) as u32;
-        if let Some(bad) = r.token_ids.iter().find(|&&t| t >= vocab) {
-            return Err(Status::invalid_argument(format!("token_ids: id {bad} is outside the vocabulary (size {vocab})")));
-        }
-        let text = loaded
-            .tokenizer
-            .decode(&r.token_ids, r.skip_special_tokens)
-            .map_err(|e| Status::invalid_argument(format!("token_ids: cannot decode: {e}")))?;
-        Ok(Response::new(pb::DetokenizeResponse { text }))
+        self.unary(obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let vocab = loaded.tokenizer.get_vocab_size(true) as u32;
+            if let Some(bad) = r.token_ids.iter().find(|&&t| t >= vocab) {
+                return Err(ApiError::invalid("token_ids", format!("id {bad} is outside the vocabulary (size {vocab})")));
+            }
+            let text = loaded
+                .tokenizer
+                .decode(&r.token_ids, r.skip_special_tokens)
+                .map_err(|e| ApiError::invalid("token_ids", format!("cannot decode: {e}")))?;
+            Ok(pb::DetokenizeResponse { text })
+        })
+    }
+
+    async fn feedback(&self, req: Request<pb::FeedbackRequest>) -> Result<Response<pb::FeedbackResponse>, Status> {
+        let obs = self.observer(&req, "Feedback", "feedback");
+        let r = req.into_inner();
+        self.unary(obs, |_| {
+            let log = self.state.ops().request_log.as_ref().ok_or_else(|| {
+                ApiError::Unavailable("the request log is disabled (ops.request_log.enabled = false)".into())
+            })?;
+            log.append_feedback(&r.request_id, r.rating, &r.comment)?;
+            Ok(pb::FeedbackResponse {})
+        })
     }
 
     async fn list_models(&self, _req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {

@@ -5,4 +5,5 @@ pub mod error;
 pub mod generate;
 pub mod grpc;
 pub mod http;
+pub mod observe;
 pub mod openai;

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -21,7 +21,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generate::{self, SamplingInput};
-use crate::engine::{EngineEvent, PositionLogprobs, Usage};
+use super::observe::Observer;
+use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, Usage};
 use crate::model::chat_template::Message;
 use crate::state::{AppState, Loaded};
 
@@ -118,7 +119,7 @@ pub struct CompletionRequest {
 }
 
 /// Parses a JSON body, naming the offending field in the error.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -164,13 +165,11 @@ fn loaded(state: &AppState) -> Result<&Loaded, ApiError> {
     state.loaded().ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
 }
 
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+/// The request-id layer has already set `x-request-id` (the caller's or a fresh UUID).
+fn observer(state: &AppState, headers: &HeaderMap, method: &'static str, route: &str) -> Observer {
+    let rid = headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let tenant = state.ops().tenant_label(headers.get("x-tenant-id").and_then(|v| v.to_str().ok()));
+    Observer::new(state.ops().clone(), "http", method, route, rid, &tenant)
 }
 
 fn now_secs() -> u64 {
@@ -193,8 +192,8 @@ struct Job {
 }
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let rid = request_id(&headers);
-    let res = async {
+    let obs = observer(&state, &headers, "/v1/chat/completions", "chat");
+    let res = (|| {
         let loaded = loaded(&state)?;
         let mut req: ChatCompletionRequest = parse(&body)?;
         req.common.check_n()?;
@@ -216,7 +215,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             };
             messages.push(Message { role: m.role, content });
         }
-        let tokens = generate::chat_tokens(loaded, &messages)?;
+        let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
         let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
         if req.top_logprobs.is_some() && !req.logprobs {
             return Err(ApiError::invalid("top_logprobs", "requires logprobs = true"));
@@ -231,16 +230,15 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             logprobs: req.logprobs,
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let events = generate::submit(loaded, rid.clone(), tokens, params, None)?;
-        Ok((job, events, req.common.stream, include_usage))
+        Ok(Prepared { loaded, prompt, tokens, params, job, stream: req.common.stream, include_usage })
     }
-    .await;
-    respond(res, rid).await
+    })();
+    respond(obs, res).await
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let rid = request_id(&headers);
-    let res = async {
+    let obs = observer(&state, &headers, "/v1/completions", "completion");
+    let res = (|| {
         let loaded = loaded(&state)?;
         let mut req: CompletionRequest = parse(&body)?;
         req.common.check_n()?;
@@ -265,28 +263,41 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             logprobs: req.logprobs.is_some(),
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let events = generate::submit(loaded, rid.clone(), tokens, params, None)?;
-        Ok((job, events, req.common.stream, include_usage))
+        Ok(Prepared { loaded, prompt, tokens, params, job, stream: req.common.stream, include_usage })
     }
-    .await;
-    respond(res, rid).await
+    })();
+    respond(obs, res).await
 }
 
-type Prepared = (Job, generate::EventStream, bool, bool);
+/// A validated request, ready for the engine.
+struct Prepared<'a> {
+    loaded: &'a Loaded,
+    /// The prompt as the model sees it (rendered chat), for the request log.
+    prompt: String,
+    tokens: Vec<u32>,
+    params: SamplingParams,
+    job: Job,
+    stream: bool,
+    include_usage: bool,
+}
 
-async fn respond(res: Result<Prepared, ApiError>, rid: String) -> Response {
-    let mut resp = match res {
+async fn respond(mut obs: Observer, res: Result<Prepared<'_>, ApiError>) -> Response {
+    let p = match res {
+        Ok(p) => p,
+        Err(e) => {
+            obs.on_api_error(&e);
+            return e.into_response();
+        }
+    };
+    obs.set_model(&p.loaded.model_name, &p.prompt);
+    match generate::submit(p.loaded, obs, p.tokens, p.params, None) {
         Err(e) => e.into_response(),
-        Ok((job, events, true, include_usage)) => stream_response(job, events, include_usage).into_response(),
-        Ok((job, events, false, _)) => match collect(job, events).await {
+        Ok(events) if p.stream => stream_response(p.job, events, p.include_usage).into_response(),
+        Ok(events) => match collect(p.job, events).await {
             Ok(v) => Json(v).into_response(),
             Err(e) => e.into_response(),
         },
-    };
-    if let Ok(v) = HeaderValue::from_str(&rid) {
-        resp.headers_mut().insert("x-request-id", v);
     }
-    resp
 }
 
 impl Job {

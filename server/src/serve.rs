@@ -121,7 +121,6 @@ fn load_models(state: &Arc<AppState>) -> anyhow::Result<()> {
         files,
         engine,
         tokenizer: model.tokenizer,
-        add_bos: model.add_bos,
         chat_template: model.chat_template,
     });
     Ok(())

@@ -17,8 +17,6 @@ pub struct Loaded {
     pub model_name: String,
     pub engine: EngineHandle,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
-    /// Whether prompts get the model's BOS token (GGUF `tokenizer.ggml.add_bos_token`).
-    pub add_bos: bool,
     pub chat_template: ChatTemplate,
 }
 

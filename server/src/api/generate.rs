@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::error::ApiError;
 use crate::engine::{EngineEvent, GenerateRequest, SamplingParams};
-use crate::model::chat_template::Message;
+use crate::model::chat_template::ChatMessage;
 use super::observe::Observer;
 use crate::state::Loaded;
 
@@ -25,17 +25,17 @@ pub fn check_model(loaded: &Loaded, model: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Tokenizes a raw completion prompt (with the model's BOS when it wants one).
+/// Tokenizes a raw completion prompt (the tokenizer adds BOS when the model wants one).
 pub fn prompt_tokens(loaded: &Loaded, prompt: &str) -> Result<Vec<u32>, ApiError> {
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "must not be empty"));
     }
-    encode(loaded, prompt, "prompt")
+    encode(loaded, prompt, true, "prompt")
 }
 
 /// Renders chat messages with the model's chat template and tokenizes them;
 /// returns the rendered prompt too.
-pub fn chat_tokens(loaded: &Loaded, messages: &[Message]) -> Result<(String, Vec<u32>), ApiError> {
+pub fn chat_tokens(loaded: &Loaded, messages: &[ChatMessage]) -> Result<(String, Vec<u32>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "must contain at least one message"));
     }
@@ -51,14 +51,15 @@ pub fn chat_tokens(loaded: &Loaded, messages: &[Message]) -> Result<(String, Vec
         .chat_template
         .render(messages, true)
         .map_err(|e| ApiError::invalid("messages", format!("chat template failed: {e}")))?;
-    let tokens = encode(loaded, &text, "messages")?;
+    // The template writes any BOS itself; the tokenizer must not add another.
+    let tokens = encode(loaded, &text, false, "messages")?;
     Ok((text, tokens))
 }
 
-fn encode(loaded: &Loaded, text: &str, field: &str) -> Result<Vec<u32>, ApiError> {
+fn encode(loaded: &Loaded, text: &str, add_special_tokens: bool, field: &str) -> Result<Vec<u32>, ApiError> {
     let enc = loaded
         .tokenizer
-        .encode(text, loaded.add_bos)
+        .encode(text, add_special_tokens)
         .map_err(|e| ApiError::invalid(field, format!("cannot tokenize: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }

@@ -20,7 +20,7 @@ use super::error::ApiError;
 use super::generate::{self, parse_grpc_timeout, SamplingInput};
 use super::observe::Observer;
 use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, TokenLogprob};
-use crate::model::chat_template::Message;
+use crate::model::chat_template::ChatMessage;
 use crate::registry::WeightsFormat;
 use crate::state::{AppState, Loaded};
 
@@ -214,8 +214,8 @@ impl Inference for InferenceService {
         let r = req.get_ref();
         self.stream(&req, obs, |loaded| {
             generate::check_model(loaded, &r.model)?;
-            let messages: Vec<Message> =
-                r.messages.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect();
+            let messages: Vec<ChatMessage> =
+                r.messages.iter().map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() }).collect();
             let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
             Ok((prompt, tokens, self.sampling(r.sampling.clone())?))
         })
@@ -232,7 +232,7 @@ impl Inference for InferenceService {
             generate::check_model(loaded, &r.model)?;
             let enc = loaded
                 .tokenizer
-                .encode(r.text.as_str(), r.add_special_tokens && loaded.add_bos)
+                .encode(r.text.as_str(), r.add_special_tokens)
                 .map_err(|e| ApiError::invalid("text", format!("cannot tokenize: {e}")))?;
             Ok(pb::TokenizeResponse { token_ids: enc.get_ids().to_vec(), tokens: enc.get_tokens().to_vec() })
         })

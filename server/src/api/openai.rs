@@ -23,7 +23,7 @@ use super::error::ApiError;
 use super::generate::{self, SamplingInput};
 use super::observe::Observer;
 use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, Usage};
-use crate::model::chat_template::Message;
+use crate::model::chat_template::ChatMessage;
 use crate::state::{AppState, Loaded};
 
 /// OpenAI's default `max_tokens` for legacy completions.
@@ -213,7 +213,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
                     parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("")
                 }
             };
-            messages.push(Message { role: m.role, content });
+            messages.push(ChatMessage { role: m.role, content });
         }
         let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
         let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));

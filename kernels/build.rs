@@ -60,7 +60,10 @@ fn build() -> Result<(), String> {
     }
 
     // One job per (source, arch): nvcc takes ~2 s a file, so run them side by side.
-    let jobs: Vec<(PathBuf, &str)> = sources.iter().flat_map(|s| ARCHS.iter().map(move |a| (s.clone(), *a))).collect();
+    let jobs: Vec<(PathBuf, &str)> = sources
+        .iter()
+        .flat_map(|s| ARCHS.iter().map(move |a| (s.clone(), *a)))
+        .collect();
     let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()
@@ -69,7 +72,10 @@ fn build() -> Result<(), String> {
                 scope.spawn(move || compile(nvcc, ptxas, src, arch, out_dir))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("compile thread panicked".into()))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("compile thread panicked".into())))
+            .collect()
     });
     let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if !errors.is_empty() {
@@ -94,7 +100,10 @@ fn build() -> Result<(), String> {
 }
 
 fn stem(path: &Path) -> String {
-    path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string()
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn compile(nvcc: &Path, ptxas: &Path, src: &Path, arch: &str, out_dir: &Path) -> Result<(), String> {
@@ -112,16 +121,25 @@ fn compile(nvcc: &Path, ptxas: &Path, src: &Path, arch: &str, out_dir: &Path) ->
     }
     run(cmd, &format!("nvcc {stem}.cu sm_{arch}"))?;
     let mut cmd = Command::new(ptxas);
-    cmd.args(["-O3", &format!("-arch=sm_{arch}"), "-o"]).arg(&cubin).arg(&ptx);
+    cmd.args(["-O3", &format!("-arch=sm_{arch}"), "-o"])
+        .arg(&cubin)
+        .arg(&ptx);
     run(cmd, &format!("ptxas {stem} sm_{arch}"))
 }
 
 fn run(mut cmd: Command, what: &str) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{what}: cannot run {:?}: {e}", cmd.get_program()))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{what}: cannot run {:?}: {e}", cmd.get_program()))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{what} failed ({}):\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -135,5 +153,7 @@ fn find_nvcc() -> Option<PathBuf> {
             }
         }
     }
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(exe)).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(exe))
+        .find(|p| p.is_file())
 }

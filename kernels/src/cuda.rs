@@ -161,7 +161,10 @@ fn to_u32(what: &'static str, v: usize) -> Result<u32, ShapeError> {
 
 fn check_grid_yz(what: &'static str, v: usize) -> Result<u32, ShapeError> {
     if v == 0 || v > 65535 {
-        return Err(invalid(what, format!("{v} is outside 1..=65535 (a grid y/z dimension)")));
+        return Err(invalid(
+            what,
+            format!("{v} is outside 1..=65535 (a grid y/z dimension)"),
+        ));
     }
     Ok(v as u32)
 }
@@ -177,11 +180,19 @@ impl CudaKernels {
                 8 => Ptx::from_binary(m.cubin_sm80.to_vec()),
                 9 => Ptx::from_binary(m.cubin_sm90.to_vec()),
                 10.. => Ptx::from_src(m.ptx_sm90),
-                _ => return Err(KernelError::Unsupported(format!("compute capability {major}.{minor} < 8.0"))),
+                _ => {
+                    return Err(KernelError::Unsupported(format!(
+                        "compute capability {major}.{minor} < 8.0"
+                    )))
+                }
             };
             modules.insert(m.name, ctx.load_module(image)?);
         }
-        Ok(Self { stream, modules, functions: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            stream,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Device 0 with its default stream.
@@ -198,7 +209,10 @@ impl CudaKernels {
         if let Some(f) = cache.get(&name) {
             return Ok(f.clone());
         }
-        let m = self.modules.get(module).ok_or_else(|| KernelError::Unsupported(format!("module {module} missing")))?;
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| KernelError::Unsupported(format!("module {module} missing")))?;
         let f = m.load_function(&name)?;
         cache.insert(name, f.clone());
         Ok(f)
@@ -229,10 +243,18 @@ impl CudaKernels {
         for s in 0..num_seqs {
             let (ctx, ql, table) = (context_lens[s], query_lens[s], block_tables[s].as_ref());
             if ql == 0 || ql > ctx {
-                return Err(invalid("query_lens", format!("sequence {s}: {ql} new tokens for a context of {ctx}")).into());
+                return Err(invalid(
+                    "query_lens",
+                    format!("sequence {s}: {ql} new tokens for a context of {ctx}"),
+                )
+                .into());
             }
             if ctx.div_ceil(block_size) > table.len() {
-                return Err(invalid("block_tables", format!("sequence {s}: {} blocks for {ctx} tokens", table.len())).into());
+                return Err(invalid(
+                    "block_tables",
+                    format!("sequence {s}: {} blocks for {ctx} tokens", table.len()),
+                )
+                .into());
             }
             if let Some(b) = table.iter().find(|&&b| b as usize >= num_blocks) {
                 return Err(invalid("block_tables", format!("sequence {s}: block {b} >= {num_blocks}")).into());
@@ -241,7 +263,10 @@ impl CudaKernels {
             total += ql;
             cu.push(to_u32("query_lens", total)?);
         }
-        let lens = context_lens.iter().map(|&c| to_i32("context_lens", c).map(|c| c as u32)).collect::<Result<Vec<_>, _>>()?;
+        let lens = context_lens
+            .iter()
+            .map(|&c| to_i32("context_lens", c).map(|c| c as u32))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(AttentionMetadata {
             block_tables: self.stream.clone_htod(&tables)?,
             context_lens: self.stream.clone_htod(&lens)?,
@@ -258,24 +283,38 @@ impl CudaKernels {
 
     /// Validates (`slot < num_slots` or negative) and uploads a slot mapping.
     pub fn slot_mapping(&self, slots: &[i64], num_slots: usize) -> Result<SlotMapping, KernelError> {
-        if let Some((t, s)) = slots.iter().enumerate().find(|(_, &s)| s >= 0 && s as u64 >= num_slots as u64) {
+        if let Some((t, s)) = slots
+            .iter()
+            .enumerate()
+            .find(|(_, &s)| s >= 0 && s as u64 >= num_slots as u64)
+        {
             return Err(invalid("slot_mapping", format!("slot {s} of token {t} >= {num_slots} slots")).into());
         }
         if slots.is_empty() {
             return Err(invalid("slot_mapping", "no tokens").into());
         }
-        Ok(SlotMapping { slots: self.stream.clone_htod(slots)?, num_slots })
+        Ok(SlotMapping {
+            slots: self.stream.clone_htod(slots)?,
+            num_slots,
+        })
     }
 
     /// Validates (`< max_position`) and uploads rotary positions.
     pub fn positions(&self, positions: &[u32], max_position: usize) -> Result<Positions, KernelError> {
         if let Some(p) = positions.iter().find(|&&p| p as usize >= max_position) {
-            return Err(invalid("positions", format!("position {p} >= cos/sin table length {max_position}")).into());
+            return Err(invalid(
+                "positions",
+                format!("position {p} >= cos/sin table length {max_position}"),
+            )
+            .into());
         }
         if positions.is_empty() {
             return Err(invalid("positions", "no tokens").into());
         }
-        Ok(Positions { positions: self.stream.clone_htod(positions)?, max_position })
+        Ok(Positions {
+            positions: self.stream.clone_htod(positions)?,
+            max_position,
+        })
     }
 
     /// Scatters `key`/`value` (`[tokens, row_len]`) into the caches at the mapped slots.
@@ -295,9 +334,18 @@ impl CudaKernels {
         check_len("value_cache", slots.num_slots * row_len, value_cache.len())?;
         let f = self.function("cache", format!("reshape_and_cache_{}", T::NAME))?;
         let row = to_i32("row_len", row_len)?;
-        let cfg = LaunchConfig { grid_dim: (to_u32("tokens", tokens)?, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32("tokens", tokens)?, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut b = self.stream.launch_builder(&f);
-        b.arg(key).arg(value).arg(key_cache).arg(value_cache).arg(&slots.slots).arg(&row);
+        b.arg(key)
+            .arg(value)
+            .arg(key_cache)
+            .arg(value_cache)
+            .arg(&slots.slots)
+            .arg(&row);
         // SAFETY: argument types match the kernel; lengths checked above, slots validated on upload.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -342,7 +390,12 @@ impl CudaKernels {
     }
 
     /// `out[t] = silu(x[t, ..d]) * x[t, d..]`, `x` `[tokens, 2d]`.
-    pub fn silu_and_mul<T: CudaDtype>(&self, out: &mut CudaSlice<T>, x: &CudaSlice<T>, d: usize) -> Result<(), KernelError> {
+    pub fn silu_and_mul<T: CudaDtype>(
+        &self,
+        out: &mut CudaSlice<T>,
+        x: &CudaSlice<T>,
+        d: usize,
+    ) -> Result<(), KernelError> {
         let rows = rows_of("x", x.len(), 2 * d)?;
         check_len("out", rows * d, out.len())?;
         let f = self.function("activation", format!("silu_and_mul_{}", T::NAME))?;
@@ -364,12 +417,16 @@ impl CudaKernels {
         cos_sin_cache: &CudaSlice<f32>,
     ) -> Result<(), KernelError> {
         let tokens = positions.positions.len();
-        if rope.rot_dim == 0 || rope.rot_dim % 2 != 0 || rope.rot_dim > rope.head_dim {
+        if rope.rot_dim == 0 || !rope.rot_dim.is_multiple_of(2) || rope.rot_dim > rope.head_dim {
             return Err(invalid("rot_dim", format!("{} must be even, > 0 and <= head_dim", rope.rot_dim)).into());
         }
         check_len("query", tokens * rope.num_heads * rope.head_dim, query.len())?;
         check_len("key", tokens * rope.num_kv_heads * rope.head_dim, key.len())?;
-        check_len("cos_sin_cache", positions.max_position * rope.rot_dim, cos_sin_cache.len())?;
+        check_len(
+            "cos_sin_cache",
+            positions.max_position * rope.rot_dim,
+            cos_sin_cache.len(),
+        )?;
         let f = self.function("rotary", format!("rotary_embedding_{}", T::NAME))?;
         let args = [rope.rot_dim, rope.head_dim, rope.num_heads, rope.num_kv_heads]
             .map(|v| to_i32("rope", v))
@@ -401,7 +458,11 @@ impl CudaKernels {
         check_len("hidden", batch * seq_len * hidden_size, hidden.len())?;
         check_len("out", batch * hidden_size, out.len())?;
         let f = self.function("pooling", format!("mean_pool_{}", T::NAME))?;
-        let (sl, hs, norm) = (to_i32("seq_len", seq_len)?, to_i32("hidden_size", hidden_size)?, i32::from(normalize));
+        let (sl, hs, norm) = (
+            to_i32("seq_len", seq_len)?,
+            to_i32("hidden_size", hidden_size)?,
+            i32::from(normalize),
+        );
         let mut b = self.stream.launch_builder(&f);
         b.arg(out).arg(hidden).arg(mask).arg(&sl).arg(&hs).arg(&norm);
         // SAFETY: types match; lengths checked.
@@ -421,8 +482,12 @@ impl CudaKernels {
         if cache.head_dim != 64 && cache.head_dim != 128 {
             return Err(invalid("head_dim", format!("{} (kernels exist for 64 and 128)", cache.head_dim)).into());
         }
-        if cache.num_kv_heads == 0 || num_heads % cache.num_kv_heads != 0 {
-            return Err(invalid("num_heads", format!("{num_heads} is not a multiple of {} KV heads", cache.num_kv_heads)).into());
+        if cache.num_kv_heads == 0 || !num_heads.is_multiple_of(cache.num_kv_heads) {
+            return Err(invalid(
+                "num_heads",
+                format!("{num_heads} is not a multiple of {} KV heads", cache.num_kv_heads),
+            )
+            .into());
         }
         let cache_len = meta.num_blocks * meta.block_size * cache.num_kv_heads * cache.head_dim;
         check_len("key_cache", cache_len, cache.key_cache.len())?;
@@ -454,7 +519,11 @@ impl CudaKernels {
             DecodeVariant::Auto | DecodeVariant::SinglePass => None,
             DecodeVariant::SplitK { partition_size } => {
                 if partition_size == 0 || partition_size % 32 != 0 {
-                    return Err(invalid("partition_size", format!("{partition_size} is not a positive multiple of 32")).into());
+                    return Err(invalid(
+                        "partition_size",
+                        format!("{partition_size} is not a positive multiple of 32"),
+                    )
+                    .into());
                 }
                 Some(partition_size)
             }
@@ -462,16 +531,28 @@ impl CudaKernels {
         let hd = cache.head_dim;
         let grid_x = to_u32("num_heads", num_heads)?;
         let grid_y = check_grid_yz("num_seqs", meta.num_seqs)?;
-        let (nkv, mbs, bs) =
-            (to_i32("num_kv_heads", cache.num_kv_heads)?, to_i32("max_blocks_per_seq", meta.max_blocks_per_seq)?, to_i32("block_size", meta.block_size)?);
+        let (nkv, mbs, bs) = (
+            to_i32("num_kv_heads", cache.num_kv_heads)?,
+            to_i32("max_blocks_per_seq", meta.max_blocks_per_seq)?,
+            to_i32("block_size", meta.block_size)?,
+        );
         let block = (THREADS, 1, 1);
         match partition_size {
             None => {
                 let f = self.function("paged_attention", format!("paged_attention_v1_{}_hd{hd}", T::NAME))?;
                 let mut b = self.stream.launch_builder(&f);
                 b.arg(out).arg(q).arg(cache.key_cache).arg(cache.value_cache);
-                b.arg(&meta.block_tables).arg(&meta.context_lens).arg(&nkv).arg(&scale).arg(&mbs).arg(&bs);
-                let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: block, shared_mem_bytes: 0 };
+                b.arg(&meta.block_tables)
+                    .arg(&meta.context_lens)
+                    .arg(&nkv)
+                    .arg(&scale)
+                    .arg(&mbs)
+                    .arg(&bs);
+                let cfg = LaunchConfig {
+                    grid_dim: (grid_x, grid_y, 1),
+                    block_dim: block,
+                    shared_mem_bytes: 0,
+                };
                 // SAFETY: types match; shapes checked; block tables validated in attention_metadata.
                 unsafe { b.launch(cfg) }?;
             }
@@ -481,20 +562,51 @@ impl CudaKernels {
                 let rows = meta.num_seqs * num_heads * max_parts;
                 // SAFETY: uninitialised scratch; the reduce kernel reads only partitions the
                 // partition kernel wrote (those below ceil(context_len / partition_size)).
-                let (mut tmp, mut ml, mut es) =
-                    unsafe { (self.stream.alloc::<f32>(rows * hd)?, self.stream.alloc::<f32>(rows)?, self.stream.alloc::<f32>(rows)?) };
+                let (mut tmp, mut ml, mut es) = unsafe {
+                    (
+                        self.stream.alloc::<f32>(rows * hd)?,
+                        self.stream.alloc::<f32>(rows)?,
+                        self.stream.alloc::<f32>(rows)?,
+                    )
+                };
                 let (part_i, max_parts_i, hd_i) = (to_i32("partition_size", part)?, max_parts as i32, hd as i32);
                 let f = self.function("paged_attention", format!("paged_attention_v2_{}_hd{hd}", T::NAME))?;
                 let mut b = self.stream.launch_builder(&f);
-                b.arg(&mut tmp).arg(&mut ml).arg(&mut es).arg(q).arg(cache.key_cache).arg(cache.value_cache);
-                b.arg(&meta.block_tables).arg(&meta.context_lens).arg(&nkv).arg(&scale).arg(&mbs).arg(&bs).arg(&part_i);
-                let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, grid_z), block_dim: block, shared_mem_bytes: 0 };
+                b.arg(&mut tmp)
+                    .arg(&mut ml)
+                    .arg(&mut es)
+                    .arg(q)
+                    .arg(cache.key_cache)
+                    .arg(cache.value_cache);
+                b.arg(&meta.block_tables)
+                    .arg(&meta.context_lens)
+                    .arg(&nkv)
+                    .arg(&scale)
+                    .arg(&mbs)
+                    .arg(&bs)
+                    .arg(&part_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (grid_x, grid_y, grid_z),
+                    block_dim: block,
+                    shared_mem_bytes: 0,
+                };
                 // SAFETY: as v1; scratch sized for the whole grid.
                 unsafe { b.launch(cfg) }?;
                 let f = self.function("paged_attention", format!("paged_attention_reduce_{}", T::NAME))?;
                 let mut b = self.stream.launch_builder(&f);
-                b.arg(out).arg(&tmp).arg(&ml).arg(&es).arg(&meta.context_lens).arg(&hd_i).arg(&part_i).arg(&max_parts_i);
-                let cfg = LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: block, shared_mem_bytes: 0 };
+                b.arg(out)
+                    .arg(&tmp)
+                    .arg(&ml)
+                    .arg(&es)
+                    .arg(&meta.context_lens)
+                    .arg(&hd_i)
+                    .arg(&part_i)
+                    .arg(&max_parts_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (grid_x, grid_y, 1),
+                    block_dim: block,
+                    shared_mem_bytes: 0,
+                };
                 // SAFETY: reads the scratch written above on the same stream.
                 unsafe { b.launch(cfg) }?;
             }
@@ -518,12 +630,24 @@ impl CudaKernels {
         // Query rows per block: must match PREFILL_WARPS * PrefillRows<T> in prefill_attention.cu.
         let bm = if std::mem::size_of::<T>() == 4 { 16 } else { 32 };
         let hd = cache.head_dim;
-        let f = self.function("prefill_attention", format!("paged_attention_prefill_{}_hd{hd}", T::NAME))?;
-        let (nkv, mbs, bs) =
-            (to_i32("num_kv_heads", cache.num_kv_heads)?, to_i32("max_blocks_per_seq", meta.max_blocks_per_seq)?, to_i32("block_size", meta.block_size)?);
+        let f = self.function(
+            "prefill_attention",
+            format!("paged_attention_prefill_{}_hd{hd}", T::NAME),
+        )?;
+        let (nkv, mbs, bs) = (
+            to_i32("num_kv_heads", cache.num_kv_heads)?,
+            to_i32("max_blocks_per_seq", meta.max_blocks_per_seq)?,
+            to_i32("block_size", meta.block_size)?,
+        );
         let mut b = self.stream.launch_builder(&f);
         b.arg(out).arg(q).arg(cache.key_cache).arg(cache.value_cache);
-        b.arg(&meta.block_tables).arg(&meta.context_lens).arg(&meta.cu_seqlens_q).arg(&nkv).arg(&scale).arg(&mbs).arg(&bs);
+        b.arg(&meta.block_tables)
+            .arg(&meta.context_lens)
+            .arg(&meta.cu_seqlens_q)
+            .arg(&nkv)
+            .arg(&scale)
+            .arg(&mbs)
+            .arg(&bs);
         let cfg = LaunchConfig {
             grid_dim: (
                 to_u32("max_query_len", meta.max_query_len.div_ceil(bm))?,
@@ -540,12 +664,19 @@ impl CudaKernels {
 }
 
 fn rows_of(what: &'static str, len: usize, row: usize) -> Result<usize, ShapeError> {
-    if row == 0 || len % row != 0 || len == 0 {
-        return Err(invalid(what, format!("length {len} is not a positive multiple of {row}")));
+    if row == 0 || !len.is_multiple_of(row) || len == 0 {
+        return Err(invalid(
+            what,
+            format!("length {len} is not a positive multiple of {row}"),
+        ));
     }
     Ok(len / row)
 }
 
 fn row_cfg(rows: usize) -> Result<LaunchConfig, ShapeError> {
-    Ok(LaunchConfig { grid_dim: (to_u32("rows", rows)?, 1, 1), block_dim: (ELEMENTWISE_THREADS, 1, 1), shared_mem_bytes: 0 })
+    Ok(LaunchConfig {
+        grid_dim: (to_u32("rows", rows)?, 1, 1),
+        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }

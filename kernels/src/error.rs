@@ -7,7 +7,11 @@
 pub enum ShapeError {
     /// `what` must have exactly `expected` elements.
     #[error("{what}: expected {expected} elements, got {got}")]
-    Length { what: &'static str, expected: usize, got: usize },
+    Length {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
     /// `what` is outside what the kernel supports or inconsistent with another argument.
     #[error("invalid {what}: {why}")]
     Invalid { what: &'static str, why: String },

@@ -47,7 +47,9 @@ fn rng() -> StdRng {
 
 /// Random values rounded through T, so the CPU reference sees exactly what the GPU sees.
 fn random<T: CudaDtype>(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
-    (0..n).map(|_| T::from_f32(rng.random_range(-amp..amp)).to_f32()).collect()
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(-amp..amp)).to_f32())
+        .collect()
 }
 
 fn up<T: CudaDtype>(k: &CudaKernels, v: &[f32]) -> CudaSlice<T> {
@@ -67,7 +69,11 @@ fn down<T: CudaDtype>(k: &CudaKernels, s: &CudaSlice<T>) -> Vec<f32> {
 fn assert_close<T: CudaDtype>(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        panic!("{what} [{}]: element {i} is {} (unwritten or read out of range)", T::NAME, got[i]);
+        panic!(
+            "{what} [{}]: element {i} is {} (unwritten or read out of range)",
+            T::NAME,
+            got[i]
+        );
     }
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (g, w) in got.iter().zip(want) {
@@ -75,7 +81,12 @@ fn assert_close<T: CudaDtype>(what: &str, got: &[f32], want: &[f32]) {
         den += f64::from(*w).powi(2);
     }
     let rel = (num / den.max(1e-30)).sqrt();
-    assert!(rel <= tol::<T>(), "{what} [{}]: relative error {rel:.2e} > {:.1e}", T::NAME, tol::<T>());
+    assert!(
+        rel <= tol::<T>(),
+        "{what} [{}]: relative error {rel:.2e} > {:.1e}",
+        T::NAME,
+        tol::<T>()
+    );
 }
 
 macro_rules! for_each_dtype {
@@ -89,7 +100,10 @@ macro_rules! for_each_dtype {
 fn check_rms_norm<T: CudaDtype>(k: &CudaKernels) {
     let mut r = rng();
     for (rows, hidden) in [(1, 64), (7, 576), (3, 4097)] {
-        let (x, w) = (random::<T>(&mut r, rows * hidden, 2.0), random::<T>(&mut r, hidden, 1.0));
+        let (x, w) = (
+            random::<T>(&mut r, rows * hidden, 2.0),
+            random::<T>(&mut r, hidden, 1.0),
+        );
         let mut want = vec![0.0; x.len()];
         cpu::rmsnorm::rms_norm(&mut want, &x, &w, 1e-5).unwrap();
         let mut out = nan::<T>(k, x.len());
@@ -137,15 +151,25 @@ fn check_rotary<T: CudaDtype>(k: &CudaKernels) {
     let max_pos = 4096;
     for layout in [RopeLayout::Neox, RopeLayout::Interleaved] {
         for (head_dim, rot_dim, nh, nkv, tokens) in [(64, 64, 9, 3, 5), (128, 128, 8, 8, 3), (128, 64, 4, 2, 17)] {
-            let rope = Rope { head_dim, rot_dim, num_heads: nh, num_kv_heads: nkv, layout };
+            let rope = Rope {
+                head_dim,
+                rot_dim,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                layout,
+            };
             let positions: Vec<u32> = (0..tokens).map(|_| r.random_range(0..max_pos as u32)).collect();
             let table = cpu::rotary::rope_cos_sin_cache(max_pos, rot_dim, 100000.0);
-            let (q, kk) = (random::<T>(&mut r, tokens * nh * head_dim, 1.0), random::<T>(&mut r, tokens * nkv * head_dim, 1.0));
+            let (q, kk) = (
+                random::<T>(&mut r, tokens * nh * head_dim, 1.0),
+                random::<T>(&mut r, tokens * nkv * head_dim, 1.0),
+            );
             let (mut qw, mut kw) = (q.clone(), kk.clone());
             cpu::rotary::rotary_embedding(&rope, &positions, &mut qw, &mut kw, &table).unwrap();
             let (mut qg, mut kg) = (up::<T>(k, &q), up::<T>(k, &kk));
             let pos = k.positions(&positions, max_pos).unwrap();
-            k.rotary_embedding(&rope, &pos, &mut qg, &mut kg, &k.stream().clone_htod(&table).unwrap()).unwrap();
+            k.rotary_embedding(&rope, &pos, &mut qg, &mut kg, &k.stream().clone_htod(&table).unwrap())
+                .unwrap();
             assert_close::<T>("rotary q", &down(k, &qg), &qw);
             assert_close::<T>("rotary k", &down(k, &kg), &kw);
         }
@@ -173,7 +197,8 @@ fn check_pool<T: CudaDtype>(k: &CudaKernels) {
             cpu::pooling::mean_pool(&mut want, &h, &mask, seq, hidden, normalize).unwrap();
             let mut out = k.stream().clone_htod(&vec![f32::NAN; batch * hidden]).unwrap();
             let m = k.stream().clone_htod(&mask).unwrap();
-            k.mean_pool(&mut out, &up::<T>(k, &h), &m, seq, hidden, normalize).unwrap();
+            k.mean_pool(&mut out, &up::<T>(k, &h), &m, seq, hidden, normalize)
+                .unwrap();
             // The output is f32: only the summation order differs from the reference.
             assert_close::<f32>("mean_pool", &k.stream().clone_dtoh(&out).unwrap(), &want);
         }
@@ -201,8 +226,14 @@ fn layout<T: CudaDtype>(r: &mut StdRng, ctx: &[usize], block_size: usize, row: u
     let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
     ids.shuffle(r);
     let mut next = ids.into_iter();
-    let tables: Vec<Vec<u32>> = ctx.iter().map(|c| next.by_ref().take(c.div_ceil(block_size)).collect()).collect();
-    let (mut key_cache, mut value_cache) = (vec![f32::NAN; num_blocks * block_size * row], vec![f32::NAN; num_blocks * block_size * row]);
+    let tables: Vec<Vec<u32>> = ctx
+        .iter()
+        .map(|c| next.by_ref().take(c.div_ceil(block_size)).collect())
+        .collect();
+    let (mut key_cache, mut value_cache) = (
+        vec![f32::NAN; num_blocks * block_size * row],
+        vec![f32::NAN; num_blocks * block_size * row],
+    );
     for (t, &c) in tables.iter().zip(ctx) {
         for p in 0..c {
             let slot = t[p / block_size] as usize * block_size + p % block_size;
@@ -210,7 +241,12 @@ fn layout<T: CudaDtype>(r: &mut StdRng, ctx: &[usize], block_size: usize, row: u
             value_cache[slot * row..(slot + 1) * row].copy_from_slice(&random::<T>(r, row, 1.0));
         }
     }
-    Layout { tables, num_blocks, key_cache, value_cache }
+    Layout {
+        tables,
+        num_blocks,
+        key_cache,
+        value_cache,
+    }
 }
 
 fn check_decode<T: CudaDtype>(k: &CudaKernels) {
@@ -225,17 +261,39 @@ fn check_decode<T: CudaDtype>(k: &CudaKernels) {
         let l = layout::<T>(&mut r, &ctx, bs, row);
         let q = random::<T>(&mut r, ctx.len() * nh * hd, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
-        let kv = PagedKv { key_cache: &l.key_cache, value_cache: &l.value_cache, num_kv_heads: nkv, head_dim: hd, block_size: bs };
+        let kv = PagedKv {
+            key_cache: &l.key_cache,
+            value_cache: &l.value_cache,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+        };
         let mut want = vec![0.0; q.len()];
         cpu::attention::paged_attention_decode(&mut want, &q, nh, &kv, scale, &l.tables, &ctx).unwrap();
-        let meta = k.attention_metadata(&l.tables, &ctx, &vec![1; ctx.len()], l.num_blocks, bs).unwrap();
+        let meta = k
+            .attention_metadata(&l.tables, &ctx, &vec![1; ctx.len()], l.num_blocks, bs)
+            .unwrap();
         let (kc, vc) = (up::<T>(k, &l.key_cache), up::<T>(k, &l.value_cache));
-        let cache = PagedCache { key_cache: &kc, value_cache: &vc, num_kv_heads: nkv, head_dim: hd };
+        let cache = PagedCache {
+            key_cache: &kc,
+            value_cache: &vc,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
         let qg = up::<T>(k, &q);
-        for variant in [DecodeVariant::SinglePass, DecodeVariant::SplitK { partition_size: 64 }, DecodeVariant::Auto] {
+        for variant in [
+            DecodeVariant::SinglePass,
+            DecodeVariant::SplitK { partition_size: 64 },
+            DecodeVariant::Auto,
+        ] {
             let mut out = nan::<T>(k, q.len());
-            k.paged_attention_decode(&mut out, &qg, &cache, &meta, nh, scale, variant).unwrap();
-            assert_close::<T>(&format!("decode {variant:?} hd {hd} ctx {ctx:?}"), &down(k, &out), &want);
+            k.paged_attention_decode(&mut out, &qg, &cache, &meta, nh, scale, variant)
+                .unwrap();
+            assert_close::<T>(
+                &format!("decode {variant:?} hd {hd} ctx {ctx:?}"),
+                &down(k, &out),
+                &want,
+            );
         }
     }
 }
@@ -263,7 +321,13 @@ fn check_prefill<T: CudaDtype>(k: &CudaKernels) {
         let total: usize = qlens.iter().sum();
         let q = random::<T>(&mut r, total * nh * hd, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
-        let kv = PagedKv { key_cache: &l.key_cache, value_cache: &l.value_cache, num_kv_heads: nkv, head_dim: hd, block_size: bs };
+        let kv = PagedKv {
+            key_cache: &l.key_cache,
+            value_cache: &l.value_cache,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+        };
         let mut cu = vec![0];
         for ql in &qlens {
             cu.push(cu.last().unwrap() + ql);
@@ -272,9 +336,15 @@ fn check_prefill<T: CudaDtype>(k: &CudaKernels) {
         cpu::attention::paged_attention_prefill(&mut want, &q, nh, &kv, scale, &l.tables, &ctx, &cu).unwrap();
         let meta = k.attention_metadata(&l.tables, &ctx, &qlens, l.num_blocks, bs).unwrap();
         let (kc, vc) = (up::<T>(k, &l.key_cache), up::<T>(k, &l.value_cache));
-        let cache = PagedCache { key_cache: &kc, value_cache: &vc, num_kv_heads: nkv, head_dim: hd };
+        let cache = PagedCache {
+            key_cache: &kc,
+            value_cache: &vc,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
         let mut out = nan::<T>(k, q.len());
-        k.paged_attention_prefill(&mut out, &up::<T>(k, &q), &cache, &meta, nh, scale).unwrap();
+        k.paged_attention_prefill(&mut out, &up::<T>(k, &q), &cache, &meta, nh, scale)
+            .unwrap();
         assert_close::<T>(&format!("prefill hd {hd} seqs {seqs:?}"), &down(k, &out), &want);
     }
 }
@@ -289,7 +359,10 @@ fn paged_attention_prefill() {
 fn check_reshape<T: CudaDtype>(k: &CudaKernels) {
     let mut r = rng();
     for (tokens, row, num_slots) in [(1, 64, 16), (13, 3 * 64, 64), (7, 5, 40)] {
-        let (key, value) = (random::<T>(&mut r, tokens * row, 1.0), random::<T>(&mut r, tokens * row, 1.0));
+        let (key, value) = (
+            random::<T>(&mut r, tokens * row, 1.0),
+            random::<T>(&mut r, tokens * row, 1.0),
+        );
         let mut slots: Vec<i64> = (0..num_slots as i64).collect();
         slots.shuffle(&mut r);
         slots.truncate(tokens);
@@ -298,11 +371,16 @@ fn check_reshape<T: CudaDtype>(k: &CudaKernels) {
         cpu::cache::reshape_and_cache_ref(&key, &value, &mut kw, &mut vw, &slots, row).unwrap();
         let (mut kc, mut vc) = (nan::<T>(k, num_slots * row), nan::<T>(k, num_slots * row));
         let sm = k.slot_mapping(&slots, num_slots).unwrap();
-        k.reshape_and_cache(&up::<T>(k, &key), &up::<T>(k, &value), &mut kc, &mut vc, &sm, row).unwrap();
+        k.reshape_and_cache(&up::<T>(k, &key), &up::<T>(k, &value), &mut kc, &mut vc, &sm, row)
+            .unwrap();
         // A copy is exact, and untouched slots must stay NaN: compare bit patterns.
         for (name, got, want) in [("key_cache", down(k, &kc), kw), ("value_cache", down(k, &vc), vw)] {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(g == w || (g.is_nan() && w.is_nan()), "reshape_and_cache {name} [{}] elem {i}: {g} vs {w}", T::NAME);
+                assert!(
+                    g == w || (g.is_nan() && w.is_nan()),
+                    "reshape_and_cache {name} [{}] elem {i}: {g} vs {w}",
+                    T::NAME
+                );
             }
         }
     }
@@ -327,16 +405,25 @@ fn decode_bandwidth() {
     let num_blocks = seqs * blocks_per_seq;
     let row = nkv * hd;
     let mut r = rng();
-    let cache_host: Vec<T> = (0..num_blocks * bs * row).map(|_| T::from_f32(r.random_range(-1.0..1.0))).collect();
+    let cache_host: Vec<T> = (0..num_blocks * bs * row)
+        .map(|_| T::from_f32(r.random_range(-1.0..1.0)))
+        .collect();
     let kc = k.stream().clone_htod(&cache_host).unwrap();
     let vc = k.stream().clone_htod(&cache_host).unwrap();
     let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
     ids.shuffle(&mut r);
     let tables: Vec<Vec<u32>> = ids.chunks(blocks_per_seq).map(<[u32]>::to_vec).collect();
-    let meta = k.attention_metadata(&tables, &vec![ctx_len; seqs], &vec![1; seqs], num_blocks, bs).unwrap();
+    let meta = k
+        .attention_metadata(&tables, &vec![ctx_len; seqs], &vec![1; seqs], num_blocks, bs)
+        .unwrap();
     let q = up::<T>(&k, &random::<T>(&mut r, seqs * nh * hd, 1.0));
     let mut out = nan::<T>(&k, seqs * nh * hd);
-    let cache = PagedCache { key_cache: &kc, value_cache: &vc, num_kv_heads: nkv, head_dim: hd };
+    let cache = PagedCache {
+        key_cache: &kc,
+        value_cache: &vc,
+        num_kv_heads: nkv,
+        head_dim: hd,
+    };
     let ctx = k.stream().context().clone();
     let time = |f: &mut dyn FnMut()| -> f64 {
         for _ in 0..3 {
@@ -357,10 +444,16 @@ fn decode_bandwidth() {
     };
     let kv_bytes = 2.0 * (seqs * ctx_len * row * 2) as f64;
     for variant in [DecodeVariant::SinglePass, DecodeVariant::SplitK { partition_size: 512 }] {
-        let ms = time(&mut || k.paged_attention_decode(&mut out, &q, &cache, &meta, nh, 0.088, variant).unwrap());
+        let ms = time(&mut || {
+            k.paged_attention_decode(&mut out, &q, &cache, &meta, nh, 0.088, variant)
+                .unwrap()
+        });
         println!("decode {variant:?}: {ms:.3} ms, {:.0} GB/s of K/V", kv_bytes / ms / 1e6);
     }
     let mut dst = kc.clone();
     let ms = time(&mut || k.stream().memcpy_dtod(&kc, &mut dst).unwrap());
-    println!("memcpy dtod: {ms:.3} ms, {:.0} GB/s (read + write)", 2.0 * kc.num_bytes() as f64 / ms / 1e6);
+    println!(
+        "memcpy dtod: {ms:.3} ms, {:.0} GB/s (read + write)",
+        2.0 * kc.num_bytes() as f64 / ms / 1e6
+    );
 }

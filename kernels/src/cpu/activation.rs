@@ -7,8 +7,11 @@ use crate::error::{check_len, invalid, ShapeError};
 
 /// `out[t, i] = silu(x[t, i]) * x[t, d + i]`; `x` is `[tokens, 2 * d]`, `out` `[tokens, d]`.
 pub fn silu_and_mul(out: &mut [f32], x: &[f32], d: usize) -> Result<(), ShapeError> {
-    if d == 0 || x.len() % (2 * d) != 0 {
-        return Err(invalid("x", format!("length {} is not a multiple of 2*d = {}", x.len(), 2 * d)));
+    if d == 0 || !x.len().is_multiple_of(2 * d) {
+        return Err(invalid(
+            "x",
+            format!("length {} is not a multiple of 2*d = {}", x.len(), 2 * d),
+        ));
     }
     check_len("out", x.len() / 2, out.len())?;
     for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(2 * d)) {
@@ -40,7 +43,13 @@ mod tests {
     #[test]
     fn rejects_odd_rows() {
         let mut out = [0.0; 2];
-        assert!(matches!(silu_and_mul(&mut out, &[0.0; 6], 2), Err(ShapeError::Invalid { what: "x", .. })));
-        assert!(matches!(silu_and_mul(&mut out, &[0.0; 8], 2), Err(ShapeError::Length { what: "out", .. })));
+        assert!(matches!(
+            silu_and_mul(&mut out, &[0.0; 6], 2),
+            Err(ShapeError::Invalid { what: "x", .. })
+        ));
+        assert!(matches!(
+            silu_and_mul(&mut out, &[0.0; 8], 2),
+            Err(ShapeError::Length { what: "out", .. })
+        ));
     }
 }

@@ -16,8 +16,11 @@ pub fn reshape_and_cache_ref(
     slot_mapping: &[i64],
     row_len: usize,
 ) -> Result<(), ShapeError> {
-    if row_len == 0 || key_cache.len() % row_len != 0 {
-        return Err(invalid("row_len", format!("{row_len} does not divide the cache length {}", key_cache.len())));
+    if row_len == 0 || !key_cache.len().is_multiple_of(row_len) {
+        return Err(invalid(
+            "row_len",
+            format!("{row_len} does not divide the cache length {}", key_cache.len()),
+        ));
     }
     check_len("key", slot_mapping.len() * row_len, key.len())?;
     check_len("value", key.len(), value.len())?;
@@ -29,7 +32,10 @@ pub fn reshape_and_cache_ref(
         }
         let s = usize::try_from(slot).unwrap_or(usize::MAX);
         if s >= num_slots {
-            return Err(invalid("slot_mapping", format!("slot {slot} of token {t} >= {num_slots} slots")));
+            return Err(invalid(
+                "slot_mapping",
+                format!("slot {slot} of token {t} >= {num_slots} slots"),
+            ));
         }
         key_cache[s * row_len..(s + 1) * row_len].copy_from_slice(&key[t * row_len..(t + 1) * row_len]);
         value_cache[s * row_len..(s + 1) * row_len].copy_from_slice(&value[t * row_len..(t + 1) * row_len]);
@@ -50,10 +56,16 @@ mod tests {
         reshape_and_cache_ref(&key, &value, &mut kc, &mut vc, &[4, -1, 0], row).unwrap();
         assert_eq!(kc[12..15], [0.0, 1.0, 2.0]);
         assert_eq!(vc[0..3], [-6.0, -7.0, -8.0]);
-        assert!(kc[3..12].iter().all(|v| v.is_nan()), "untouched slots keep their content");
+        assert!(
+            kc[3..12].iter().all(|v| v.is_nan()),
+            "untouched slots keep their content"
+        );
         assert!(matches!(
             reshape_and_cache_ref(&key, &value, &mut kc, &mut vc, &[5, 0, 0], row),
-            Err(ShapeError::Invalid { what: "slot_mapping", .. })
+            Err(ShapeError::Invalid {
+                what: "slot_mapping",
+                ..
+            })
         ));
     }
 }

@@ -16,8 +16,11 @@ pub fn mean_pool(
     hidden_size: usize,
     normalize: bool,
 ) -> Result<(), ShapeError> {
-    if seq_len == 0 || hidden_size == 0 || mask.len() % seq_len != 0 {
-        return Err(invalid("mask", format!("length {} is not a multiple of seq_len {seq_len}", mask.len())));
+    if seq_len == 0 || hidden_size == 0 || !mask.len().is_multiple_of(seq_len) {
+        return Err(invalid(
+            "mask",
+            format!("length {} is not a multiple of seq_len {seq_len}", mask.len()),
+        ));
     }
     let batch = mask.len() / seq_len;
     check_len("hidden", batch * seq_len * hidden_size, hidden.len())?;
@@ -34,7 +37,11 @@ pub fn mean_pool(
         }
         let inv_count = if count > 0 { 1.0 / count as f64 } else { 0.0 };
         let mean: Vec<f64> = sum.iter().map(|s| s * inv_count).collect();
-        let scale = if normalize { 1.0 / mean.iter().map(|m| m * m).sum::<f64>().sqrt().max(1e-12) } else { 1.0 };
+        let scale = if normalize {
+            1.0 / mean.iter().map(|m| m * m).sum::<f64>().sqrt().max(1e-12)
+        } else {
+            1.0
+        };
         for (o, m) in out[b * hidden_size..(b + 1) * hidden_size].iter_mut().zip(&mean) {
             *o = (m * scale) as f32;
         }
@@ -76,7 +83,13 @@ mod tests {
         let mut out = vec![f32::NAN; 2];
         mean_pool(&mut out, &[1.0, 2.0, 3.0, 4.0], &[0, 0], 2, 2, true).unwrap();
         assert_eq!(out, [0.0, 0.0]);
-        assert!(matches!(mean_pool(&mut out, &[0.0; 3], &[1, 1], 2, 2, true), Err(ShapeError::Length { what: "hidden", .. })));
-        assert!(matches!(mean_pool(&mut out, &[0.0; 4], &[1, 1, 1], 2, 2, true), Err(ShapeError::Invalid { what: "mask", .. })));
+        assert!(matches!(
+            mean_pool(&mut out, &[0.0; 3], &[1, 1], 2, 2, true),
+            Err(ShapeError::Length { what: "hidden", .. })
+        ));
+        assert!(matches!(
+            mean_pool(&mut out, &[0.0; 4], &[1, 1, 1], 2, 2, true),
+            Err(ShapeError::Invalid { what: "mask", .. })
+        ));
     }
 }

@@ -7,8 +7,11 @@
 use crate::error::{check_len, invalid, ShapeError};
 
 fn check_rows(what: &'static str, len: usize, hidden: usize) -> Result<(), ShapeError> {
-    if hidden == 0 || len % hidden != 0 {
-        return Err(invalid(what, format!("length {len} is not a multiple of hidden size {hidden}")));
+    if hidden == 0 || !len.is_multiple_of(hidden) {
+        return Err(invalid(
+            what,
+            format!("length {len} is not a multiple of hidden size {hidden}"),
+        ));
     }
     Ok(())
 }
@@ -35,7 +38,10 @@ pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) -> Result<
 pub fn fused_add_rms_norm(x: &mut [f32], residual: &mut [f32], weight: &[f32], eps: f32) -> Result<(), ShapeError> {
     check_rows("x", x.len(), weight.len())?;
     check_len("residual", x.len(), residual.len())?;
-    for (xr, rr) in x.chunks_exact_mut(weight.len()).zip(residual.chunks_exact_mut(weight.len())) {
+    for (xr, rr) in x
+        .chunks_exact_mut(weight.len())
+        .zip(residual.chunks_exact_mut(weight.len()))
+    {
         for (r, &v) in rr.iter_mut().zip(xr.iter()) {
             *r += v;
         }
@@ -73,7 +79,10 @@ mod tests {
                 for i in 0..hidden {
                     let want = row[i] / denom * w[i];
                     let got = out[r * hidden + i];
-                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "row {r} dim {i}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "row {r} dim {i}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -83,7 +92,11 @@ mod tests {
     fn fused_equals_add_then_norm() {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let hidden = 96;
-        let (mut x, mut res, w) = (random(&mut rng, 5 * hidden), random(&mut rng, 5 * hidden), random(&mut rng, hidden));
+        let (mut x, mut res, w) = (
+            random(&mut rng, 5 * hidden),
+            random(&mut rng, 5 * hidden),
+            random(&mut rng, hidden),
+        );
         let sum: Vec<f32> = x.iter().zip(&res).map(|(a, b)| a + b).collect();
         let mut want = vec![0.0; sum.len()];
         rms_norm(&mut want, &sum, &w, 1e-6).unwrap();
@@ -95,8 +108,14 @@ mod tests {
     #[test]
     fn bad_shapes_are_named_errors() {
         let mut out = vec![0.0; 10];
-        assert!(matches!(rms_norm(&mut out, &[0.0; 10], &[1.0; 4], 1e-5), Err(ShapeError::Invalid { what: "x", .. })));
-        assert!(matches!(rms_norm(&mut out, &[0.0; 8], &[1.0; 4], 1e-5), Err(ShapeError::Length { what: "out", .. })));
+        assert!(matches!(
+            rms_norm(&mut out, &[0.0; 10], &[1.0; 4], 1e-5),
+            Err(ShapeError::Invalid { what: "x", .. })
+        ));
+        assert!(matches!(
+            rms_norm(&mut out, &[0.0; 8], &[1.0; 4], 1e-5),
+            Err(ShapeError::Length { what: "out", .. })
+        ));
         let mut r = vec![0.0; 4];
         assert!(matches!(
             fused_add_rms_norm(&mut [0.0; 8], &mut r, &[1.0; 4], 1e-5),

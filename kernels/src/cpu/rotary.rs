@@ -30,19 +30,34 @@ pub struct Rope {
 
 impl Rope {
     /// Checks the shape and the buffers; returns the number of tokens.
-    pub fn validate(&self, positions: &[u32], query_len: usize, key_len: usize, cache_len: usize) -> Result<usize, ShapeError> {
-        if self.rot_dim == 0 || self.rot_dim % 2 != 0 || self.rot_dim > self.head_dim {
-            return Err(invalid("rot_dim", format!("{} must be even, > 0 and <= head_dim {}", self.rot_dim, self.head_dim)));
+    pub fn validate(
+        &self,
+        positions: &[u32],
+        query_len: usize,
+        key_len: usize,
+        cache_len: usize,
+    ) -> Result<usize, ShapeError> {
+        if self.rot_dim == 0 || !self.rot_dim.is_multiple_of(2) || self.rot_dim > self.head_dim {
+            return Err(invalid(
+                "rot_dim",
+                format!("{} must be even, > 0 and <= head_dim {}", self.rot_dim, self.head_dim),
+            ));
         }
         let tokens = positions.len();
         check_len("query", tokens * self.num_heads * self.head_dim, query_len)?;
         check_len("key", tokens * self.num_kv_heads * self.head_dim, key_len)?;
-        if cache_len % self.rot_dim != 0 {
-            return Err(invalid("cos_sin_cache", format!("length {cache_len} is not a multiple of rot_dim {}", self.rot_dim)));
+        if !cache_len.is_multiple_of(self.rot_dim) {
+            return Err(invalid(
+                "cos_sin_cache",
+                format!("length {cache_len} is not a multiple of rot_dim {}", self.rot_dim),
+            ));
         }
         let max_pos = cache_len / self.rot_dim;
         if let Some(p) = positions.iter().find(|&&p| p as usize >= max_pos) {
-            return Err(invalid("positions", format!("position {p} >= cos/sin table length {max_pos}")));
+            return Err(invalid(
+                "positions",
+                format!("position {p} >= cos/sin table length {max_pos}"),
+            ));
         }
         Ok(tokens)
     }
@@ -53,8 +68,9 @@ pub fn rope_cos_sin_cache(max_position: usize, rot_dim: usize, base: f32) -> Vec
     let half = rot_dim / 2;
     let mut cache = Vec::with_capacity(max_position * rot_dim);
     for p in 0..max_position {
-        let angles: Vec<f64> =
-            (0..half).map(|i| p as f64 * f64::from(base).powf(-2.0 * i as f64 / rot_dim as f64)).collect();
+        let angles: Vec<f64> = (0..half)
+            .map(|i| p as f64 * f64::from(base).powf(-2.0 * i as f64 / rot_dim as f64))
+            .collect();
         cache.extend(angles.iter().map(|a| a.cos() as f32));
         cache.extend(angles.iter().map(|a| a.sin() as f32));
     }
@@ -124,7 +140,13 @@ mod tests {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         for layout in [RopeLayout::Neox, RopeLayout::Interleaved] {
             for (head_dim, rot_dim) in [(64, 64), (128, 128), (64, 32)] {
-                let rope = Rope { head_dim, rot_dim, num_heads: 3, num_kv_heads: 1, layout };
+                let rope = Rope {
+                    head_dim,
+                    rot_dim,
+                    num_heads: 3,
+                    num_kv_heads: 1,
+                    layout,
+                };
                 let positions: Vec<u32> = (0..5).map(|_| rng.random_range(0..4096)).collect();
                 let cache = rope_cos_sin_cache(4096, rot_dim, 10000.0);
                 let q0: Vec<f32> = (0..5 * 3 * head_dim).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -145,7 +167,10 @@ mod tests {
                         assert!((f64::from(*g) - w).abs() < 1e-5);
                     }
                     // Dims past rot_dim pass through untouched.
-                    assert_eq!(k[t * head_dim + rot_dim..(t + 1) * head_dim], k0[t * head_dim + rot_dim..(t + 1) * head_dim]);
+                    assert_eq!(
+                        k[t * head_dim + rot_dim..(t + 1) * head_dim],
+                        k0[t * head_dim + rot_dim..(t + 1) * head_dim]
+                    );
                 }
             }
         }
@@ -153,7 +178,13 @@ mod tests {
 
     #[test]
     fn position_zero_is_identity_and_bad_args_are_named() {
-        let rope = Rope { head_dim: 4, rot_dim: 4, num_heads: 1, num_kv_heads: 1, layout: RopeLayout::Neox };
+        let rope = Rope {
+            head_dim: 4,
+            rot_dim: 4,
+            num_heads: 1,
+            num_kv_heads: 1,
+            layout: RopeLayout::Neox,
+        };
         let cache = rope_cos_sin_cache(2, 4, 10000.0);
         let (mut q, mut k) = (vec![1.0, 2.0, 3.0, 4.0], vec![5.0, 6.0, 7.0, 8.0]);
         rotary_embedding(&rope, &[0], &mut q, &mut k, &cache).unwrap();
@@ -163,6 +194,9 @@ mod tests {
             Err(ShapeError::Invalid { what: "positions", .. })
         ));
         let odd = Rope { rot_dim: 3, ..rope };
-        assert!(matches!(odd.validate(&[0], 4, 4, 8), Err(ShapeError::Invalid { what: "rot_dim", .. })));
+        assert!(matches!(
+            odd.validate(&[0], 4, 4, 8),
+            Err(ShapeError::Invalid { what: "rot_dim", .. })
+        ));
     }
 }

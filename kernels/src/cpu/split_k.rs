@@ -30,7 +30,13 @@ pub fn attend_partition(q: &[f32], keys: &[&[f32]], values: &[&[f32]], scale: f3
     let mut logits = Vec::with_capacity(keys.len());
     for (j, k) in keys.iter().enumerate() {
         check_len(if j == 0 { "keys" } else { "keys[j]" }, q.len(), k.len())?;
-        logits.push(q.iter().zip(k.iter()).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() * f64::from(scale));
+        logits.push(
+            q.iter()
+                .zip(k.iter())
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>()
+                * f64::from(scale),
+        );
     }
     let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut out = vec![0.0f64; q.len()];
@@ -43,7 +49,11 @@ pub fn attend_partition(q: &[f32], keys: &[&[f32]], values: &[&[f32]], scale: f3
             *o += p * f64::from(x);
         }
     }
-    Ok(Partial { out: out.iter().map(|o| (o / sum) as f32).collect(), max_logit: max as f32, exp_sum: sum as f32 })
+    Ok(Partial {
+        out: out.iter().map(|o| (o / sum) as f32).collect(),
+        max_logit: max as f32,
+        exp_sum: sum as f32,
+    })
 }
 
 /// Merges partition states into `out` (what the reduce kernel does for one sequence and head).
@@ -55,11 +65,18 @@ pub fn combine_partials(out: &mut [f32], partials: &[Partial]) -> Result<(), Sha
         check_len("partials.out", out.len(), p.out.len())?;
     }
     let max = partials.iter().map(|p| p.max_logit).fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> =
-        partials.iter().map(|p| f64::from(p.exp_sum) * (f64::from(p.max_logit) - f64::from(max)).exp()).collect();
+    let weights: Vec<f64> = partials
+        .iter()
+        .map(|p| f64::from(p.exp_sum) * (f64::from(p.max_logit) - f64::from(max)).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     for (d, o) in out.iter_mut().enumerate() {
-        *o = (partials.iter().zip(&weights).map(|(p, w)| w * f64::from(p.out[d])).sum::<f64>() / total) as f32;
+        *o = (partials
+            .iter()
+            .zip(&weights)
+            .map(|(p, w)| w * f64::from(p.out[d]))
+            .sum::<f64>()
+            / total) as f32;
     }
     Ok(())
 }
@@ -99,7 +116,9 @@ mod tests {
         let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
         let z: f64 = e.iter().sum();
-        (0..q.len()).map(|d| e.iter().zip(values).map(|(p, v)| p * f64::from(v[d])).sum::<f64>() / z).collect()
+        (0..q.len())
+            .map(|d| e.iter().zip(values).map(|(p, v)| p * f64::from(v[d])).sum::<f64>() / z)
+            .collect()
     }
 
     #[test]
@@ -108,16 +127,25 @@ mod tests {
         for (len, amp) in [(1, 1.0), (7, 1.0), (100, 1.0), (513, 1.0), (300, 40.0)] {
             let d = 64;
             let q: Vec<f32> = (0..d).map(|_| rng.random_range(-amp..amp)).collect();
-            let keys: Vec<Vec<f32>> = (0..len).map(|_| (0..d).map(|_| rng.random_range(-amp..amp)).collect()).collect();
-            let values: Vec<Vec<f32>> = (0..len).map(|_| (0..d).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
+            let keys: Vec<Vec<f32>> = (0..len)
+                .map(|_| (0..d).map(|_| rng.random_range(-amp..amp)).collect())
+                .collect();
+            let values: Vec<Vec<f32>> = (0..len)
+                .map(|_| (0..d).map(|_| rng.random_range(-1.0..1.0)).collect())
+                .collect();
             let want = naive(&q, &keys, &values, 0.125);
-            let (kr, vr): (Vec<&[f32]>, Vec<&[f32]>) =
-                (keys.iter().map(Vec::as_slice).collect(), values.iter().map(Vec::as_slice).collect());
+            let (kr, vr): (Vec<&[f32]>, Vec<&[f32]>) = (
+                keys.iter().map(Vec::as_slice).collect(),
+                values.iter().map(Vec::as_slice).collect(),
+            );
             for part in [1, 3, 16, 512, 1000] {
                 let mut out = vec![f32::NAN; d];
                 split_k_attention(&mut out, &q, &kr, &vr, 0.125, part).unwrap();
                 for (g, w) in out.iter().zip(&want) {
-                    assert!((f64::from(*g) - w).abs() < 1e-5, "len {len} amp {amp} partition {part}: {g} vs {w}");
+                    assert!(
+                        (f64::from(*g) - w).abs() < 1e-5,
+                        "len {len} amp {amp} partition {part}: {g} vs {w}"
+                    );
                 }
             }
         }
@@ -126,9 +154,21 @@ mod tests {
     #[test]
     fn bad_arguments_are_named() {
         let mut out = [0.0; 2];
-        assert!(matches!(split_k_attention(&mut out, &[0.0; 2], &[], &[], 1.0, 0), Err(ShapeError::Invalid { what: "partition_size", .. })));
-        assert!(matches!(combine_partials(&mut out, &[]), Err(ShapeError::Invalid { what: "partials", .. })));
+        assert!(matches!(
+            split_k_attention(&mut out, &[0.0; 2], &[], &[], 1.0, 0),
+            Err(ShapeError::Invalid {
+                what: "partition_size",
+                ..
+            })
+        ));
+        assert!(matches!(
+            combine_partials(&mut out, &[]),
+            Err(ShapeError::Invalid { what: "partials", .. })
+        ));
         let k: [&[f32]; 1] = [&[1.0, 2.0, 3.0]];
-        assert!(matches!(attend_partition(&[0.0; 2], &k, &k, 1.0), Err(ShapeError::Length { what: "keys", .. })));
+        assert!(matches!(
+            attend_partition(&[0.0; 2], &k, &k, 1.0),
+            Err(ShapeError::Length { what: "keys", .. })
+        ));
     }
 }

@@ -9,6 +9,7 @@
 //! bandwidth of paged decode next to a device-to-device copy.
 #![cfg(feature = "cuda")]
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaSlice};
 use genai_kernels::cpu;
 use genai_kernels::cpu::attention::PagedKv;
@@ -35,7 +36,8 @@ fn kernels() -> Option<CudaKernels> {
 /// Relative error bound of one kernel output in storage type T (inputs already rounded to T).
 fn tol<T: CudaDtype>() -> f64 {
     match T::NAME {
-        "f32" => 1e-5,
+        // f32: the attention kernels use the fast __expf (a few ulp), hence above pure rounding.
+        "f32" => 5e-5,
         "f16" => 2e-3,
         _ => 1.2e-2,
     }
@@ -431,7 +433,9 @@ fn decode_bandwidth() {
         }
         let mut ms: Vec<f64> = (0..20)
             .map(|_| {
-                let (a, b) = (ctx.new_event(None).unwrap(), ctx.new_event(None).unwrap());
+                // new_event(None) would disable timing.
+                let ev = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+                let (a, b) = (ev(), ev());
                 a.record(k.stream()).unwrap();
                 f();
                 b.record(k.stream()).unwrap();

@@ -42,6 +42,7 @@ make_stub() { # lib soname bindings.rs prefix
   grep -oE "pub unsafe fn $4[A-Za-z0-9_]*" "$3" | awk '{print $4}' | sort -u |
     awk '{printf "int %s(void) { return 999; }\n", $1}' >"$stubs/$1.c"
   cc -shared -fPIC -Wl,-soname,"$2" -o "$stubs/$1.so" "$stubs/$1.c"
+  ln -sf "$1.so" "$stubs/$2" # for the smoke run below
 }
 make_stub libcuda libcuda.so.1 "$cudarc_src/src/driver/sys/mod.rs" cu
 make_stub libnvrtc libnvrtc.so.13 "$cudarc_src/src/nvrtc/sys/mod.rs" nvrtc
@@ -55,4 +56,7 @@ out="${CARGO_TARGET_DIR:-target}/gpu-check"
 mkdir -p "$out"
 cp "$bin" "$out/genai-kernels-gpu-tests"
 cp scripts/gpu-check.sh "$out/"
+# Smoke run against the stubs: the binary must start, and every test must skip (no driver here).
+LD_LIBRARY_PATH="$stubs" "$out/genai-kernels-gpu-tests" --test-threads=1 --nocapture 2>&1 | grep -q 'SKIP: CUDA driver unavailable' ||
+  { echo "error: the test binary did not start and skip against the link stubs" >&2; exit 1; }
 echo "built $out/genai-kernels-gpu-tests; copy $out to the GPU host and run: ./gpu-check.sh run"

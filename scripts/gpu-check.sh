@@ -57,6 +57,7 @@ mkdir -p "$out"
 cp "$bin" "$out/genai-kernels-gpu-tests"
 cp scripts/gpu-check.sh "$out/"
 # Smoke run against the stubs: the binary must start, and every test must skip (no driver here).
-LD_LIBRARY_PATH="$stubs" "$out/genai-kernels-gpu-tests" --test-threads=1 --nocapture 2>&1 | grep -q 'SKIP: CUDA driver unavailable' ||
+smoke="$(LD_LIBRARY_PATH="$stubs" "$out/genai-kernels-gpu-tests" --test-threads=1 --nocapture 2>&1 || true)"
+grep -q 'SKIP: CUDA driver unavailable' <<<"$smoke" ||
   { echo "error: the test binary did not start and skip against the link stubs" >&2; exit 1; }
 echo "built $out/genai-kernels-gpu-tests; copy $out to the GPU host and run: ./gpu-check.sh run"

@@ -199,7 +199,7 @@ impl QMatrix {
             return Err(QMatmulError::Zero { field: "cols" });
         }
         let block = qtype.block_size();
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(QMatmulError::ColsNotBlockMultiple { qtype, cols, block });
         }
         let expected = mul("data", mul("data", rows, cols / block)?, qtype.type_size())?;

@@ -175,7 +175,7 @@ fn worker(sh: &'static Shared, id: usize) {
         while !fresh {
             fresh = sh.epoch.load(Ordering::Acquire) != seen;
             polls = polls.wrapping_add(1);
-            if polls % 128 == 0 && start.elapsed() > SPIN {
+            if polls.is_multiple_of(128) && start.elapsed() > SPIN {
                 break;
             }
             std::hint::spin_loop();

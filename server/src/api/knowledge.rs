@@ -240,16 +240,17 @@ fn validate_in_stream(d: &DocumentInput, i: usize) -> Result<(), Status> {
 
 // ---------------------------------------------------------------- HTTP
 
-/// OpenAI-style error response.
-pub struct ApiError {
+/// OpenAI-style error response. Same body and kinds as `api::error::ApiError`,
+/// plus 404 for a missing document (which that type does not have).
+pub struct HttpError {
     status: StatusCode,
     kind: &'static str,
     message: String,
     param: Option<String>,
-    code: Option<&'static str>,
+    code: &'static str,
 }
 
-impl IntoResponse for ApiError {
+impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let body = json!({"error": {
             "message": self.message,
@@ -261,26 +262,30 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<RetrievalError> for ApiError {
+impl HttpError {
+    fn invalid(param: Option<String>, message: String, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message,
+            param,
+            code,
+        }
+    }
+}
+
+impl From<RetrievalError> for HttpError {
     fn from(e: RetrievalError) -> Self {
         let message = e.to_string();
         let (status, kind, param, code) = match e {
-            RetrievalError::InvalidArgument { field, .. } => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some(field),
-                Some("invalid_value"),
-            ),
-            RetrievalError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", None, Some("not_found")),
-            RetrievalError::Overloaded(_) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded_error",
-                None,
-                Some("overloaded"),
-            ),
-            RetrievalError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, None),
+            RetrievalError::InvalidArgument { field, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", Some(field), "invalid_value")
+            }
+            RetrievalError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None, "not_found"),
+            RetrievalError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None, "queue_full"),
+            RetrievalError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "unavailable"),
             RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None)
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "internal_error")
             }
         };
         Self {
@@ -293,7 +298,7 @@ impl From<RetrievalError> for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
+impl From<JsonRejection> for HttpError {
     fn from(r: JsonRejection) -> Self {
         let text = r.body_text();
         // axum reports serde's path: "...target type: documents[0].content: invalid type ..."
@@ -302,13 +307,7 @@ impl From<JsonRejection> for ApiError {
             Some((path, _)) if !path.contains(' ') && path != "." => Some(path.to_string()),
             _ => detail.split('`').nth(1).map(str::to_string),
         };
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            message: text,
-            param,
-            code: Some("invalid_json"),
-        }
+        Self::invalid(param, text, "invalid_json")
     }
 }
 
@@ -387,7 +386,7 @@ pub fn router(svc: Arc<KnowledgeService>) -> Router {
 async fn http_ingest(
     State(svc): State<Arc<KnowledgeService>>,
     body: Result<Json<HttpIngest>, JsonRejection>,
-) -> Result<Json<HttpIngestResponse>, ApiError> {
+) -> Result<Json<HttpIngestResponse>, HttpError> {
     let Json(body) = body?;
     if body.documents.is_empty() {
         return Err(RetrievalError::invalid("documents", "at least one document is required").into());
@@ -414,7 +413,7 @@ async fn http_ingest(
 async fn http_search(
     State(svc): State<Arc<KnowledgeService>>,
     body: Result<Json<HttpSearch>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, HttpError> {
     let Json(b) = body?;
     let q = SearchQuery {
         query: b.query,
@@ -447,14 +446,8 @@ async fn http_delete(
     State(svc): State<Arc<KnowledgeService>>,
     Path(id): Path<String>,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(t) = query.map_err(|r| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        kind: "invalid_request_error",
-        message: r.body_text(),
-        param: Some("tenant".into()),
-        code: Some("invalid_value"),
-    })?;
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let Query(t) = query.map_err(|r| HttpError::invalid(Some("tenant".into()), r.body_text(), "invalid_value"))?;
     let n = svc.delete(&t.tenant, &id).await?;
     Ok(Json(json!({ "id": id, "deleted": true, "chunks_removed": n })))
 }

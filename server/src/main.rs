@@ -27,7 +27,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::load(&args)?;
-            telemetry::init(&config.log)?;
+            let _telemetry = telemetry::init(&config.log, &config.ops)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(serve::run(config))
         }

@@ -193,7 +193,7 @@ struct Job {
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     let obs = observer(&state, &headers, "/v1/chat/completions", "chat");
-    let res = (|| {
+    let res = (|| -> Result<Prepared<'_>, ApiError> {
         let loaded = loaded(&state)?;
         let mut req: ChatCompletionRequest = parse(&body)?;
         req.common.check_n()?;
@@ -231,14 +231,13 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(Prepared { loaded, prompt, tokens, params, job, stream: req.common.stream, include_usage })
-    }
     })();
     respond(obs, res).await
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     let obs = observer(&state, &headers, "/v1/completions", "completion");
-    let res = (|| {
+    let res = (|| -> Result<Prepared<'_>, ApiError> {
         let loaded = loaded(&state)?;
         let mut req: CompletionRequest = parse(&body)?;
         req.common.check_n()?;
@@ -264,7 +263,6 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(Prepared { loaded, prompt, tokens, params, job, stream: req.common.stream, include_usage })
-    }
     })();
     respond(obs, res).await
 }

@@ -773,6 +773,34 @@ mod tests {
         ] {
             assert!(used.contains(must), "dashboard does not chart {must}");
         }
+        // Every query parses as PromQL: promtool checks them as recording rules.
+        if !on_path("promtool") {
+            eprintln!("SKIPPED PromQL check: promtool not on PATH");
+            return;
+        }
+        let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+        for (i, e) in exprs.iter().enumerate() {
+            let e = e.replace("$__rate_interval", "1m");
+            rules.push_str(&format!(
+                "      - record: dashboard:q{i}\n        expr: {}\n",
+                serde_json::to_string(&e).unwrap()
+            ));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rules.yml");
+        std::fs::write(&file, rules).unwrap();
+        let out = Command::new("promtool")
+            .arg("check")
+            .arg("rules")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dashboard PromQL rejected:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {

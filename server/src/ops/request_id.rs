@@ -7,8 +7,8 @@
 //! [`layer`] is one tower layer for both axum (`Router::layer`) and tonic
 //! (`Server::builder().layer`). From outside in: [`SanitizeRequestIdLayer`]
 //! drops a client id that is empty, longer than [`MAX_LEN`] or has characters
-//! outside `[A-Za-z0-9._:-]` (it ends up in logs, metrics-free request-log
-//! lines and file names of downstream tools); tower-http's `SetRequestId` adds
+//! outside `[A-Za-z0-9._:-]` (it ends up in logs, in the request log and in
+//! downstream tools); tower-http's `SetRequestId` adds
 //! a UUID when there is none; `TraceLayer` opens the span (also entered while
 //! the response body streams); `PropagateRequestId` copies the id onto the
 //! response. Work a handler moves onto another task must carry the span with

@@ -101,7 +101,7 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    /// Creates the directory and starts the writer thread.
+    /// Creates the directory and starts the writer thread. `enabled` is the caller's to check.
     pub fn start(cfg: &RequestLogConfig) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| anyhow::anyhow!("ops.request_log.dir: cannot create {}: {e}", cfg.dir.display()))?;

@@ -91,10 +91,25 @@ async fn one(mut client: InferenceClient<tonic::transport::Channel>, args: &Args
     });
     let start = Instant::now();
     let res = if args.chat {
-        let messages = vec![pb::ChatMessage { role: "user".into(), content: prompt }];
-        client.chat(pb::ChatRequest { messages, sampling, ..Default::default() }).await
+        let messages = vec![pb::ChatMessage {
+            role: "user".into(),
+            content: prompt,
+        }];
+        client
+            .chat(pb::ChatRequest {
+                messages,
+                sampling,
+                ..Default::default()
+            })
+            .await
     } else {
-        client.generate(pb::GenerateRequest { prompt, sampling, ..Default::default() }).await
+        client
+            .generate(pb::GenerateRequest {
+                prompt,
+                sampling,
+                ..Default::default()
+            })
+            .await
     };
     let mut s = Sample::default();
     let mut stream = match res {
@@ -136,7 +151,11 @@ async fn one(mut client: InferenceClient<tonic::transport::Channel>, args: &Args
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     let prompts: Vec<String> = match &args.prompts {
-        Some(p) => std::fs::read_to_string(p)?.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect(),
+        Some(p) => std::fs::read_to_string(p)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect(),
         None => PROMPTS.iter().map(|s| s.to_string()).collect(),
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts");

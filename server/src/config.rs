@@ -28,6 +28,99 @@ pub struct Config {
     /// Observability: prices and budgets, SLOs, the request log, trace export.
     #[serde(default)]
     pub ops: OpsConfig,
+    #[serde(default)]
+    pub embedding: EmbeddingConfig,
+    #[serde(default)]
+    pub index: IndexConfig,
+    #[serde(default)]
+    pub rag: RagConfig,
+}
+
+/// `[embedding]`: the sentence-embedding worker (dynamic batching).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingConfig {
+    /// Padded tokens (batch size x longest sequence) in one encoder forward pass.
+    pub max_batch_tokens: usize,
+    /// How long the worker waits for more requests after the first one arrives, in ms.
+    pub max_wait_ms: u64,
+    /// Most queued embed requests; beyond it `embed` fails with "overloaded".
+    pub max_queue: usize,
+}
+
+impl Default for EmbeddingConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 8192,
+            max_wait_ms: 2,
+            max_queue: 1024,
+        }
+    }
+}
+
+/// `[index]`: the FAISS vector store and the chunker that feeds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// Directory holding the persisted index (created on first save).
+    pub dir: PathBuf,
+    /// FAISS index factory string: "Flat", "IVF{nlist},Flat" or "HNSW{M}".
+    pub factory: String,
+    /// IVF: inverted lists probed per query.
+    pub nprobe: usize,
+    /// HNSW: candidate list size at search time.
+    pub ef_search: usize,
+    /// With metadata filters, fetch this many times k from FAISS first (doubled until k match).
+    pub overfetch: usize,
+    /// Token budget of one chunk (embedder tokens, special tokens excluded); at most 254.
+    pub chunk_tokens: usize,
+    /// Tokens of trailing sentences repeated at the start of the next chunk.
+    pub chunk_overlap_tokens: usize,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data/index"),
+            factory: "Flat".into(),
+            nprobe: 16,
+            ef_search: 64,
+            overfetch: 4,
+            chunk_tokens: 200,
+            chunk_overlap_tokens: 40,
+        }
+    }
+}
+
+/// `[rag]`: retrieval-augmented chat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RagConfig {
+    /// Sources put in the prompt.
+    pub top_k: usize,
+    /// Re-rank with maximal marginal relevance (diversity) before taking top_k.
+    pub mmr: bool,
+    /// MMR trade-off: 1 = relevance only, 0 = diversity only.
+    pub mmr_lambda: f32,
+    /// MMR candidate pool: this many times top_k.
+    pub mmr_fetch_factor: usize,
+    /// Sources scoring below this cosine similarity are dropped.
+    pub min_score: f32,
+    /// minijinja template file for the system prompt; empty = the built-in one.
+    pub template: PathBuf,
+}
+
+impl Default for RagConfig {
+    fn default() -> Self {
+        Self {
+            top_k: 4,
+            mmr: false,
+            mmr_lambda: 0.7,
+            mmr_fetch_factor: 4,
+            min_score: 0.0,
+            template: PathBuf::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -399,6 +492,35 @@ impl Config {
             bail!("invalid config: engine.max_running and engine.default_max_tokens must be > 0");
         }
         self.ops.validate()?;
+        self.validate_retrieval()
+    }
+
+    fn validate_retrieval(&self) -> anyhow::Result<()> {
+        let (m, i, r) = (&self.embedding, &self.index, &self.rag);
+        if m.max_batch_tokens < 256 {
+            bail!("invalid config: embedding.max_batch_tokens must be >= 256 (one full sequence)");
+        }
+        if m.max_queue == 0 {
+            bail!("invalid config: embedding.max_queue must be > 0");
+        }
+        if i.factory.trim().is_empty() {
+            bail!("invalid config: index.factory must not be empty");
+        }
+        if i.overfetch == 0 || i.nprobe == 0 || i.ef_search == 0 {
+            bail!("invalid config: index.overfetch, index.nprobe and index.ef_search must be > 0");
+        }
+        if !(8..=254).contains(&i.chunk_tokens) {
+            bail!("invalid config: index.chunk_tokens must be in 8..=254");
+        }
+        if i.chunk_overlap_tokens >= i.chunk_tokens {
+            bail!("invalid config: index.chunk_overlap_tokens must be < index.chunk_tokens");
+        }
+        if r.top_k == 0 || r.mmr_fetch_factor == 0 {
+            bail!("invalid config: rag.top_k and rag.mmr_fetch_factor must be > 0");
+        }
+        if !(0.0..=1.0).contains(&r.mmr_lambda) {
+            bail!("invalid config: rag.mmr_lambda must be in [0, 1]");
+        }
         Ok(())
     }
 
@@ -489,6 +611,21 @@ mod tests {
         let c = load_with(&text).unwrap();
         assert_eq!(c.engine.block_size, 16);
         assert_eq!(c.models.generation.name, "smollm2-135m-instruct");
+        assert_eq!(c.index.factory, "Flat");
+    }
+
+    #[test]
+    fn retrieval_sections_validate_and_name_the_key() {
+        let c = load_with("[index]\nfactory = \"HNSW32\"\n[rag]\ntop_k = 6\n").unwrap();
+        assert_eq!((c.index.factory.as_str(), c.rag.top_k), ("HNSW32", 6));
+        let e = load_with("[index]\nchunk_overlap_tokens = 300\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("index.chunk_overlap_tokens"), "{e}");
+        let e = load_with("[rag]\nmmr_lambda = 2.0\n").unwrap_err().to_string();
+        assert!(e.contains("rag.mmr_lambda"), "{e}");
+        let e = load_with("[embedding]\nmax_wait = 1\n").unwrap_err().to_string();
+        assert!(e.contains("max_wait"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod model;
 pub mod ops;
 pub mod registry;
+pub mod retrieval;
 pub mod serve;
 pub mod state;
 pub mod telemetry;

@@ -43,7 +43,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn one_line(msg: &str) -> String {
     let is_frame = |l: &str| {
         let t = l.trim_start();
-        t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+        t.starts_with("at ")
+            || t.split_once(": ")
+                .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
     };
     let kept: Vec<&str> = msg.lines().filter(|l| !is_frame(l)).collect();
     kept.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")

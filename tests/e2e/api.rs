@@ -12,7 +12,11 @@ use tonic::Code;
 use crate::harness::Server;
 
 fn greedy(max_tokens: i32) -> Option<pb::SamplingParams> {
-    Some(pb::SamplingParams { temperature: Some(0.0), max_tokens: Some(max_tokens), ..Default::default() })
+    Some(pb::SamplingParams {
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    })
 }
 
 /// Collects a Generate/Chat stream: (text, token count, last message).
@@ -27,7 +31,12 @@ async fn drain(mut s: tonic::Streaming<pb::GenerateResponse>) -> (String, usize,
 }
 
 async fn metric(server: &Server, name: &str) -> f64 {
-    let body = reqwest::get(server.http_url("/metrics")).await.unwrap().text().await.unwrap();
+    let body = reqwest::get(server.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .and_then(|l| l.rsplit(' ').next())
@@ -40,7 +49,11 @@ async fn grpc_generate_and_chat_stream_with_usage() {
     let server = Server::start().await;
     let mut client = InferenceClient::new(server.channel().await);
 
-    let req = pb::GenerateRequest { prompt: "The capital of France is".into(), sampling: greedy(8), ..Default::default() };
+    let req = pb::GenerateRequest {
+        prompt: "The capital of France is".into(),
+        sampling: greedy(8),
+        ..Default::default()
+    };
     let stream = client.generate(req).await.unwrap().into_inner();
     let (text, n, last) = drain(stream).await;
     let usage = last.usage.expect("usage on the last message");
@@ -51,7 +64,10 @@ async fn grpc_generate_and_chat_stream_with_usage() {
     assert!(text.contains("Paris"), "{text:?}");
 
     let req = pb::ChatRequest {
-        messages: vec![pb::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }],
+        messages: vec![pb::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }],
         sampling: greedy(40),
         ..Default::default()
     };
@@ -62,15 +78,29 @@ async fn grpc_generate_and_chat_stream_with_usage() {
 
     // Tokenize / Detokenize round trip and ListModels.
     let ids = client
-        .tokenize(pb::TokenizeRequest { text: "Hello world".into(), ..Default::default() })
+        .tokenize(pb::TokenizeRequest {
+            text: "Hello world".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
         .token_ids;
     assert!(!ids.is_empty());
-    let back = client.detokenize(pb::DetokenizeRequest { token_ids: ids, ..Default::default() }).await.unwrap();
+    let back = client
+        .detokenize(pb::DetokenizeRequest {
+            token_ids: ids,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(back.into_inner().text, "Hello world");
-    let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+    let models = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
     assert!(models.iter().any(|m| m.kind == "generation" && m.context_length > 0));
 }
 
@@ -84,7 +114,11 @@ async fn thirty_two_concurrent_streams_complete_with_correct_usage() {
         tasks.push(tokio::spawn(async move {
             let req = pb::GenerateRequest {
                 prompt: format!("Request {i}: write a sentence about the number {i}."),
-                sampling: Some(pb::SamplingParams { max_tokens: Some(12), ignore_eos: true, ..Default::default() }),
+                sampling: Some(pb::SamplingParams {
+                    max_tokens: Some(12),
+                    ignore_eos: true,
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             drain(client.generate(req).await.unwrap().into_inner()).await
@@ -108,17 +142,30 @@ async fn http_chat_and_completions_stream_sse() {
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 40, "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
     });
-    let resp = http.post(server.http_url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let resp = http
+        .post(server.http_url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     assert!(resp.headers().contains_key("x-request-id"));
     let text = resp.text().await.unwrap();
     let datas: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     assert_eq!(*datas.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = datas[..datas.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = datas[..datas.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let content: String =
-        chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned)).collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
     assert!(content.contains("Paris"), "{content:?}");
     let usage = &chunks.last().unwrap()["usage"];
     assert!(usage["completion_tokens"].as_u64().unwrap() > 0);
@@ -129,12 +176,27 @@ async fn http_chat_and_completions_stream_sse() {
 
     // Non-streamed legacy completion with vLLM's ignore_eos.
     let body = json!({"prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": true, "temperature": 0});
-    let v: Value = http.post(server.http_url("/v1/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    let v: Value = http
+        .post(server.http_url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["usage"]["completion_tokens"], 10);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 
-    let v: Value = http.get(server.http_url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let v: Value = http
+        .get(server.http_url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["data"][0]["id"], "smollm2-135m-instruct");
 }
 
@@ -144,7 +206,11 @@ async fn cancellation_returns_kv_blocks() {
     let mut client = InferenceClient::new(server.channel().await);
     let req = pb::GenerateRequest {
         prompt: "Tell me a very long story about dragons.".into(),
-        sampling: Some(pb::SamplingParams { max_tokens: Some(2000), ignore_eos: true, ..Default::default() }),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(2000),
+            ignore_eos: true,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let mut stream = client.generate(req).await.unwrap().into_inner();
@@ -155,7 +221,12 @@ async fn cancellation_returns_kv_blocks() {
     drop(stream);
     // Over HTTP too: drop an SSE response mid-stream.
     let body = json!({"prompt": "Count to one thousand:", "max_tokens": 2000, "ignore_eos": true, "stream": true});
-    let resp = reqwest::Client::new().post(server.http_url("/v1/completions")).json(&body).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(server.http_url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let mut bytes = resp.bytes_stream();
     bytes.next().await.unwrap().unwrap();
     drop(bytes);
@@ -181,19 +252,91 @@ async fn bad_grpc_input_gets_invalid_argument_naming_the_field() {
         Some(p)
     };
     let cases: Vec<(pb::GenerateRequest, &str)> = vec![
-        (pb::GenerateRequest { prompt: String::new(), ..Default::default() }, "prompt"),
-        (pb::GenerateRequest { prompt: "hi".into(), sampling: sp(|p| p.max_tokens = Some(0)), ..Default::default() }, "max_tokens"),
-        (pb::GenerateRequest { prompt: "hi".into(), sampling: sp(|p| p.max_tokens = Some(-3)), ..Default::default() }, "max_tokens"),
-        (pb::GenerateRequest { prompt: "hi".into(), sampling: sp(|p| p.max_tokens = Some(1_000_000)), ..Default::default() }, "max_tokens"),
-        (pb::GenerateRequest { prompt: "hi".into(), sampling: sp(|p| p.temperature = Some(-1.0)), ..Default::default() }, "temperature"),
-        (pb::GenerateRequest { prompt: "hi".into(), sampling: sp(|p| p.top_p = Some(0.0)), ..Default::default() }, "top_p"),
-        (pb::GenerateRequest { prompt: "hi".into(), sampling: sp(|p| p.top_p = Some(1.5)), ..Default::default() }, "top_p"),
-        (pb::GenerateRequest { prompt: "hi".into(), sampling: sp(|p| p.top_k = Some(-1)), ..Default::default() }, "top_k"),
-        (pb::GenerateRequest { model: "gpt-17".into(), prompt: "hi".into(), ..Default::default() }, "model"),
-        (pb::GenerateRequest { prompt: "word ".repeat(10_000), ..Default::default() }, "prompt"),
+        (
+            pb::GenerateRequest {
+                prompt: String::new(),
+                ..Default::default()
+            },
+            "prompt",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "hi".into(),
+                sampling: sp(|p| p.max_tokens = Some(0)),
+                ..Default::default()
+            },
+            "max_tokens",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "hi".into(),
+                sampling: sp(|p| p.max_tokens = Some(-3)),
+                ..Default::default()
+            },
+            "max_tokens",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "hi".into(),
+                sampling: sp(|p| p.max_tokens = Some(1_000_000)),
+                ..Default::default()
+            },
+            "max_tokens",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "hi".into(),
+                sampling: sp(|p| p.temperature = Some(-1.0)),
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "hi".into(),
+                sampling: sp(|p| p.top_p = Some(0.0)),
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "hi".into(),
+                sampling: sp(|p| p.top_p = Some(1.5)),
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "hi".into(),
+                sampling: sp(|p| p.top_k = Some(-1)),
+                ..Default::default()
+            },
+            "top_k",
+        ),
+        (
+            pb::GenerateRequest {
+                model: "gpt-17".into(),
+                prompt: "hi".into(),
+                ..Default::default()
+            },
+            "model",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt: "word ".repeat(10_000),
+                ..Default::default()
+            },
+            "prompt",
+        ),
     ];
     for (req, field) in cases {
-        let err = client.generate(req).await.err().unwrap_or_else(|| panic!("{field}: expected an error"));
+        let err = client
+            .generate(req)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{field}: expected an error"));
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
         assert!(err.message().contains(field), "{field}: {}", err.message());
     }
@@ -201,7 +344,13 @@ async fn bad_grpc_input_gets_invalid_argument_naming_the_field() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("messages"));
     // The server keeps serving.
-    let ok = client.generate(pb::GenerateRequest { prompt: "Hi".into(), sampling: greedy(2), ..Default::default() }).await;
+    let ok = client
+        .generate(pb::GenerateRequest {
+            prompt: "Hi".into(),
+            sampling: greedy(2),
+            ..Default::default()
+        })
+        .await;
     assert_eq!(drain(ok.unwrap().into_inner()).await.1, 2);
 }
 
@@ -214,17 +363,38 @@ async fn bad_http_input_gets_400_with_openai_error_body() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (br#"{"messages": [}"#.to_vec(), "body"),
         (json!({"messages": []}).to_string().into_bytes(), "messages"),
-        (json!({"messages": msgs, "max_tokens": 0}).to_string().into_bytes(), "max_tokens"),
-        (json!({"messages": msgs, "temperature": -0.5}).to_string().into_bytes(), "temperature"),
-        (json!({"messages": msgs, "temperature": "hot"}).to_string().into_bytes(), "temperature"),
+        (
+            json!({"messages": msgs, "max_tokens": 0}).to_string().into_bytes(),
+            "max_tokens",
+        ),
+        (
+            json!({"messages": msgs, "temperature": -0.5}).to_string().into_bytes(),
+            "temperature",
+        ),
+        (
+            json!({"messages": msgs, "temperature": "hot"}).to_string().into_bytes(),
+            "temperature",
+        ),
         (json!({"messages": msgs, "top_p": 2}).to_string().into_bytes(), "top_p"),
         (json!({"messages": msgs, "top_k": -2}).to_string().into_bytes(), "top_k"),
-        (json!({"messages": msgs, "model": "nope"}).to_string().into_bytes(), "model"),
+        (
+            json!({"messages": msgs, "model": "nope"}).to_string().into_bytes(),
+            "model",
+        ),
         (json!({"messages": "hello"}).to_string().into_bytes(), "messages"),
-        (b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}".to_vec(), "body"),
+        (
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}".to_vec(),
+            "body",
+        ),
     ];
     for (body, param) in cases {
-        let resp = http.post(&url).header("content-type", "application/json").body(body).send().await.unwrap();
+        let resp = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 400, "{param}");
         let v: Value = resp.json().await.unwrap();
         let e = &v["error"];
@@ -232,7 +402,12 @@ async fn bad_http_input_gets_400_with_openai_error_body() {
         assert!(e["param"].as_str().unwrap().starts_with(param), "{param}: {v}");
         assert!(e["message"].as_str().unwrap().len() > 5, "{v}");
     }
-    let resp = http.post(server.http_url("/v1/completions")).json(&json!({"prompt": ""})).send().await.unwrap();
+    let resp = http
+        .post(server.http_url("/v1/completions"))
+        .json(&json!({"prompt": ""}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
 }
 
@@ -242,7 +417,11 @@ async fn sigterm_lets_in_flight_streams_finish() {
     let mut client = InferenceClient::new(server.channel().await);
     let req = pb::GenerateRequest {
         prompt: "List the planets of the solar system.".into(),
-        sampling: Some(pb::SamplingParams { max_tokens: Some(48), ignore_eos: true, ..Default::default() }),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(48),
+            ignore_eos: true,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let mut stream = client.generate(req).await.unwrap().into_inner();
@@ -285,5 +464,10 @@ print("chat ok:", text)
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

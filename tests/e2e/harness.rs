@@ -10,12 +10,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_genai-factory");
 
 /// The repository root (tests/ sits next to server/).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("server/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("server/ has a parent")
+        .to_path_buf()
 }
 
 /// The real models fetched by scripts/fetch-models.sh.
 pub fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("GENAI_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"));
+    let dir = std::env::var_os("GENAI_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models"));
     assert!(
         dir.join("smollm2-135m-instruct").is_dir(),
         "models missing in {}: run scripts/fetch-models.sh",
@@ -32,7 +37,10 @@ pub fn free_addr() -> SocketAddr {
 /// Runs `genai-factory ARGS` to completion (for start-up failures), bounded in time.
 pub fn run_to_exit(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).env_remove("RUST_LOG");
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("RUST_LOG");
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -103,7 +111,13 @@ impl ServerBuilder {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn genai-factory serve");
-        let mut server = Server { child: Some(child), grpc, http, log_path, _dir: dir };
+        let mut server = Server {
+            child: Some(child),
+            grpc,
+            http,
+            log_path,
+            _dir: dir,
+        };
         server.wait_healthy(Duration::from_secs(180)).await;
         server
     }
@@ -111,7 +125,10 @@ impl ServerBuilder {
 
 impl Server {
     pub fn builder() -> ServerBuilder {
-        ServerBuilder { args: Vec::new(), envs: Vec::new() }
+        ServerBuilder {
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
     }
 
     pub async fn start() -> Server {
@@ -128,7 +145,11 @@ impl Server {
 
     /// A fresh gRPC channel to the server.
     pub async fn channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(self.grpc_url()).expect("valid url").connect().await.expect("connect")
+        tonic::transport::Endpoint::from_shared(self.grpc_url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connect")
     }
 
     pub fn logs(&self) -> String {
@@ -151,7 +172,11 @@ impl Server {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("server exited early with {status}; log:\n{}", self.logs());
             }
-            assert!(start.elapsed() < timeout, "server not healthy within {timeout:?}; log:\n{}", self.logs());
+            assert!(
+                start.elapsed() < timeout,
+                "server not healthy within {timeout:?}; log:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -163,7 +188,11 @@ impl Server {
     }
 
     pub fn signal_term(&self) {
-        let ok = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().expect("kill");
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
         assert!(ok.success());
     }
 
@@ -177,7 +206,10 @@ impl Server {
             }
             if start.elapsed() > timeout {
                 let _ = child.kill();
-                panic!("server did not exit within {timeout:?} of SIGTERM; log:\n{}", self.logs());
+                panic!(
+                    "server did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -5,5 +5,6 @@ pub mod error;
 pub mod generate;
 pub mod grpc;
 pub mod http;
+pub mod knowledge;
 pub mod observe;
 pub mod openai;

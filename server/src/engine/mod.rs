@@ -696,8 +696,8 @@ mod tests {
     struct ScriptedRunner {
         info: ModelInfo,
         block_size: usize,
-        /// slot → (token, position) written there.
-        store: Vec<Option<(u32, usize)>>,
+        /// The paged "KV cache": what was computed into each slot.
+        store: Vec<Option<Kv>>,
         log: Arc<Mutex<Vec<Vec<Logged>>>>,
         /// Each forward first takes one permit (when gated).
         permits: Option<mpsc::Receiver<()>>,
@@ -721,6 +721,23 @@ mod tests {
         }
     }
 
+    /// A slot's content. Like real KV, it depends on the whole prefix, so a
+    /// block reused under a different prefix is detected.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Kv {
+        token: u32,
+        pos: usize,
+        /// `chain` over tokens `0..=pos`.
+        prefix: u64,
+    }
+
+    /// FNV-1a step.
+    fn chain(h: u64, t: u32) -> u64 {
+        (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
+    }
+
+    const FNV_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
     impl ScriptedRunner {
         fn new(num_blocks: usize, block_size: usize) -> Self {
             Self {
@@ -735,10 +752,8 @@ mod tests {
         }
 
         fn logits(&self, history: &[u32]) -> Vec<f32> {
-            // FNV-1a over the history, then one pseudo-random logit per token.
-            let h = history.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
-                (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
-            });
+            // Hash of the history, then one pseudo-random logit per token.
+            let h = history.iter().fold(FNV_SEED, |h, &t| chain(h, t));
             let mut row: Vec<f32> = (0..self.info.vocab_size as u64)
                 .map(|v| {
                     let x = (h ^ v.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -754,6 +769,23 @@ mod tests {
                 row[EOS as usize] = 100.0;
             }
             row
+        }
+
+        /// Reads positions `0..end` of the entry's sequence back from the
+        /// store, checking each slot holds that position under that prefix.
+        fn read(&self, e: &BatchEntry, end: usize) -> anyhow::Result<(Vec<u32>, u64)> {
+            let mut h = FNV_SEED;
+            let mut history = Vec::with_capacity(end);
+            for p in 0..end {
+                match self.store[self.slot(e, p)?] {
+                    Some(kv) if kv.pos == p && kv.prefix == chain(h, kv.token) => {
+                        h = kv.prefix;
+                        history.push(kv.token);
+                    }
+                    other => bail!("seq {} position {p}: slot holds {other:?}", e.seq_id),
+                }
+            }
+            Ok((history, h))
         }
 
         fn slot(&self, e: &BatchEntry, pos: usize) -> anyhow::Result<usize> {
@@ -808,21 +840,21 @@ mod tests {
                     e.block_table.len() == end.div_ceil(bs),
                     "block table length for {end} tokens"
                 );
+                let (_, mut h) = self.read(e, e.start_pos)?;
                 for (i, &t) in e.tokens.iter().enumerate() {
                     let slot = self.slot(e, e.start_pos + i)?;
                     anyhow::ensure!(written.insert(slot), "two sequences write slot {slot} in one step");
-                    self.store[slot] = Some((t, e.start_pos + i));
+                    h = chain(h, t);
+                    self.store[slot] = Some(Kv {
+                        token: t,
+                        pos: e.start_pos + i,
+                        prefix: h,
+                    });
                 }
             }
             let mut rows = Vec::new();
             for e in batch.entries.iter().filter(|e| e.want_logits) {
-                let end = e.start_pos + e.tokens.len();
-                let history = (0..end)
-                    .map(|p| match self.store[self.slot(e, p)?] {
-                        Some((t, at)) if at == p => Ok(t),
-                        other => bail!("seq {} position {p}: slot holds {other:?}", e.seq_id),
-                    })
-                    .collect::<anyhow::Result<Vec<u32>>>()?;
+                let (history, _) = self.read(e, e.start_pos + e.tokens.len())?;
                 rows.push(self.logits(&history));
             }
             Ok(rows)
@@ -1091,7 +1123,7 @@ mod tests {
                 }
             );
         }
-        let s = h.stats();
+        let s = wait_for(&h, |s| s.prefix_cache_queries == 5 * 37);
         assert_eq!((s.prefix_cache_queries, s.prefix_cache_hits), (5 * 37, 4 * 32));
         // Computed: 37 + 3 decodes for the first, then 5 + 3 for each other.
         let computed: usize = log.lock().unwrap().iter().flatten().map(|e| e.2).sum();
@@ -1177,7 +1209,7 @@ mod tests {
         assert!(bad.failed.unwrap().contains("poisoned input"));
         let good = collect(h.submit(request("good", prompt(1, 5), sampled(1, 5))).unwrap());
         assert_eq!(good.finish, Some(FinishReason::Length));
-        assert_eq!(h.stats().kv_blocks_used, 0);
+        wait_for(&h, |s| s.running == 0 && s.kv_blocks_used == 0);
     }
 
     #[test]

@@ -488,7 +488,16 @@ impl Engine {
             return;
         }
         let started = Instant::now();
-        let result = self.runner.forward(&batch);
+        // A panicking runner fails this batch instead of killing the engine thread.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.runner.forward(&batch)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!("model runner panicked: {what}"))
+            });
         let elapsed = started.elapsed().as_secs_f64();
         self.steps += 1;
         let num_tokens: usize = batch.entries.iter().map(|e| e.tokens.len()).sum();
@@ -685,6 +694,8 @@ mod tests {
     const EOS: u32 = 200;
     /// '~': never generated; a prompt containing it makes forward fail.
     const POISON: u32 = 93;
+    /// Never generated; a prompt containing it makes forward panic.
+    const PANIC: u32 = 94;
 
     /// One forward entry as the runner saw it: (seq, start_pos, num tokens, want_logits).
     type Logged = (SeqId, usize, usize, bool);
@@ -824,6 +835,9 @@ mod tests {
                     .map(|e| (e.seq_id, e.start_pos, e.tokens.len(), e.want_logits))
                     .collect(),
             );
+            if batch.entries.iter().any(|e| e.tokens.contains(&PANIC)) {
+                panic!("scripted runner panic");
+            }
             if batch.entries.iter().any(|e| e.tokens.contains(&POISON)) {
                 bail!("poisoned input");
             }
@@ -1207,6 +1221,8 @@ mod tests {
         let h = start(ScriptedRunner::new(64, 4), &config(64, 8, 8));
         let bad = collect(h.submit(request("bad", vec![1, POISON, 2], sampled(1, 5))).unwrap());
         assert!(bad.failed.unwrap().contains("poisoned input"));
+        let panicked = collect(h.submit(request("panic", vec![1, PANIC], sampled(1, 5))).unwrap());
+        assert!(panicked.failed.unwrap().contains("scripted runner panic"));
         let good = collect(h.submit(request("good", prompt(1, 5), sampled(1, 5))).unwrap());
         assert_eq!(good.finish, Some(FinishReason::Length));
         wait_for(&h, |s| s.running == 0 && s.kv_blocks_used == 0);

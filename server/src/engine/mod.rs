@@ -526,10 +526,12 @@ impl Engine {
             Ok(rows) => {
                 self.scheduler.complete(&batch);
                 let wanted = batch.entries.iter().filter(|e| e.want_logits);
-                if rows.len() != wanted.clone().count() {
+                let vocab = self.runner.info().vocab_size;
+                if rows.len() != wanted.clone().count() || rows.iter().any(|r| r.len() != vocab) {
                     let message = format!(
-                        "model returned {} logit rows for {} sequences",
+                        "model returned {} logit rows (widths {:?}) for {} sequences, vocabulary {vocab}",
                         rows.len(),
+                        rows.iter().map(Vec::len).collect::<Vec<_>>(),
                         wanted.count()
                     );
                     outcomes.extend(

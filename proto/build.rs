@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
         .collect();
+    // Watch the directory too, so a newly added .proto triggers a rebuild.
+    println!("cargo:rerun-if-changed=genai/v1");
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

@@ -13,7 +13,7 @@
 //!
 //! Invariants: the kernels read only slots of positions `< context_len` through the block table (tests
 //! fill every other slot with NaN to prove it), validate every shape and block id up front and return
-//! [`AttentionError`] instead of panicking. Softmax is online per KV block (one rescale per block),
+//! [`ShapeError`](crate::ShapeError) instead of panicking. Softmax is online per KV block (one rescale per block),
 //! inner loops run over contiguous `head_dim` rows, and (query token, KV head) work items run in
 //! parallel on the current rayon pool when the work is large enough to pay for it. The query heads
 //! sharing one KV head (GQA) are processed together so each K/V row is loaded once per group.
@@ -23,18 +23,7 @@
 
 use rayon::prelude::*;
 
-/// A shape or index that does not fit the caches; names the offending argument.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AttentionError {
-    #[error("{what}: expected length {expected}, got {got}")]
-    Length {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
-    #[error("invalid argument {what}: {why}")]
-    Invalid { what: &'static str, why: String },
-}
+use crate::error::{check_len, invalid, ShapeError};
 
 /// Read-only view of one layer's paged K/V caches.
 #[derive(Debug, Clone, Copy)]
@@ -47,13 +36,10 @@ pub struct PagedKv<'a> {
 }
 
 impl PagedKv<'_> {
-    fn num_blocks(&self) -> Result<usize, AttentionError> {
+    fn num_blocks(&self) -> Result<usize, ShapeError> {
         let block_elems = self.block_size * self.num_kv_heads * self.head_dim;
         if block_elems == 0 {
-            return Err(invalid(
-                "kv",
-                "block_size, num_kv_heads and head_dim must be > 0".into(),
-            ));
+            return Err(invalid("kv", "block_size, num_kv_heads and head_dim must be > 0"));
         }
         if self.key_cache.len() != self.value_cache.len() || self.key_cache.len() % block_elems != 0 {
             return Err(invalid(
@@ -69,17 +55,6 @@ impl PagedKv<'_> {
     }
 }
 
-fn invalid(what: &'static str, why: String) -> AttentionError {
-    AttentionError::Invalid { what, why }
-}
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), AttentionError> {
-    if expected != got {
-        return Err(AttentionError::Length { what, expected, got });
-    }
-    Ok(())
-}
-
 /// Below this many multiply-adds a call runs on the calling thread: rayon's fork/join would cost more.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
@@ -92,9 +67,9 @@ pub fn reshape_and_cache(
     value_cache: &mut [f32],
     slot_mapping: &[i64],
     row_len: usize,
-) -> Result<(), AttentionError> {
+) -> Result<(), ShapeError> {
     if row_len == 0 {
-        return Err(invalid("row_len", "must be > 0".into()));
+        return Err(invalid("row_len", "must be > 0"));
     }
     check_len("key", slot_mapping.len() * row_len, key.len())?;
     check_len("value", key.len(), value.len())?;
@@ -124,7 +99,7 @@ pub fn copy_blocks(
     value_cache: &mut [f32],
     block_elems: usize,
     copies: &[(u32, u32)],
-) -> Result<(), AttentionError> {
+) -> Result<(), ShapeError> {
     check_len("value_cache", key_cache.len(), value_cache.len())?;
     if block_elems == 0 || key_cache.len() % block_elems != 0 {
         return Err(invalid(
@@ -158,7 +133,7 @@ pub fn paged_attention_decode<B: AsRef<[u32]> + Sync>(
     scale: f32,
     block_tables: &[B],
     context_lens: &[usize],
-) -> Result<(), AttentionError> {
+) -> Result<(), ShapeError> {
     let cu: Vec<usize> = (0..=context_lens.len()).collect();
     paged_attention_prefill(out, q, num_heads, kv, scale, block_tables, context_lens, &cu)
 }
@@ -177,7 +152,7 @@ pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
     block_tables: &[B],
     context_lens: &[usize],
     cu_seqlens_q: &[usize],
-) -> Result<(), AttentionError> {
+) -> Result<(), ShapeError> {
     let num_blocks = kv.num_blocks()?;
     let (hd, nkv, bs) = (kv.head_dim, kv.num_kv_heads, kv.block_size);
     if num_heads == 0 || num_heads % nkv != 0 {
@@ -190,7 +165,7 @@ pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
     check_len("block_tables", num_seqs, block_tables.len())?;
     check_len("cu_seqlens_q", num_seqs + 1, cu_seqlens_q.len())?;
     if cu_seqlens_q[0] != 0 {
-        return Err(invalid("cu_seqlens_q", "must start at 0".into()));
+        return Err(invalid("cu_seqlens_q", "must start at 0"));
     }
     // Per query token: (sequence, number of keys it sees).
     let mut token_keys: Vec<(usize, usize)> = Vec::with_capacity(*cu_seqlens_q.last().unwrap_or(&0));
@@ -486,7 +461,7 @@ mod tests {
         assert!(e.to_string().contains("block_tables"), "{e}");
         // Wrong q length.
         let e = paged_attention_decode(&mut out, &q[..4], 1, &kv, 1.0, &[vec![0u32]], &[1]).unwrap_err();
-        assert!(matches!(e, AttentionError::Length { what: "q", .. }), "{e}");
+        assert!(matches!(e, ShapeError::Length { what: "q", .. }), "{e}");
         // More queries than context.
         let e = paged_attention_prefill(&mut out, &q, 1, &kv, 1.0, &[vec![0u32]], &[0], &[0, 1]).unwrap_err();
         assert!(e.to_string().contains("cu_seqlens_q"), "{e}");

@@ -33,7 +33,10 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish()
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish()
     }
 }
 
@@ -90,7 +93,10 @@ mod tests {
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
-        let e = t.render(&[ChatMessage::new("tool", "x")], false).unwrap_err().to_string();
+        let e = t
+            .render(&[ChatMessage::new("tool", "x")], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad role tool"), "{e}");
         assert!(ChatTemplate::new("{% for %}", "", "").is_err());
     }

@@ -48,7 +48,10 @@ impl Linear {
     /// quantization types, or some with a bias and some without).
     pub fn fuse_rows(parts: &[&Linear]) -> candle_core::Result<Option<Linear>> {
         let first = parts.first().map(|p| p.in_features);
-        if parts.iter().any(|p| Some(p.in_features) != first || p.bias.is_some() != parts[0].bias.is_some()) {
+        if parts
+            .iter()
+            .any(|p| Some(p.in_features) != first || p.bias.is_some() != parts[0].bias.is_some())
+        {
             return Ok(None);
         }
         let out_features = parts.iter().map(|p| p.out_features).sum();
@@ -81,7 +84,10 @@ impl Linear {
             }
         };
         let bias = match parts[0].bias {
-            Some(_) => Some(Tensor::cat(&parts.iter().filter_map(|p| p.bias.clone()).collect::<Vec<_>>(), 0)?),
+            Some(_) => Some(Tensor::cat(
+                &parts.iter().filter_map(|p| p.bias.clone()).collect::<Vec<_>>(),
+                0,
+            )?),
             None => None,
         };
         Ok(Some(Linear {
@@ -117,17 +123,26 @@ mod tests {
     #[test]
     fn fused_rows_equal_separate_outputs() {
         let dev = Device::Cpu;
-        let w1 = Tensor::arange(0f32, 64.0 * 32.0, &dev).unwrap().reshape((64, 32)).unwrap();
+        let w1 = Tensor::arange(0f32, 64.0 * 32.0, &dev)
+            .unwrap()
+            .reshape((64, 32))
+            .unwrap();
         let w2 = (w1.clone() * -0.5).unwrap().narrow(0, 0, 32).unwrap();
-        let x = Tensor::arange(0f32, 3.0 * 32.0, &dev).unwrap().reshape((3, 32)).unwrap();
+        let x = Tensor::arange(0f32, 3.0 * 32.0, &dev)
+            .unwrap()
+            .reshape((3, 32))
+            .unwrap();
         for quantized in [false, true] {
             let mk = |w: &Tensor| {
                 if quantized {
                     let q = QTensor::quantize(&(w / 1000.0).unwrap(), candle_core::quantized::GgmlDType::Q8_0).unwrap();
                     Linear::from_qtensor(Arc::new(q), None).unwrap()
                 } else {
-                    Linear::from_tensor(w.clone(), Some(Tensor::ones(w.dim(0).unwrap(), DType::F32, &dev).unwrap()))
-                        .unwrap()
+                    Linear::from_tensor(
+                        w.clone(),
+                        Some(Tensor::ones(w.dim(0).unwrap(), DType::F32, &dev).unwrap()),
+                    )
+                    .unwrap()
                 }
             };
             let (a, b) = (mk(&w1), mk(&w2));
@@ -135,7 +150,14 @@ mod tests {
             assert_eq!(fused.out_features(), 96);
             let want = Tensor::cat(&[a.forward(&x).unwrap(), b.forward(&x).unwrap()], 1).unwrap();
             let got = fused.forward(&x).unwrap();
-            let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (want - got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-3, "quantized={quantized}: {diff}");
         }
     }
@@ -157,7 +179,14 @@ mod probe {
                 let x = Tensor::randn(0f32, 1.0, (m, 576), &dev).unwrap();
                 let want = Tensor::cat(&[a.forward(&x).unwrap(), b.forward(&x).unwrap()], 1).unwrap();
                 let got = f.forward(&x).unwrap();
-                let d = (&want - &got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let d = (&want - &got)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 println!("{dt:?} m={m} fused diff={d}");
             }
         }

@@ -44,7 +44,9 @@ pub struct Rope {
 
 impl Rope {
     fn new(style: RopeStyle, dim: usize, theta: f64) -> Self {
-        let inv_freq = (0..dim / 2).map(|i| theta.powf(-((2 * i) as f64) / dim as f64)).collect();
+        let inv_freq = (0..dim / 2)
+            .map(|i| theta.powf(-((2 * i) as f64) / dim as f64))
+            .collect();
         Self {
             style,
             dim,
@@ -70,7 +72,10 @@ impl Rope {
     /// cos/sin tables `[positions, dim/2]` for one forward (shared by all layers).
     pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.dim / 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * half),
+            Vec::with_capacity(positions.len() * half),
+        );
         for &p in positions {
             for &f in &self.inv_freq {
                 let a = p as f64 * self.pos_scale * f;
@@ -118,7 +123,13 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     fn validate(&self) -> anyhow::Result<()> {
-        let pos = |v: usize, what: &str| if v == 0 { Err(anyhow!("model config: {what} must be > 0")) } else { Ok(()) };
+        let pos = |v: usize, what: &str| {
+            if v == 0 {
+                Err(anyhow!("model config: {what} must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
         pos(self.vocab_size, "vocab_size")?;
         pos(self.hidden_size, "hidden_size")?;
         pos(self.num_layers, "num_layers")?;
@@ -126,10 +137,18 @@ impl LlamaConfig {
         pos(self.num_kv_heads, "num_kv_heads")?;
         pos(self.head_dim, "head_dim")?;
         if self.num_heads % self.num_kv_heads != 0 {
-            bail!("model config: num_heads {} not a multiple of num_kv_heads {}", self.num_heads, self.num_kv_heads);
+            bail!(
+                "model config: num_heads {} not a multiple of num_kv_heads {}",
+                self.num_heads,
+                self.num_kv_heads
+            );
         }
         if self.rope.dim > self.head_dim || self.rope.dim % 2 != 0 {
-            bail!("model config: rope dimension {} must be even and ≤ head_dim {}", self.rope.dim, self.head_dim);
+            bail!(
+                "model config: rope dimension {} must be even and ≤ head_dim {}",
+                self.rope.dim,
+                self.head_dim
+            );
         }
         Ok(())
     }
@@ -232,7 +251,10 @@ impl Llama {
         let style = match arch.as_str() {
             "llama" => RopeStyle::Interleaved,
             "qwen2" => RopeStyle::Neox,
-            other => bail!("GGUF {}: architecture {other} is not supported (llama, qwen2)", g.path.display()),
+            other => bail!(
+                "GGUF {}: architecture {other} is not supported (llama, qwen2)",
+                g.path.display()
+            ),
         };
         let k = |s: &str| format!("{arch}.{s}");
         let hidden_size = g.usize(&k("embedding_length"))?;
@@ -256,9 +278,16 @@ impl Llama {
         if g.has_tensor("rope_freqs.weight") {
             let factors = gguf_f32(g, "rope_freqs.weight")?;
             if factors.len() != rope.inv_freq.len() {
-                bail!("GGUF tensor rope_freqs.weight: {} factors for rope dim {}", factors.len(), rope.dim);
+                bail!(
+                    "GGUF tensor rope_freqs.weight: {} factors for rope dim {}",
+                    factors.len(),
+                    rope.dim
+                );
             }
-            rope.inv_freq.iter_mut().zip(&factors).for_each(|(f, d)| *f /= *d as f64);
+            rope.inv_freq
+                .iter_mut()
+                .zip(&factors)
+                .for_each(|(f, d)| *f /= *d as f64);
         }
         let cfg = LlamaConfig {
             vocab_size,
@@ -277,7 +306,9 @@ impl Llama {
         let embed_q = g.tensor("token_embd.weight")?;
         let lm_head = match g.opt_tensor("output.weight")? {
             Some(w) => Linear::from_qtensor(w, None)?,
-            None if std::env::var("PROBE_DEQ").unwrap_or_default().contains("lm_head") => Linear::from_tensor(embed_q.dequantize(&Device::Cpu)?, None)?,
+            None if std::env::var("PROBE_DEQ").unwrap_or_default().contains("lm_head") => {
+                Linear::from_tensor(embed_q.dequantize(&Device::Cpu)?, None)?
+            }
             None => Linear::from_qtensor(embed_q.clone(), None)?,
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -337,11 +368,14 @@ impl Llama {
         files.sort();
         let mut w: HashMap<String, Tensor> = HashMap::new();
         for f in &files {
-            let ts = candle_core::safetensors::load(f, &Device::Cpu).with_context(|| format!("loading {}", f.display()))?;
+            let ts =
+                candle_core::safetensors::load(f, &Device::Cpu).with_context(|| format!("loading {}", f.display()))?;
             w.extend(ts);
         }
         let mut take = |name: &str| -> anyhow::Result<Tensor> {
-            let t = w.remove(name).ok_or_else(|| anyhow!("{}: tensor {name} missing", dir.display()))?;
+            let t = w
+                .remove(name)
+                .ok_or_else(|| anyhow!("{}: tensor {name} missing", dir.display()))?;
             Ok(t.to_dtype(DType::F32)?)
         };
         let embed = take("model.embed_tokens.weight")?;
@@ -350,13 +384,25 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
                 let wt = take(&format!("{p}.{name}.weight"))?;
-                let b = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
+                let b = if bias {
+                    Some(take(&format!("{p}.{name}.bias"))?)
+                } else {
+                    None
+                };
                 Ok(Linear::from_tensor(wt, b)?)
             };
             let bias = hf.attention_bias.unwrap_or(hf.model_type == "qwen2");
-            let (q, k, v) = (lin("self_attn.q_proj", bias)?, lin("self_attn.k_proj", bias)?, lin("self_attn.v_proj", bias)?);
+            let (q, k, v) = (
+                lin("self_attn.q_proj", bias)?,
+                lin("self_attn.k_proj", bias)?,
+                lin("self_attn.v_proj", bias)?,
+            );
             let o = lin("self_attn.o_proj", false)?;
-            let (gate, up, down) = (lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?, lin("mlp.down_proj", false)?);
+            let (gate, up, down) = (
+                lin("mlp.gate_proj", false)?,
+                lin("mlp.up_proj", false)?,
+                lin("mlp.down_proj", false)?,
+            );
             layers.push(Layer {
                 attn_norm: to_vec(take(&format!("{p}.input_layernorm.weight"))?)?,
                 qkv: MultiLinear::new(vec![q, k, v])?,
@@ -404,8 +450,16 @@ impl Llama {
             };
             want(&format!("layer {i} q+k+v"), widths.iter().sum(), qkv)?;
             want(&format!("layer {i} q"), widths[0], c.num_heads * c.head_dim)?;
-            want(&format!("layer {i} attn_output in"), l.wo.in_features(), c.num_heads * c.head_dim)?;
-            want(&format!("layer {i} ffn_down in"), l.down.in_features(), c.intermediate_size)?;
+            want(
+                &format!("layer {i} attn_output in"),
+                l.wo.in_features(),
+                c.num_heads * c.head_dim,
+            )?;
+            want(
+                &format!("layer {i} ffn_down in"),
+                l.down.in_features(),
+                c.intermediate_size,
+            )?;
             want(&format!("layer {i} attn_norm"), l.attn_norm.len(), c.hidden_size)?;
         }
         Ok(())
@@ -447,8 +501,15 @@ impl Llama {
             rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut h);
             let ht = Tensor::from_slice(&h, (t, c.hidden_size), &Device::Cpu)?;
             let gu = l.gate_up.forward(&ht, t)?;
-            let act: Vec<f32> = gu[0].iter().zip(&gu[1]).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-            let d = to_vec(l.down.forward(&Tensor::from_vec(act, (t, c.intermediate_size), &Device::Cpu)?)?)?;
+            let act: Vec<f32> = gu[0]
+                .iter()
+                .zip(&gu[1])
+                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = to_vec(
+                l.down
+                    .forward(&Tensor::from_vec(act, (t, c.intermediate_size), &Device::Cpu)?)?,
+            )?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         Ok(x)
@@ -566,7 +627,9 @@ impl HfConfig {
             "llama" | "mistral" | "qwen2" | "" => self.model_type.clone(),
             other => bail!("config.json: model_type {other} is not supported (llama, mistral, qwen2)"),
         };
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let mut rope = Rope::new(RopeStyle::Neox, head_dim, self.rope_theta);
         if let Some(s) = &self.rope_scaling {
             let need = |v: Option<f64>, f: &str| v.ok_or_else(|| anyhow!("config.json: rope_scaling.{f} missing"));
@@ -609,12 +672,18 @@ mod tests {
         let mut x = vec![1.0, 0.0, 1.0, 0.0];
         r.apply(&mut x, 1, 4, &c, &s);
         // Pair 0 rotates by 1 rad, pair 1 by 1e-2 rad.
-        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6, "{x:?}");
+        assert!(
+            (x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6,
+            "{x:?}"
+        );
         assert!((x[3] - 0.01f32.sin()).abs() < 1e-6, "{x:?}");
         r.style = RopeStyle::Neox;
         let mut y = vec![1.0, 1.0, 0.0, 0.0];
         r.apply(&mut y, 1, 4, &c, &s);
-        assert!((y[2] - 1f32.sin()).abs() < 1e-6 && (y[3] - 0.01f32.sin()).abs() < 1e-6, "{y:?}");
+        assert!(
+            (y[2] - 1f32.sin()).abs() < 1e-6 && (y[3] - 0.01f32.sin()).abs() < 1e-6,
+            "{y:?}"
+        );
     }
 
     #[test]

@@ -46,8 +46,15 @@ fn configure_threads(threads: usize) {
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         std::env::set_var(var, threads.to_string());
     }
-    if rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().is_err() {
-        tracing::warn!(threads, "rayon pool already started; models.threads applies only to candle's own pool");
+    if rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .is_err()
+    {
+        tracing::warn!(
+            threads,
+            "rayon pool already started; models.threads applies only to candle's own pool"
+        );
     }
 }
 

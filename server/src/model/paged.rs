@@ -64,7 +64,9 @@ impl ModelRunner for LlamaRunner {
         // Drop the old pool first so a re-allocation does not briefly need twice the memory.
         self.kv = None;
         // Zeroed allocations are committed lazily by the OS, so untouched blocks cost no RAM.
-        let layers = (0..c.num_layers).map(|_| (vec![0f32; per_layer], vec![0f32; per_layer])).collect();
+        let layers = (0..c.num_layers)
+            .map(|_| (vec![0f32; per_layer], vec![0f32; per_layer]))
+            .collect();
         self.kv = Some(KvPool {
             layers,
             num_blocks,
@@ -103,7 +105,11 @@ impl ModelRunner for LlamaRunner {
             }
             let end = e.start_pos + e.tokens.len();
             if end > c.context_length {
-                bail!("entry {i} (seq {}): position {end} beyond context length {}", e.seq_id, c.context_length);
+                bail!(
+                    "entry {i} (seq {}): position {end} beyond context length {}",
+                    e.seq_id,
+                    c.context_length
+                );
             }
             if e.block_table.len() < end.div_ceil(bs) {
                 bail!(

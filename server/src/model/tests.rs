@@ -74,7 +74,12 @@ fn paged_vs_dense(model: Llama, vocab: u32) -> f32 {
     let mut worst = 0f32;
     let mut check = |runner: &mut LlamaRunner, batch: ForwardBatch, seqs: &[Vec<u32>]| {
         let out = runner.forward(&batch).unwrap();
-        let want: Vec<usize> = batch.entries.iter().filter(|e| e.want_logits).map(|e| e.seq_id as usize).collect();
+        let want: Vec<usize> = batch
+            .entries
+            .iter()
+            .filter(|e| e.want_logits)
+            .map(|e| e.seq_id as usize)
+            .collect();
         assert_eq!(out.len(), want.len());
         for (row, s) in out.iter().zip(want) {
             let reference = dense.forward_dense(&seqs[s]).unwrap();
@@ -101,8 +106,19 @@ fn paged_vs_dense(model: Llama, vocab: u32) -> f32 {
                 want_logits: want,
             });
         }
-        let ids: Vec<usize> = entries.iter().filter(|e| e.want_logits).map(|e| e.seq_id as usize).collect();
-        let out = check(&mut runner, ForwardBatch { entries, block_copies: vec![] }, &seqs);
+        let ids: Vec<usize> = entries
+            .iter()
+            .filter(|e| e.want_logits)
+            .map(|e| e.seq_id as usize)
+            .collect();
+        let out = check(
+            &mut runner,
+            ForwardBatch {
+                entries,
+                block_copies: vec![],
+            },
+            &seqs,
+        );
         for (s, row) in ids.into_iter().zip(out) {
             last_logits.insert(s, row);
         }
@@ -128,7 +144,14 @@ fn paged_vs_dense(model: Llama, vocab: u32) -> f32 {
                 want_logits: true,
             });
         }
-        let out = check(&mut runner, ForwardBatch { entries, block_copies: copies }, &seqs);
+        let out = check(
+            &mut runner,
+            ForwardBatch {
+                entries,
+                block_copies: copies,
+            },
+            &seqs,
+        );
         for (s, row) in out.into_iter().enumerate() {
             last_logits.insert(s, row);
         }
@@ -137,14 +160,20 @@ fn paged_vs_dense(model: Llama, vocab: u32) -> f32 {
 }
 
 fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+        .0 as u32
 }
 
 #[test]
 fn smollm2_paged_batch_matches_dense_forward() {
     let mut g = GgufFile::open(&smollm_path()).unwrap();
     let model = Llama::from_gguf(&mut g).unwrap();
-    assert_eq!((model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim), (30, 3, 64));
+    assert_eq!(
+        (model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim),
+        (30, 3, 64)
+    );
     let worst = paged_vs_dense(model, 49152);
     assert!(worst < 1e-4, "relative error {worst}");
 }
@@ -210,7 +239,10 @@ fn runner_rejects_bad_batches() {
         block_table: table,
         want_logits: true,
     };
-    let batch = |e: BatchEntry| ForwardBatch { entries: vec![e], block_copies: vec![] };
+    let batch = |e: BatchEntry| ForwardBatch {
+        entries: vec![e],
+        block_copies: vec![],
+    };
     let err = r.forward(&batch(entry(vec![1], vec![0]))).unwrap_err().to_string();
     assert!(err.contains("allocate_kv"), "{err}");
     r.allocate_kv(4, 4).unwrap();
@@ -222,7 +254,10 @@ fn runner_rejects_bad_batches() {
     assert!(err.contains("vocabulary"), "{err}");
     let err = r.forward(&batch(entry(vec![], vec![0]))).unwrap_err().to_string();
     assert!(err.contains("no tokens"), "{err}");
-    let bad_copy = ForwardBatch { entries: vec![], block_copies: vec![(0, 7)] };
+    let bad_copy = ForwardBatch {
+        entries: vec![],
+        block_copies: vec![(0, 7)],
+    };
     assert!(r.forward(&bad_copy).unwrap_err().to_string().contains("block_copies"));
     // A good batch still works afterwards.
     assert_eq!(r.forward(&batch(entry(vec![1, 2], vec![3]))).unwrap()[0].len(), 97);
@@ -237,11 +272,15 @@ fn smollm2_tokenizer_matches_reference_ids() {
         ("Hello, world!", &[19556, 28, 905, 17]),
         (
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-            &[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198],
+            &[
+                1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+            ],
         ),
         (
             " multiple   spaces\tand\nnewlines éà 日本語 🙂",
-            &[2701, 256, 5600, 197, 397, 198, 2241, 5110, 26411, 16739, 17097, 241, 115, 40993, 179, 120, 248, 47526],
+            &[
+                2701, 256, 5600, 197, 397, 198, 2241, 5110, 26411, 16739, 17097, 241, 115, 40993, 179, 120, 248, 47526,
+            ],
         ),
     ];
     for (text, ids) in cases {
@@ -263,7 +302,10 @@ fn smollm2_tokenizer_matches_reference_ids() {
 #[test]
 fn smollm2_chat_template_renders_expected_prompt() {
     let loaded = load(&smollm(), 0).unwrap();
-    let msgs = [ChatMessage::new("system", "You are terse."), ChatMessage::new("user", "Hi there")];
+    let msgs = [
+        ChatMessage::new("system", "You are terse."),
+        ChatMessage::new("user", "Hi there"),
+    ];
     let p = loaded.chat_template.render(&msgs, true).unwrap();
     assert_eq!(
         p,
@@ -271,7 +313,10 @@ fn smollm2_chat_template_renders_expected_prompt() {
     );
     // Without a system message the template inserts SmolLM's default one.
     let p = loaded.chat_template.render(&msgs[1..], false).unwrap();
-    assert!(p.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"), "{p}");
+    assert!(
+        p.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{p}"
+    );
     assert!(p.ends_with("<|im_start|>user\nHi there<|im_end|>\n"), "{p}");
     assert_eq!(loaded.info.eos_token_ids[0], 2);
     assert_eq!(loaded.info.kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
@@ -298,7 +343,13 @@ fn smollm2_greedy_answers_capital_of_france() {
             block_table: table.clone(),
             want_logits: true,
         };
-        let logits = loaded.runner.forward(&ForwardBatch { entries: vec![entry], block_copies: vec![] }).unwrap();
+        let logits = loaded
+            .runner
+            .forward(&ForwardBatch {
+                entries: vec![entry],
+                block_copies: vec![],
+            })
+            .unwrap();
         start = tokens.len();
         let next = argmax(&logits[0]);
         if loaded.info.eos_token_ids.contains(&next) {

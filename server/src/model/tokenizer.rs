@@ -32,7 +32,14 @@ pub struct TokenizerInfo {
 }
 
 /// End-of-turn markers of common chat formats; any present in the vocabulary also stops generation.
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+];
 
 fn stop_ids(tok: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
     let mut ids: Vec<u32> = eos.into_iter().collect();
@@ -80,7 +87,10 @@ pub fn from_gguf(g: &GgufFile) -> anyhow::Result<(Tokenizer, TokenizerInfo)> {
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
-                other => Err(anyhow!("GGUF metadata {key}: expected strings, got {:?}", other.value_type())),
+                other => Err(anyhow!(
+                    "GGUF metadata {key}: expected strings, got {:?}",
+                    other.value_type()
+                )),
             })
             .collect()
     };
@@ -89,7 +99,11 @@ pub fn from_gguf(g: &GgufFile) -> anyhow::Result<(Tokenizer, TokenizerInfo)> {
     let types: Vec<i64> = if g.has("tokenizer.ggml.token_type") {
         g.array("tokenizer.ggml.token_type")?
             .iter()
-            .map(|v| v.to_i32().map(i64::from).map_err(|e| anyhow!("GGUF metadata tokenizer.ggml.token_type: {e}")))
+            .map(|v| {
+                v.to_i32()
+                    .map(i64::from)
+                    .map_err(|e| anyhow!("GGUF metadata tokenizer.ggml.token_type: {e}"))
+            })
             .collect::<anyhow::Result<_>>()?
     } else {
         vec![1; tokens.len()]
@@ -97,8 +111,7 @@ pub fn from_gguf(g: &GgufFile) -> anyhow::Result<(Tokenizer, TokenizerInfo)> {
     if types.len() != tokens.len() {
         bail!("GGUF metadata: {} token types for {} tokens", types.len(), tokens.len());
     }
-    let vocab: serde_json::Map<String, Json> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     // Types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
     let added: Vec<Json> = tokens
         .iter()
@@ -115,7 +128,9 @@ pub fn from_gguf(g: &GgufFile) -> anyhow::Result<(Tokenizer, TokenizerInfo)> {
             return Ok(None);
         }
         let id = g.usize(key)?;
-        let tok = tokens.get(id).ok_or_else(|| anyhow!("GGUF metadata {key}: id {id} outside the vocabulary"))?;
+        let tok = tokens
+            .get(id)
+            .ok_or_else(|| anyhow!("GGUF metadata {key}: id {id} outside the vocabulary"))?;
         Ok(Some((id as u32, tok.clone())))
     };
     let bos = id_of("tokenizer.ggml.bos_token_id")?;

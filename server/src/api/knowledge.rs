@@ -1,0 +1,680 @@
+//! The knowledge API on both front doors: the tonic implementation of
+//! `genai.v1.Knowledge` ([`grpc_service`]) and the HTTP equivalents ([`router`]):
+//!
+//! | HTTP | gRPC |
+//! |---|---|
+//! | `POST /v1/knowledge/documents` `{"documents": [...]}` | `Ingest` / `IngestStream` |
+//! | `POST /v1/knowledge/search` | `Search` |
+//! | `DELETE /v1/knowledge/documents/{id}?tenant=T` | `Delete` |
+//! | `GET /v1/knowledge/stats` | `Stats` |
+//!
+//! Protocol only: decode, default, call [`KnowledgeService`], map
+//! [`RetrievalError`] to a gRPC code or an HTTP status with an OpenAI-style
+//! body `{"error": {"message", "type", "param", "code"}}` (400 names the field).
+//!
+//! Tested by an in-process HTTP round trip (tower `oneshot`) and a real tonic
+//! server on a loopback port driven by the generated client (including the
+//! client-streaming ingest).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use genai_proto::v1 as pb;
+use pb::knowledge_server::{Knowledge, KnowledgeServer};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tonic::{Request, Status, Streaming};
+
+use crate::retrieval::chunker::DocFormat;
+use crate::retrieval::index::{Filter, Hit};
+use crate::retrieval::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService, SearchQuery};
+use crate::retrieval::RetrievalError;
+
+/// `top_k` when a request leaves it out (or sends 0 over gRPC).
+pub const DEFAULT_TOP_K: usize = 5;
+/// Documents ingested per group while an `IngestStream` is still arriving.
+const STREAM_GROUP: usize = 32;
+
+/// gRPC code for each retrieval error.
+pub fn to_status(e: RetrievalError) -> Status {
+    match e {
+        RetrievalError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+        RetrievalError::NotFound(_) => Status::not_found(e.to_string()),
+        RetrievalError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+        RetrievalError::Unavailable(_) => Status::unavailable(e.to_string()),
+        RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => {
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+/// The tonic service; the lead's server adds it next to `Inference`.
+pub fn grpc_service(svc: Arc<KnowledgeService>, max_message_bytes: usize) -> KnowledgeServer<KnowledgeGrpc> {
+    KnowledgeServer::new(KnowledgeGrpc { svc })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes)
+}
+
+pub struct KnowledgeGrpc {
+    svc: Arc<KnowledgeService>,
+}
+
+fn format_from_pb(format: i32, source: &str, field: &str) -> Result<DocFormat, RetrievalError> {
+    match pb::DocumentFormat::try_from(format) {
+        Ok(pb::DocumentFormat::Unspecified) => {
+            Ok(DocFormat::from_path(std::path::Path::new(source)).unwrap_or(DocFormat::Text))
+        }
+        Ok(pb::DocumentFormat::Text) => Ok(DocFormat::Text),
+        Ok(pb::DocumentFormat::Markdown) => Ok(DocFormat::Markdown),
+        Ok(pb::DocumentFormat::Html) => Ok(DocFormat::Html),
+        Err(_) => Err(RetrievalError::invalid(
+            field,
+            format!("unknown DocumentFormat value {format}"),
+        )),
+    }
+}
+
+fn doc_from_pb(i: usize, d: pb::Document) -> Result<DocumentInput, RetrievalError> {
+    let format = format_from_pb(d.format, &d.source, &format!("documents[{i}].format"))?;
+    Ok(DocumentInput {
+        id: d.id,
+        tenant: d.tenant,
+        source: d.source,
+        tags: d.tags,
+        format,
+        content: d.content,
+    })
+}
+
+fn result_to_pb(r: IngestResult) -> pb::DocumentResult {
+    let status = match r.status {
+        IngestStatus::Added => pb::IngestStatus::Added,
+        IngestStatus::Updated => pb::IngestStatus::Updated,
+        IngestStatus::Unchanged => pb::IngestStatus::Unchanged,
+    };
+    pb::DocumentResult {
+        id: r.id,
+        status: status as i32,
+        chunks: r.chunks as u32,
+    }
+}
+
+fn hit_to_pb(h: Hit) -> pb::SearchHit {
+    pb::SearchHit {
+        chunk_id: h.chunk.chunk_id,
+        document_id: h.chunk.document_id,
+        source: h.chunk.source,
+        tags: h.chunk.tags,
+        text: h.chunk.text,
+        score: h.score,
+    }
+}
+
+#[tonic::async_trait]
+impl Knowledge for KnowledgeGrpc {
+    async fn ingest(&self, req: Request<pb::IngestRequest>) -> Result<tonic::Response<pb::IngestResponse>, Status> {
+        let docs = req.into_inner().documents;
+        if docs.is_empty() {
+            return Err(to_status(RetrievalError::invalid(
+                "documents",
+                "at least one document is required",
+            )));
+        }
+        let docs = docs
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| doc_from_pb(i, d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_status)?;
+        let results = self.svc.ingest(docs).await.map_err(to_status)?;
+        Ok(tonic::Response::new(pb::IngestResponse {
+            results: results.into_iter().map(result_to_pb).collect(),
+        }))
+    }
+
+    async fn ingest_stream(
+        &self,
+        req: Request<Streaming<pb::IngestStreamRequest>>,
+    ) -> Result<tonic::Response<pb::IngestResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut results = Vec::new();
+        let mut group = Vec::with_capacity(STREAM_GROUP);
+        let mut seen = 0usize;
+        // Ingest in groups as documents arrive: memory stays bounded by the group.
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            let doc = msg.document.ok_or_else(|| {
+                to_status(RetrievalError::invalid(
+                    format!("messages[{seen}].document"),
+                    "is required",
+                ))
+            })?;
+            let d = doc_from_pb(seen, doc).map_err(to_status)?;
+            // Errors name the position in the stream, not in the group.
+            validate_in_stream(&d, seen)?;
+            group.push(d);
+            seen += 1;
+            if group.len() == STREAM_GROUP {
+                results.extend(self.svc.ingest(std::mem::take(&mut group)).await.map_err(to_status)?);
+            }
+        }
+        if !group.is_empty() {
+            results.extend(self.svc.ingest(group).await.map_err(to_status)?);
+        }
+        if seen == 0 {
+            return Err(to_status(RetrievalError::invalid(
+                "documents",
+                "the stream carried no document",
+            )));
+        }
+        Ok(tonic::Response::new(pb::IngestResponse {
+            results: results.into_iter().map(result_to_pb).collect(),
+        }))
+    }
+
+    async fn search(&self, req: Request<pb::SearchRequest>) -> Result<tonic::Response<pb::SearchResponse>, Status> {
+        let r = req.into_inner();
+        let q = SearchQuery {
+            query: r.query,
+            top_k: if r.top_k == 0 { DEFAULT_TOP_K } else { r.top_k as usize },
+            filter: Filter {
+                tenant: r.tenant,
+                source: r.source,
+                tags: r.tags,
+                document_id: r.document_id,
+            },
+            min_score: r.min_score.unwrap_or(-1.0),
+        };
+        let hits = self.svc.search(&q).await.map_err(to_status)?;
+        Ok(tonic::Response::new(pb::SearchResponse {
+            hits: hits.into_iter().map(hit_to_pb).collect(),
+        }))
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<tonic::Response<pb::DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let n = self.svc.delete(&r.tenant, &r.document_id).await.map_err(to_status)?;
+        Ok(tonic::Response::new(pb::DeleteResponse {
+            chunks_removed: n as u32,
+        }))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<tonic::Response<pb::StatsResponse>, Status> {
+        let s = self.svc.stats();
+        Ok(tonic::Response::new(pb::StatsResponse {
+            documents: s.documents as u64,
+            chunks: s.chunks as u64,
+            vectors: s.vectors,
+            tombstones: s.tombstones,
+            dimension: s.dimension as u32,
+            index_factory: s.factory,
+            embedding_model: self.svc.embedding_model().to_string(),
+            generation: s.generation,
+        }))
+    }
+}
+
+/// Stream documents are validated one by one by the service with index 0:
+/// check the required fields here so the error names the stream position.
+fn validate_in_stream(d: &DocumentInput, i: usize) -> Result<(), Status> {
+    if d.id.trim().is_empty() {
+        return Err(to_status(RetrievalError::invalid(
+            format!("documents[{i}].id"),
+            "must not be empty",
+        )));
+    }
+    if d.content.trim().is_empty() {
+        return Err(to_status(RetrievalError::invalid(
+            format!("documents[{i}].content"),
+            "must not be empty",
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- HTTP
+
+/// OpenAI-style error response. Same body and kinds as `api::error::ApiError`,
+/// plus 404 for a missing document (which that type does not have).
+pub struct HttpError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    code: &'static str,
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl HttpError {
+    fn invalid(param: Option<String>, message: String, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message,
+            param,
+            code,
+        }
+    }
+}
+
+impl From<RetrievalError> for HttpError {
+    fn from(e: RetrievalError) -> Self {
+        let message = e.to_string();
+        let (status, kind, param, code) = match e {
+            RetrievalError::InvalidArgument { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some(field),
+                "invalid_value",
+            ),
+            RetrievalError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None, "not_found"),
+            RetrievalError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None, "queue_full"),
+            RetrievalError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "unavailable"),
+            RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                "internal_error",
+            ),
+        };
+        Self {
+            status,
+            kind,
+            message,
+            param,
+            code,
+        }
+    }
+}
+
+impl From<JsonRejection> for HttpError {
+    fn from(r: JsonRejection) -> Self {
+        let text = r.body_text();
+        // axum reports serde's path: "...target type: documents[0].content: invalid type ..."
+        let detail = text.rsplit("target type: ").next().unwrap_or(&text).to_string();
+        let param = match detail.split_once(": ") {
+            Some((path, _)) if !path.contains(' ') && path != "." => Some(path.to_string()),
+            _ => detail.split('`').nth(1).map(str::to_string),
+        };
+        Self::invalid(param, text, "invalid_json")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpDocument {
+    id: String,
+    #[serde(default)]
+    tenant: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    tags: Vec<String>,
+    /// "text", "markdown" or "html"; inferred from `source` when absent.
+    #[serde(default)]
+    format: Option<String>,
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpIngest {
+    documents: Vec<HttpDocument>,
+}
+
+#[derive(Debug, Serialize)]
+struct HttpIngestResponse {
+    results: Vec<IngestResult>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSearch {
+    query: String,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    tenant: String,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    document_id: Option<String>,
+    #[serde(default)]
+    min_score: Option<f32>,
+}
+
+#[derive(Debug, Serialize)]
+struct HttpHit {
+    chunk_id: String,
+    document_id: String,
+    source: String,
+    tags: Vec<String>,
+    text: String,
+    score: f32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantQuery {
+    #[serde(default)]
+    tenant: String,
+}
+
+/// The HTTP routes, with their state applied (merge into the main router).
+pub fn router(svc: Arc<KnowledgeService>) -> Router {
+    Router::new()
+        .route("/v1/knowledge/documents", post(http_ingest))
+        .route("/v1/knowledge/documents/{id}", delete(http_delete))
+        .route("/v1/knowledge/search", post(http_search))
+        .route("/v1/knowledge/stats", get(http_stats))
+        .with_state(svc)
+}
+
+async fn http_ingest(
+    State(svc): State<Arc<KnowledgeService>>,
+    body: Result<Json<HttpIngest>, JsonRejection>,
+) -> Result<Json<HttpIngestResponse>, HttpError> {
+    let Json(body) = body?;
+    if body.documents.is_empty() {
+        return Err(RetrievalError::invalid("documents", "at least one document is required").into());
+    }
+    let mut docs = Vec::with_capacity(body.documents.len());
+    for (i, d) in body.documents.into_iter().enumerate() {
+        let format = match &d.format {
+            Some(f) => DocFormat::parse(f, &format!("documents[{i}].format"))?,
+            None => DocFormat::from_path(std::path::Path::new(&d.source)).unwrap_or(DocFormat::Text),
+        };
+        docs.push(DocumentInput {
+            id: d.id,
+            tenant: d.tenant,
+            source: d.source,
+            tags: d.tags,
+            format,
+            content: d.content,
+        });
+    }
+    let results = svc.ingest(docs).await?;
+    Ok(Json(HttpIngestResponse { results }))
+}
+
+async fn http_search(
+    State(svc): State<Arc<KnowledgeService>>,
+    body: Result<Json<HttpSearch>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let Json(b) = body?;
+    let q = SearchQuery {
+        query: b.query,
+        top_k: b.top_k.unwrap_or(DEFAULT_TOP_K),
+        filter: Filter {
+            tenant: b.tenant,
+            source: b.source,
+            tags: b.tags,
+            document_id: b.document_id,
+        },
+        min_score: b.min_score.unwrap_or(-1.0),
+    };
+    let hits: Vec<HttpHit> = svc
+        .search(&q)
+        .await?
+        .into_iter()
+        .map(|h| HttpHit {
+            chunk_id: h.chunk.chunk_id,
+            document_id: h.chunk.document_id,
+            source: h.chunk.source,
+            tags: h.chunk.tags,
+            text: h.chunk.text,
+            score: h.score,
+        })
+        .collect();
+    Ok(Json(json!({ "hits": hits })))
+}
+
+async fn http_delete(
+    State(svc): State<Arc<KnowledgeService>>,
+    Path(id): Path<String>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let Query(t) = query.map_err(|r| HttpError::invalid(Some("tenant".into()), r.body_text(), "invalid_value"))?;
+    let n = svc.delete(&t.tenant, &id).await?;
+    Ok(Json(json!({ "id": id, "deleted": true, "chunks_removed": n })))
+}
+
+async fn http_stats(State(svc): State<Arc<KnowledgeService>>) -> Json<serde_json::Value> {
+    let s = svc.stats();
+    Json(json!({
+        "documents": s.documents,
+        "chunks": s.chunks,
+        "vectors": s.vectors,
+        "tombstones": s.tombstones,
+        "dimension": s.dimension,
+        "index_factory": s.factory,
+        "embedding_model": svc.embedding_model(),
+        "generation": s.generation,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IndexConfig;
+    use crate::retrieval::knowledge::tests::service;
+    use axum::body::Body;
+    use axum::http::Request as HttpRequest;
+    use tower::ServiceExt;
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, serde_json::Value) {
+        let req = HttpRequest::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(body.map(|b| Body::from(b.to_string())).unwrap_or_default())
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_round_trip_and_errors_name_the_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let svc = Arc::new(service(IndexConfig {
+            dir: tmp.path().to_path_buf(),
+            ..Default::default()
+        }));
+        let app = router(svc);
+        let docs = json!({"documents": [
+            {"id": "tides", "tenant": "a", "source": "tides.md", "tags": ["sea"],
+             "content": "# Tides\nThe Moon's gravity raises two tidal bulges in the oceans."},
+            {"id": "bread", "tenant": "a", "format": "text", "content": "Knead the dough and let it rise."},
+            {"id": "secret", "tenant": "b", "content": "Tenant b's tide tables are private."}
+        ]});
+        let (s, v) = call(&app, "POST", "/v1/knowledge/documents", Some(docs.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["results"][0]["status"], "added");
+        let (_, v) = call(&app, "POST", "/v1/knowledge/documents", Some(docs)).await;
+        assert_eq!(v["results"][2]["status"], "unchanged");
+
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/knowledge/search",
+            Some(json!({"query": "what causes tides", "tenant": "a", "top_k": 5})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let hits = v["hits"].as_array().unwrap();
+        assert_eq!(hits.len(), 2, "tenant b's document must not appear: {v}");
+        assert_eq!(hits[0]["document_id"], "tides");
+        assert_eq!(hits[0]["chunk_id"], "tides#0");
+        let (_, v) = call(
+            &app,
+            "POST",
+            "/v1/knowledge/search",
+            Some(json!({"query": "tides", "tenant": "a", "tags": ["sea"]})),
+        )
+        .await;
+        assert_eq!(v["hits"].as_array().unwrap().len(), 1);
+
+        let (s, v) = call(&app, "POST", "/v1/knowledge/search", Some(json!({"top_k": 3}))).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"]["param"], "query", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/knowledge/search",
+            Some(json!({"query": "x", "top_k": 0})),
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("top_k"))
+        );
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/knowledge/documents",
+            Some(json!({"documents": [{"id": "x", "content": "y", "format": "pdf"}]})),
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("documents[0].format"))
+        );
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/knowledge/documents",
+            Some(json!({"documents": [{"id": "x", "content": 7}]})),
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("documents[0].content")),
+            "{v}"
+        );
+
+        let (s, v) = call(&app, "DELETE", "/v1/knowledge/documents/tides?tenant=b", None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "another tenant cannot delete it: {v}");
+        let (s, v) = call(&app, "DELETE", "/v1/knowledge/documents/tides?tenant=a", None).await;
+        assert_eq!((s, v["chunks_removed"].as_u64()), (StatusCode::OK, Some(1)));
+        let (s, v) = call(&app, "GET", "/v1/knowledge/stats", None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!((v["documents"].as_u64(), v["dimension"].as_u64()), (Some(2), Some(384)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grpc_round_trip_with_streaming_ingest() {
+        use pb::knowledge_client::KnowledgeClient;
+        let tmp = tempfile::tempdir().unwrap();
+        let svc = Arc::new(service(IndexConfig {
+            dir: tmp.path().to_path_buf(),
+            ..Default::default()
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(grpc_service(svc, 4 << 20))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = KnowledgeClient::connect(format!("http://{addr}")).await.unwrap();
+        let docs: Vec<pb::IngestStreamRequest> = (0..40)
+            .map(|i| pb::IngestStreamRequest {
+                document: Some(pb::Document {
+                    id: format!("d{i}"),
+                    tenant: "t".into(),
+                    source: format!("d{i}.html"),
+                    content: format!(
+                        "<p>Fact number {i}: the number {i} is {}.</p>",
+                        if i % 2 == 0 { "even" } else { "odd" }
+                    ),
+                    ..Default::default()
+                }),
+            })
+            .collect();
+        let r = client
+            .ingest_stream(futures::stream::iter(docs))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.results.len(), 40, "two groups of the stream");
+        assert!(r
+            .results
+            .iter()
+            .all(|d| d.status == pb::IngestStatus::Added as i32 && d.chunks == 1));
+        let hits = client
+            .search(pb::SearchRequest {
+                query: "Fact number 7".into(),
+                tenant: "t".into(),
+                top_k: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .hits;
+        assert_eq!(hits.len(), 3);
+        assert!(!hits[0].text.contains('<'), "HTML was inferred from the .html source");
+        let e = client
+            .ingest(pb::IngestRequest {
+                documents: vec![pb::Document {
+                    id: "x".into(),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("documents[0].content"), "{}", e.message());
+        let e = client
+            .delete(pb::DeleteRequest {
+                tenant: "other".into(),
+                document_id: "d1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let n = client
+            .delete(pb::DeleteRequest {
+                tenant: "t".into(),
+                document_id: "d1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(n.chunks_removed, 1);
+        let s = client.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+        assert_eq!((s.documents, s.chunks, s.dimension), (39, 39, 384));
+        assert_eq!(s.embedding_model, "all-minilm-l6-v2");
+        server.abort();
+    }
+}

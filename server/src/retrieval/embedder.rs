@@ -1,0 +1,621 @@
+//! Sentence embeddings: a BERT-family encoder (all-MiniLM-L6-v2 and kin) on
+//! candle CPU, pooled and normalised exactly as sentence-transformers does, and
+//! [`EmbedderHandle`], the dynamic batcher that serves concurrent callers.
+//!
+//! Invariants:
+//! - Padding never reaches the vectors: the tokenizer's own padding is switched
+//!   off, each forward pass pads to its longest sequence, padded keys get a
+//!   large negative attention bias and pooling averages over the attention mask.
+//! - Sequences are truncated to `sentence_bert_config.json`'s `max_seq_length`.
+//! - Every returned vector has unit L2 norm (or is all zeros for a zero vector).
+//! - The batcher answers every job exactly once, in its caller's order, and skips
+//!   jobs whose caller has gone away.
+//!
+//! Tested by: parity with sentence-transformers reference vectors
+//! (`tests/data/embedding_reference.json`, cosine >= 0.999), batch-invariance
+//! (a sentence embeds the same alone or padded in a batch) and concurrent
+//! handle calls against direct calls.
+
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use tokenizers::{Tokenizer, TruncationParams};
+use tokio::sync::oneshot;
+
+use super::RetrievalError;
+use crate::config::EmbeddingConfig;
+
+type Result<T> = std::result::Result<T, RetrievalError>;
+
+fn model_err(e: impl std::fmt::Display) -> RetrievalError {
+    RetrievalError::Model(e.to_string())
+}
+
+#[derive(Debug, Deserialize)]
+struct BertConfig {
+    hidden_size: usize,
+    num_attention_heads: usize,
+    num_hidden_layers: usize,
+    layer_norm_eps: f64,
+    max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+
+#[derive(Debug, Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: usize,
+}
+
+/// How token states become one sentence vector (`1_Pooling/config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+/// A dense layer with its weight stored transposed (`[in, out]`, contiguous) so
+/// the forward pass is one plain row-major matmul.
+struct Dense {
+    wt: Tensor,
+    b: Tensor,
+}
+
+impl Dense {
+    fn load(st: &candle_core::safetensors::MmapedSafetensors, name: &str, dev: &Device) -> Result<Self> {
+        let w = st.load(&format!("{name}.weight"), dev).map_err(model_err)?;
+        let b = st.load(&format!("{name}.bias"), dev).map_err(model_err)?;
+        Ok(Self {
+            wt: w.t().and_then(|t| t.contiguous()).map_err(model_err)?,
+            b,
+        })
+    }
+
+    /// Concatenates several layers' outputs (Q, K, V) into one matmul.
+    fn fused(parts: Vec<Dense>) -> Result<Self> {
+        let wts: Vec<&Tensor> = parts.iter().map(|d| &d.wt).collect();
+        let bs: Vec<&Tensor> = parts.iter().map(|d| &d.b).collect();
+        Ok(Self {
+            wt: Tensor::cat(&wts, 1).map_err(model_err)?,
+            b: Tensor::cat(&bs, 0).map_err(model_err)?,
+        })
+    }
+
+    /// `x`: `[rows, in]` -> `[rows, out]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.wt)?.broadcast_add(&self.b)
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(st: &candle_core::safetensors::MmapedSafetensors, name: &str, eps: f64, dev: &Device) -> Result<Self> {
+        Ok(Self {
+            w: st.load(&format!("{name}.weight"), dev).map_err(model_err)?,
+            b: st.load(&format!("{name}.bias"), dev).map_err(model_err)?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps)
+    }
+}
+
+struct Layer {
+    qkv: Dense,
+    attn_out: Dense,
+    ln_attn: Norm,
+    inter: Dense,
+    out: Dense,
+    ln_out: Norm,
+}
+
+/// The BERT encoder: embeddings, then `num_hidden_layers` post-norm blocks.
+struct Bert {
+    word: Tensor,
+    position: Tensor,
+    token_type0: Tensor,
+    ln_emb: Norm,
+    layers: Vec<Layer>,
+    heads: usize,
+    hidden: usize,
+    device: Device,
+}
+
+impl Bert {
+    fn load(dir: &Path, cfg: &BertConfig) -> Result<Self> {
+        if cfg.hidden_act != "gelu" {
+            return Err(model_err(format!(
+                "config.json hidden_act {:?} is not supported (only \"gelu\")",
+                cfg.hidden_act
+            )));
+        }
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+            return Err(model_err(
+                "config.json: hidden_size must be a multiple of num_attention_heads",
+            ));
+        }
+        let device = Device::Cpu;
+        let path = dir.join("model.safetensors");
+        // SAFETY: the file is memory-mapped read-only; the model files are not
+        // modified while the server runs (the registry owns them).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }
+            .map_err(|e| model_err(format!("{}: {e}", path.display())))?;
+        // sentence-transformers checkpoints have no "bert." prefix; HF BertModel ones do.
+        let prefix = if st.get("embeddings.word_embeddings.weight").is_ok() {
+            ""
+        } else {
+            "bert."
+        };
+        let p = |n: &str| format!("{prefix}{n}");
+        let load = |n: &str| st.load(&p(n), &device).map_err(model_err);
+        let token_types = load("embeddings.token_type_embeddings.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = p(&format!("encoder.layer.{i}"));
+            layers.push(Layer {
+                qkv: Dense::fused(vec![
+                    Dense::load(&st, &format!("{l}.attention.self.query"), &device)?,
+                    Dense::load(&st, &format!("{l}.attention.self.key"), &device)?,
+                    Dense::load(&st, &format!("{l}.attention.self.value"), &device)?,
+                ])?,
+                attn_out: Dense::load(&st, &format!("{l}.attention.output.dense"), &device)?,
+                ln_attn: Norm::load(
+                    &st,
+                    &format!("{l}.attention.output.LayerNorm"),
+                    cfg.layer_norm_eps,
+                    &device,
+                )?,
+                inter: Dense::load(&st, &format!("{l}.intermediate.dense"), &device)?,
+                out: Dense::load(&st, &format!("{l}.output.dense"), &device)?,
+                ln_out: Norm::load(&st, &format!("{l}.output.LayerNorm"), cfg.layer_norm_eps, &device)?,
+            });
+        }
+        Ok(Self {
+            word: load("embeddings.word_embeddings.weight")?,
+            position: load("embeddings.position_embeddings.weight")?,
+            token_type0: token_types.get(0).map_err(model_err)?,
+            ln_emb: Norm::load(&st, &p("embeddings.LayerNorm"), cfg.layer_norm_eps, &device)?,
+            layers,
+            heads: cfg.num_attention_heads,
+            hidden: cfg.hidden_size,
+            device,
+        })
+    }
+
+    /// `ids`: `b` rows of `t` ids (right-padded); `mask`: 1 for real tokens.
+    /// Returns the last hidden states, `[b * t * hidden]` row-major.
+    fn forward(&self, ids: &[u32], mask: &[u32], b: usize, t: usize) -> candle_core::Result<Vec<f32>> {
+        let (h, nh) = (self.hidden, self.heads);
+        let hd = h / nh;
+        let ids_t = Tensor::from_slice(ids, (b * t,), &self.device)?;
+        let pos = self.position.narrow(0, 0, t)?;
+        let x = self.word.index_select(&ids_t, 0)?.reshape((b, t, h))?;
+        let x = x.broadcast_add(&pos)?.broadcast_add(&self.token_type0)?;
+        let mut x = self.ln_emb.forward(&x)?.reshape((b * t, h))?;
+        // Additive key bias: 0 for real tokens, a large negative number for padding.
+        let bias: Vec<f32> = mask.iter().map(|&m| if m == 0 { -1e9 } else { 0.0 }).collect();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, t), &self.device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let qkv = l.qkv.forward(&x)?.reshape((b, t, 3, nh, hd))?;
+            let head = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous();
+            let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
+            let a = l.attn_out.forward(&ctx)?;
+            x = l.ln_attn.forward(&(a + &x)?)?;
+            let i = l.inter.forward(&x)?.gelu_erf()?;
+            let o = l.out.forward(&i)?;
+            x = l.ln_out.forward(&(o + &x)?)?;
+        }
+        x.flatten_all()?.to_vec1::<f32>()
+    }
+}
+
+/// Pools token states into sentence vectors and L2-normalises them, as
+/// sentence-transformers' `Pooling` + `Normalize` modules do.
+///
+/// `hidden` is `[b, t, dim]` row-major, `mask` `[b, t]` (1 = real token).
+/// Mean pooling divides by the mask sum clamped to >= 1e-9 as they do.
+pub fn pool_and_normalize(
+    hidden: &[f32],
+    mask: &[u32],
+    b: usize,
+    t: usize,
+    dim: usize,
+    pooling: Pooling,
+) -> Vec<Vec<f32>> {
+    (0..b)
+        .map(|i| {
+            let mut v = vec![0f32; dim];
+            match pooling {
+                Pooling::Cls => v.copy_from_slice(&hidden[i * t * dim..i * t * dim + dim]),
+                Pooling::Mean => {
+                    let mut n = 0f32;
+                    for j in 0..t {
+                        if mask[i * t + j] == 0 {
+                            continue;
+                        }
+                        n += 1.0;
+                        let row = &hidden[(i * t + j) * dim..(i * t + j + 1) * dim];
+                        v.iter_mut().zip(row).for_each(|(a, x)| *a += x);
+                    }
+                    let n = n.max(1e-9);
+                    v.iter_mut().for_each(|a| *a /= n);
+                }
+            }
+            normalize(&mut v);
+            v
+        })
+        .collect()
+}
+
+/// In-place L2 normalisation (torch's `F.normalize`: divides by max(norm, 1e-12)).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
+/// The encoder plus its tokenizer, pooling and sequence limit. Synchronous and
+/// `Sync`: one forward pass per call; callers batch (see [`EmbedderHandle`]).
+pub struct Embedder {
+    bert: Bert,
+    tokenizer: Tokenizer,
+    pooling: Pooling,
+    max_seq_len: usize,
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers model directory: `model.safetensors`,
+    /// `config.json`, `tokenizer.json`, `1_Pooling/config.json` and
+    /// `sentence_bert_config.json` (the last two optional: mean pooling and the
+    /// model's position limit otherwise).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<String> {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).map_err(|e| model_err(format!("{}: {e}", p.display())))
+        };
+        let cfg: BertConfig =
+            serde_json::from_str(&read("config.json")?).map_err(|e| model_err(format!("config.json: {e}")))?;
+        let pooling = if dir.join("1_Pooling/config.json").is_file() {
+            let pc: PoolingConfig = serde_json::from_str(&read("1_Pooling/config.json")?)
+                .map_err(|e| model_err(format!("1_Pooling/config.json: {e}")))?;
+            match (
+                pc.pooling_mode_mean_tokens,
+                pc.pooling_mode_cls_token,
+                pc.pooling_mode_max_tokens || pc.pooling_mode_mean_sqrt_len_tokens,
+            ) {
+                (true, false, false) => Pooling::Mean,
+                (false, true, false) => Pooling::Cls,
+                _ => {
+                    return Err(model_err(
+                        "1_Pooling/config.json: only a single mean or cls pooling mode is supported",
+                    ))
+                }
+            }
+        } else {
+            Pooling::Mean
+        };
+        let max_seq_len = if dir.join("sentence_bert_config.json").is_file() {
+            let sc: SentenceBertConfig = serde_json::from_str(&read("sentence_bert_config.json")?)
+                .map_err(|e| model_err(format!("sentence_bert_config.json: {e}")))?;
+            sc.max_seq_length
+        } else {
+            cfg.max_position_embeddings
+        }
+        .min(cfg.max_position_embeddings);
+        let bert = Bert::load(dir, &cfg)?;
+        let tk_path = dir.join("tokenizer.json");
+        let mut tokenizer =
+            Tokenizer::from_file(&tk_path).map_err(|e| model_err(format!("{}: {e}", tk_path.display())))?;
+        // The shipped tokenizer.json pads every input to 128: we pad per batch instead.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_len,
+                ..Default::default()
+            }))
+            .map_err(model_err)?;
+        Ok(Self {
+            bert,
+            tokenizer,
+            pooling,
+            max_seq_len,
+        })
+    }
+
+    /// Vector dimension.
+    pub fn dim(&self) -> usize {
+        self.bert.hidden
+    }
+
+    /// Longest sequence (special tokens included) the encoder sees.
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Token ids with special tokens, truncated to `max_seq_len`.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let enc = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(model_err)?;
+        Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// Number of tokens of `text` without special tokens and without truncation
+    /// (the chunker's budget unit).
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        let enc = self.tokenizer.encode_fast(text, false).map_err(model_err)?;
+        // With truncation on, the overflow holds the rest of a long text.
+        Ok(enc.get_ids().len() + enc.get_overflowing().iter().map(|o| o.get_ids().len()).sum::<usize>())
+    }
+
+    /// One forward pass over already tokenized sequences (padded to the longest).
+    pub fn embed_tokens(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let b = seqs.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        if t > self.max_seq_len {
+            return Err(RetrievalError::invalid(
+                "input",
+                format!("sequence of {t} tokens exceeds {}", self.max_seq_len),
+            ));
+        }
+        let mut ids = vec![0u32; b * t];
+        let mut mask = vec![0u32; b * t];
+        for (i, s) in seqs.iter().enumerate() {
+            ids[i * t..i * t + s.len()].copy_from_slice(s);
+            mask[i * t..i * t + s.len()].iter_mut().for_each(|m| *m = 1);
+        }
+        let hidden = self.bert.forward(&ids, &mask, b, t).map_err(model_err)?;
+        Ok(pool_and_normalize(&hidden, &mask, b, t, self.dim(), self.pooling))
+    }
+
+    /// Tokenises and embeds `texts` in one call, sorted by length and split so
+    /// that no forward pass exceeds `max_batch_tokens` padded tokens.
+    pub fn embed(&self, texts: &[&str], max_batch_tokens: usize) -> Result<Vec<Vec<f32>>> {
+        let seqs = self.tokenize(texts)?;
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        self.embed_sorted(&refs, max_batch_tokens)
+    }
+
+    /// Embeds sequences in length order, micro-batched by padded tokens, and
+    /// returns the vectors in input order.
+    fn embed_sorted(&self, seqs: &[&[u32]], max_batch_tokens: usize) -> Result<Vec<Vec<f32>>> {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].len());
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+        let mut start = 0;
+        while start < order.len() {
+            // Sorted ascending: the last sequence in the group is the longest.
+            let mut end = start + 1;
+            while end < order.len() && (end + 1 - start) * seqs[order[end]].len() <= max_batch_tokens {
+                end += 1;
+            }
+            let group: Vec<&[u32]> = order[start..end].iter().map(|&i| seqs[i]).collect();
+            for (v, &i) in self.embed_tokens(&group)?.into_iter().zip(&order[start..end]) {
+                out[i] = v;
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+}
+
+struct Job {
+    seqs: Vec<Vec<u32>>,
+    tokens: usize,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>>>,
+}
+
+/// Cloneable async front of one [`Embedder`]: concurrent `embed` calls are
+/// queued to a worker thread that merges them into token-budgeted batches.
+#[derive(Clone)]
+pub struct EmbedderHandle {
+    embedder: Arc<Embedder>,
+    tx: SyncSender<Job>,
+}
+
+impl EmbedderHandle {
+    /// Starts the batching worker. It stops when the last handle is dropped.
+    pub fn spawn(embedder: Arc<Embedder>, cfg: &EmbeddingConfig) -> Result<Self> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.max_queue);
+        let worker = embedder.clone();
+        let (max_tokens, max_wait) = (cfg.max_batch_tokens, Duration::from_millis(cfg.max_wait_ms));
+        std::thread::Builder::new()
+            .name("embed-batcher".into())
+            .spawn(move || batch_loop(&worker, &rx, max_tokens, max_wait))
+            .map_err(|e| RetrievalError::Unavailable(format!("starting the embedding worker: {e}")))?;
+        Ok(Self { embedder, tx })
+    }
+
+    pub fn embedder(&self) -> &Arc<Embedder> {
+        &self.embedder
+    }
+
+    pub fn dim(&self) -> usize {
+        self.embedder.dim()
+    }
+
+    /// Embeds `texts` (any number; the worker splits large requests).
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+        let seqs = self.embedder.tokenize(&refs)?;
+        let tokens = seqs.iter().map(|s| s.len()).sum();
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Job { seqs, tokens, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(RetrievalError::Overloaded("embedding queue is full".into())),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(RetrievalError::Unavailable("the embedding worker has stopped".into()))
+            }
+        }
+        rx.await
+            .map_err(|_| RetrievalError::Unavailable("the embedding worker dropped the request".into()))?
+    }
+}
+
+fn batch_loop(embedder: &Embedder, rx: &mpsc::Receiver<Job>, max_tokens: usize, max_wait: Duration) {
+    while let Ok(first) = rx.recv() {
+        let mut tokens = first.tokens;
+        let mut jobs = vec![first];
+        let deadline = Instant::now() + max_wait;
+        while tokens < max_tokens {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match rx.recv_timeout(left) {
+                Ok(j) => {
+                    tokens += j.tokens;
+                    jobs.push(j);
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // A caller that went away needs no answer: don't spend compute on it.
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let all: Vec<&[u32]> = jobs.iter().flat_map(|j| j.seqs.iter().map(|s| s.as_slice())).collect();
+        match embedder.embed_sorted(&all, max_tokens) {
+            Ok(vectors) => {
+                let mut it = vectors.into_iter();
+                for j in jobs {
+                    let mine: Vec<Vec<f32>> = it.by_ref().take(j.seqs.len()).collect();
+                    let _ = j.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(RetrievalError::Model(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retrieval::test_support::{embedder, repo_path};
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (na * nb)
+    }
+
+    #[derive(Deserialize)]
+    struct Reference {
+        sentences: Vec<String>,
+        vectors: Vec<Vec<f32>>,
+    }
+
+    #[test]
+    fn matches_sentence_transformers_reference() {
+        let text = std::fs::read_to_string(repo_path("tests/data/embedding_reference.json")).unwrap();
+        let r: Reference = serde_json::from_str(&text).unwrap();
+        assert!(r.sentences.len() >= 20);
+        let e = embedder();
+        let refs: Vec<&str> = r.sentences.iter().map(|s| s.as_str()).collect();
+        // Batched (with padding inside the batch) and one at a time must both match.
+        let batched = e.embed(&refs, 8192).unwrap();
+        for (i, (got, want)) in batched.iter().zip(&r.vectors).enumerate() {
+            let c = cosine(got, want);
+            assert!(c >= 0.999, "sentence {i} {:?}: cosine {c}", r.sentences[i]);
+            let alone = e.embed(&refs[i..=i], 8192).unwrap();
+            assert!(
+                cosine(&alone[0], got) >= 0.9999,
+                "sentence {i} differs alone vs batched"
+            );
+        }
+    }
+
+    #[test]
+    fn vectors_are_unit_norm_and_long_inputs_truncate() {
+        let e = embedder();
+        let long = "word ".repeat(2000);
+        let v = e.embed(&["hello", &long], 8192).unwrap();
+        for x in &v {
+            let n: f32 = x.iter().map(|a| a * a).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-4, "norm {n}");
+        }
+        assert_eq!(e.tokenize(&[&long]).unwrap()[0].len(), e.max_seq_len());
+        assert!(e.count_tokens(&long).unwrap() >= 2000);
+    }
+
+    #[test]
+    fn pooling_ignores_padding() {
+        // Two rows, second padded: its pad states must not move its mean.
+        let hidden = [1.0, 0.0, 3.0, 0.0, 0.0, 2.0, 100.0, 100.0];
+        let mask = [1, 1, 1, 0];
+        let v = pool_and_normalize(&hidden, &mask, 2, 2, 2, Pooling::Mean);
+        assert!((v[0][0] - 1.0).abs() < 1e-6 && v[0][1].abs() < 1e-6);
+        assert!(v[1][0].abs() < 1e-6 && (v[1][1] - 1.0).abs() < 1e-6);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_handle_calls_match_direct_calls() {
+        let e = embedder();
+        let cfg = EmbeddingConfig {
+            max_batch_tokens: 512,
+            max_wait_ms: 20,
+            max_queue: 64,
+        };
+        let h = EmbedderHandle::spawn(e.clone(), &cfg).unwrap();
+        let texts: Vec<String> = (0..12)
+            .map(|i| format!("sentence number {i} {}", "about retrieval ".repeat(i % 5)))
+            .collect();
+        let tasks: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                let h = h.clone();
+                let t = t.clone();
+                tokio::spawn(async move { h.embed(vec![t]).await })
+            })
+            .collect();
+        for (task, t) in tasks.into_iter().zip(&texts) {
+            let got = task.await.unwrap().unwrap();
+            let want = e.embed(&[t.as_str()], 8192).unwrap();
+            assert!(cosine(&got[0], &want[0]) > 0.9999, "{t}");
+        }
+        assert!(h.embed(Vec::new()).await.unwrap().is_empty());
+    }
+}

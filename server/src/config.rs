@@ -602,7 +602,11 @@ mod tests {
         let documented = load_with(&text).unwrap();
         assert_eq!(documented.to_toml().unwrap(), Config::default().to_toml().unwrap());
         let keys = |t: &str| t.lines().filter(|l| !l.starts_with('#') && l.contains(" = ")).count();
-        assert_eq!(keys(&text), keys(&Config::default().to_toml().unwrap()), "a key is undocumented");
+        assert_eq!(
+            keys(&text),
+            keys(&Config::default().to_toml().unwrap()),
+            "a key is undocumented"
+        );
     }
 
     #[test]

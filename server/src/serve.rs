@@ -84,7 +84,11 @@ fn start_ops(config: &Config) -> anyhow::Result<Ops> {
     let cost = Arc::new(ops::cost::CostMonitor::new(&config.ops.cost));
     let latency = Arc::new(ops::latency::LatencyMonitor::new(&config.ops.latency));
     let log_cfg = &config.ops.request_log;
-    let request_log = if log_cfg.enabled { Some(Arc::new(ops::request_log::RequestLog::start(log_cfg)?)) } else { None };
+    let request_log = if log_cfg.enabled {
+        Some(Arc::new(ops::request_log::RequestLog::start(log_cfg)?))
+    } else {
+        None
+    };
     let tenants = config.ops.cost.budgets.keys().cloned().collect();
     Ok(Ops::new(metrics, cost, latency, request_log, tenants))
 }

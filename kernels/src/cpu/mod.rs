@@ -3,6 +3,7 @@
 //! AVX-512 / AVX2 / portable scalar code, each tested against a scalar reference.
 
 pub mod activation;
+pub mod attention;
 pub mod cache;
 pub mod pooling;
 pub mod qmatmul;

@@ -14,9 +14,14 @@ use crate::ops::request_log::FeedbackError;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
     /// Bad input; `param` names the offending field.
-    Invalid { param: String, message: String },
+    Invalid {
+        param: String,
+        message: String,
+    },
     /// The engine's waiting queue is full; retry after the hint.
-    Overloaded { retry_after: Duration },
+    Overloaded {
+        retry_after: Duration,
+    },
     /// Not serving right now (loading, shutting down).
     Unavailable(String),
     /// The request's deadline passed.
@@ -26,7 +31,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::Invalid { param: param.into(), message: message.into() }
+        ApiError::Invalid {
+            param: param.into(),
+            message: message.into(),
+        }
     }
 
     pub fn http_status(&self) -> StatusCode {
@@ -43,7 +51,10 @@ impl ApiError {
         match self {
             ApiError::Invalid { param, message } => format!("{param}: {message}"),
             ApiError::Overloaded { retry_after } => {
-                format!("server overloaded: request queue is full; retry after {} s", retry_after.as_secs().max(1))
+                format!(
+                    "server overloaded: request queue is full; retry after {} s",
+                    retry_after.as_secs().max(1)
+                )
             }
             ApiError::Unavailable(m) | ApiError::Internal(m) => m.clone(),
             ApiError::DeadlineExceeded => "deadline exceeded".into(),
@@ -101,7 +112,11 @@ impl IntoResponse for ApiError {
         let status = self.http_status();
         let (kind, param, code) = match &self {
             ApiError::Invalid { param, .. } => {
-                let code = if param == "model" { "model_not_found" } else { "invalid_value" };
+                let code = if param == "model" {
+                    "model_not_found"
+                } else {
+                    "invalid_value"
+                };
                 ("invalid_request_error", Some(param.clone()), code)
             }
             ApiError::Overloaded { .. } => ("rate_limit_error", None, "queue_full"),

@@ -10,9 +10,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
 use super::error::ApiError;
+use super::observe::Observer;
 use crate::engine::{EngineEvent, GenerateRequest, SamplingParams};
 use crate::model::chat_template::ChatMessage;
-use super::observe::Observer;
 use crate::state::Loaded;
 
 /// Accepts the served model's name, "" and "default".
@@ -21,7 +21,10 @@ pub fn check_model(loaded: &Loaded, model: &str) -> Result<(), ApiError> {
     if model.is_empty() || model == "default" || model == name {
         Ok(())
     } else {
-        Err(ApiError::invalid("model", format!("unknown model {model:?}; this server serves {name:?}")))
+        Err(ApiError::invalid(
+            "model",
+            format!("unknown model {model:?}; this server serves {name:?}"),
+        ))
     }
 }
 
@@ -79,7 +82,11 @@ pub fn submit(
     deadline: Option<Duration>,
 ) -> Result<EventStream, ApiError> {
     let request_id = observer.request_id().to_owned();
-    let rx = match loaded.engine.submit(GenerateRequest { request_id, prompt_tokens, params }) {
+    let rx = match loaded.engine.submit(GenerateRequest {
+        request_id,
+        prompt_tokens,
+        params,
+    }) {
         Ok(rx) => rx,
         Err(e) => {
             let e = ApiError::from(e);
@@ -88,7 +95,10 @@ pub fn submit(
         }
     };
     let deadline = deadline.map(|d| Instant::now() + d);
-    Ok(Box::pin(futures::stream::unfold(Some(Pending { rx, deadline, observer }), next_event)))
+    Ok(Box::pin(futures::stream::unfold(
+        Some(Pending { rx, deadline, observer }),
+        next_event,
+    )))
 }
 
 struct Pending {
@@ -111,9 +121,20 @@ async fn next_event(state: Option<Pending>) -> Option<(Result<EngineEvent, ApiEr
         None => Err(ApiError::DeadlineExceeded),
         Some(None) => Err(ApiError::Internal("engine stopped".into())),
         Some(Some(EngineEvent::Failed { message })) => Err(ApiError::Internal(message)),
-        Some(Some(EngineEvent::Delta { text, token_ids, logprobs })) => {
+        Some(Some(EngineEvent::Delta {
+            text,
+            token_ids,
+            logprobs,
+        })) => {
             p.observer.on_text(&text);
-            return Some((Ok(EngineEvent::Delta { text, token_ids, logprobs }), Some(p)));
+            return Some((
+                Ok(EngineEvent::Delta {
+                    text,
+                    token_ids,
+                    logprobs,
+                }),
+                Some(p),
+            ));
         }
         Some(Some(EngineEvent::Finished { reason, usage })) => {
             p.observer.on_finish(reason, &usage);
@@ -164,7 +185,10 @@ pub struct SamplingInput {
 
 impl SamplingInput {
     pub fn into_params(self, default_max_tokens: usize) -> Result<SamplingParams, ApiError> {
-        let mut p = SamplingParams { max_tokens: default_max_tokens, ..SamplingParams::default() };
+        let mut p = SamplingParams {
+            max_tokens: default_max_tokens,
+            ..SamplingParams::default()
+        };
         let float = |v: Option<f64>, name: &str, dflt: f32| -> Result<f32, ApiError> {
             match v {
                 None => Ok(dflt),

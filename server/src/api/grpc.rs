@@ -93,7 +93,9 @@ impl InferenceService {
         if self.state.is_draining() {
             return Err(ApiError::Unavailable("server is shutting down".into()));
         }
-        self.state.loaded().ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
+        self.state
+            .loaded()
+            .ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
     }
 
     fn observer<T>(&self, req: &Request<T>, method: &'static str, route: &str) -> Observer {
@@ -101,7 +103,10 @@ impl InferenceService {
         let rid = crate::ops::request_id::from_metadata(md)
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let tenant = self.state.ops().tenant_label(md.get("x-tenant-id").and_then(|v| v.to_str().ok()));
+        let tenant = self
+            .state
+            .ops()
+            .tenant_label(md.get("x-tenant-id").and_then(|v| v.to_str().ok()));
         Observer::new(self.state.ops().clone(), "grpc", method, route, &rid, &tenant)
     }
 
@@ -137,7 +142,11 @@ impl InferenceService {
         mut obs: Observer,
         prepare: impl FnOnce(&Loaded) -> Result<(String, Vec<u32>, SamplingParams), ApiError>,
     ) -> Result<Response<GenStream>, Status> {
-        let deadline = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
         let prepared = self.loaded().and_then(|l| prepare(l).map(|p| (l, p)));
         let (loaded, (prompt, tokens, params)) = match prepared {
             Ok(p) => p,
@@ -149,7 +158,11 @@ impl InferenceService {
         obs.set_model(&loaded.model_name, &prompt);
         let events = generate::submit(loaded, obs, tokens, params, deadline)?;
         let out = events.map(|ev| match ev {
-            Ok(EngineEvent::Delta { text, token_ids, logprobs }) => Ok(pb::GenerateResponse {
+            Ok(EngineEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            }) => Ok(pb::GenerateResponse {
                 text,
                 token_ids,
                 logprobs: logprobs.into_iter().map(position_logprobs).collect(),
@@ -190,8 +203,15 @@ impl InferenceService {
 }
 
 fn position_logprobs(p: PositionLogprobs) -> pb::PositionLogprobs {
-    let tl = |t: TokenLogprob| pb::TokenLogprob { token_id: t.token_id, token: t.token, logprob: t.logprob };
-    pb::PositionLogprobs { sampled: Some(tl(p.sampled)), top: p.top.into_iter().map(tl).collect() }
+    let tl = |t: TokenLogprob| pb::TokenLogprob {
+        token_id: t.token_id,
+        token: t.token,
+        logprob: t.logprob,
+    };
+    pb::PositionLogprobs {
+        sampled: Some(tl(p.sampled)),
+        top: p.top.into_iter().map(tl).collect(),
+    }
 }
 
 #[tonic::async_trait]
@@ -214,8 +234,14 @@ impl Inference for InferenceService {
         let r = req.get_ref();
         self.stream(&req, obs, |loaded| {
             generate::check_model(loaded, &r.model)?;
-            let messages: Vec<ChatMessage> =
-                r.messages.iter().map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() }).collect();
+            let messages: Vec<ChatMessage> = r
+                .messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect();
             let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
             Ok((prompt, tokens, self.sampling(r.sampling.clone())?))
         })
@@ -234,18 +260,27 @@ impl Inference for InferenceService {
                 .tokenizer
                 .encode(r.text.as_str(), r.add_special_tokens)
                 .map_err(|e| ApiError::invalid("text", format!("cannot tokenize: {e}")))?;
-            Ok(pb::TokenizeResponse { token_ids: enc.get_ids().to_vec(), tokens: enc.get_tokens().to_vec() })
+            Ok(pb::TokenizeResponse {
+                token_ids: enc.get_ids().to_vec(),
+                tokens: enc.get_tokens().to_vec(),
+            })
         })
     }
 
-    async fn detokenize(&self, req: Request<pb::DetokenizeRequest>) -> Result<Response<pb::DetokenizeResponse>, Status> {
+    async fn detokenize(
+        &self,
+        req: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let obs = self.observer(&req, "Detokenize", "tokenize");
         let r = req.into_inner();
         self.unary(obs, |loaded| {
             generate::check_model(loaded, &r.model)?;
             let vocab = loaded.tokenizer.get_vocab_size(true) as u32;
             if let Some(bad) = r.token_ids.iter().find(|&&t| t >= vocab) {
-                return Err(ApiError::invalid("token_ids", format!("id {bad} is outside the vocabulary (size {vocab})")));
+                return Err(ApiError::invalid(
+                    "token_ids",
+                    format!("id {bad} is outside the vocabulary (size {vocab})"),
+                ));
             }
             let text = loaded
                 .tokenizer
@@ -267,7 +302,10 @@ impl Inference for InferenceService {
         })
     }
 
-    async fn list_models(&self, _req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let loaded = self.loaded()?;
         let files = &loaded.files;
         let path = match &files.generation.weights {

@@ -54,7 +54,10 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 /// Prometheus text exposition of every metric.
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], state.ops().metrics.render())
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.ops().metrics.render(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -71,7 +74,8 @@ async fn feedback(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         let log = state.ops().request_log.as_ref().ok_or_else(|| {
             ApiError::Unavailable("the request log is disabled (ops.request_log.enabled = false)".into())
         })?;
-        log.append_feedback(&f.request_id, f.rating, &f.comment).map_err(ApiError::from)
+        log.append_feedback(&f.request_id, f.rating, &f.comment)
+            .map_err(ApiError::from)
     });
     match res {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "recorded"}))).into_response(),

@@ -278,15 +278,21 @@ impl From<RetrievalError> for HttpError {
     fn from(e: RetrievalError) -> Self {
         let message = e.to_string();
         let (status, kind, param, code) = match e {
-            RetrievalError::InvalidArgument { field, .. } => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", Some(field), "invalid_value")
-            }
+            RetrievalError::InvalidArgument { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some(field),
+                "invalid_value",
+            ),
             RetrievalError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None, "not_found"),
             RetrievalError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None, "queue_full"),
             RetrievalError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "unavailable"),
-            RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "internal_error")
-            }
+            RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                "internal_error",
+            ),
         };
         Self {
             status,

@@ -32,7 +32,13 @@ impl Ops {
         request_log: Option<Arc<RequestLog>>,
         known_tenants: Vec<String>,
     ) -> Self {
-        Self { metrics, cost, latency, request_log, known_tenants }
+        Self {
+            metrics,
+            cost,
+            latency,
+            request_log,
+            known_tenants,
+        }
     }
 
     /// The metric/cost label for a caller's `x-tenant-id`: "default" when absent,
@@ -66,7 +72,14 @@ impl Observer {
             api: api.into(),
             ..Default::default()
         };
-        Self { ops, start: Instant::now(), first_token: None, record, status: None, method }
+        Self {
+            ops,
+            start: Instant::now(),
+            first_token: None,
+            record,
+            status: None,
+            method,
+        }
     }
 
     pub fn set_model(&mut self, model: &str, prompt: &str) {
@@ -128,7 +141,13 @@ impl Drop for Observer {
         self.ops.latency.observe(&r.route, elapsed);
         if r.prompt_tokens + r.completion_tokens > 0 {
             let secs = elapsed.as_secs_f64();
-            self.ops.cost.record(&r.model, &r.tenant, r.prompt_tokens.into(), r.completion_tokens.into(), secs);
+            self.ops.cost.record(
+                &r.model,
+                &r.tenant,
+                r.prompt_tokens.into(),
+                r.completion_tokens.into(),
+                secs,
+            );
         }
         if let Some(log) = &self.ops.request_log {
             r.status = status;

@@ -124,8 +124,16 @@ pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let param = if path == "." || path.is_empty() { "body".to_string() } else { path };
-        let msg = if inner.is_syntax() || inner.is_eof() { format!("malformed JSON: {inner}") } else { inner.to_string() };
+        let param = if path == "." || path.is_empty() {
+            "body".to_string()
+        } else {
+            path
+        };
+        let msg = if inner.is_syntax() || inner.is_eof() {
+            format!("malformed JSON: {inner}")
+        } else {
+            inner.to_string()
+        };
         ApiError::invalid(param, msg)
     })
 }
@@ -162,18 +170,28 @@ fn loaded(state: &AppState) -> Result<&Loaded, ApiError> {
     if state.is_draining() {
         return Err(ApiError::Unavailable("server is shutting down".into()));
     }
-    state.loaded().ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
+    state
+        .loaded()
+        .ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
 }
 
 /// The request-id layer has already set `x-request-id` (the caller's or a fresh UUID).
 fn observer(state: &AppState, headers: &HeaderMap, method: &'static str, route: &str) -> Observer {
-    let rid = headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let tenant = state.ops().tenant_label(headers.get("x-tenant-id").and_then(|v| v.to_str().ok()));
+    let rid = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let tenant = state
+        .ops()
+        .tenant_label(headers.get("x-tenant-id").and_then(|v| v.to_str().ok()));
     Observer::new(state.ops().clone(), "http", method, route, rid, &tenant)
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Which OpenAI endpoint a generation answers: shapes the JSON of each chunk.
@@ -221,7 +239,10 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             return Err(ApiError::invalid("top_logprobs", "requires logprobs = true"));
         }
         let default_max = state.config.engine.default_max_tokens as i64;
-        let params = req.common.sampling(logprobs, default_max).into_params(state.config.engine.default_max_tokens)?;
+        let params = req
+            .common
+            .sampling(logprobs, default_max)
+            .into_params(state.config.engine.default_max_tokens)?;
         let job = Job {
             kind: Kind::Chat,
             id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -230,7 +251,15 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             logprobs: req.logprobs,
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(Prepared { loaded, prompt, tokens, params, job, stream: req.common.stream, include_usage })
+        Ok(Prepared {
+            loaded,
+            prompt,
+            tokens,
+            params,
+            job,
+            stream: req.common.stream,
+            include_usage,
+        })
     })();
     respond(obs, res).await
 }
@@ -246,7 +275,10 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             OneOrMany::One(p) => p,
             OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
             OneOrMany::Many(v) => {
-                return Err(ApiError::invalid("prompt", format!("one prompt per request is supported, got {}", v.len())))
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("one prompt per request is supported, got {}", v.len()),
+                ))
             }
         };
         let tokens = generate::prompt_tokens(loaded, &prompt)?;
@@ -262,7 +294,15 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             logprobs: req.logprobs.is_some(),
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(Prepared { loaded, prompt, tokens, params, job, stream: req.common.stream, include_usage })
+        Ok(Prepared {
+            loaded,
+            prompt,
+            tokens,
+            params,
+            job,
+            stream: req.common.stream,
+            include_usage,
+        })
     })();
     respond(obs, res).await
 }
@@ -321,10 +361,18 @@ impl Job {
     fn chunk(&self, text: &str, lps: &[PositionLogprobs], finish: Option<&str>, first: bool) -> Value {
         let choice = match self.kind {
             Kind::Chat => {
-                let delta = if first { json!({"role": "assistant", "content": text}) } else if finish.is_some() && text.is_empty() { json!({}) } else { json!({"content": text}) };
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
                 json!({"index": 0, "delta": delta, "logprobs": self.logprobs_json(lps), "finish_reason": finish})
             }
-            Kind::Completion => json!({"index": 0, "text": text, "logprobs": self.logprobs_json(lps), "finish_reason": finish}),
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "logprobs": self.logprobs_json(lps), "finish_reason": finish})
+            }
         };
         json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
     }
@@ -359,8 +407,12 @@ async fn collect(job: Job, mut events: generate::EventStream) -> Result<Value, A
             EngineEvent::Finished { reason, usage } => {
                 let finish = reason.as_str();
                 let choice = match job.kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": job.logprobs_json(&lps), "finish_reason": finish}),
-                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": job.logprobs_json(&lps), "finish_reason": finish}),
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": job.logprobs_json(&lps), "finish_reason": finish})
+                    }
+                    Kind::Completion => {
+                        json!({"index": 0, "text": text, "logprobs": job.logprobs_json(&lps), "finish_reason": finish})
+                    }
                 };
                 return Ok(json!({
                     "id": job.id, "object": job.object(false), "created": job.created, "model": job.model,

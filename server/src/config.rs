@@ -4,6 +4,7 @@
 //! Every key and its default is documented in `genai-factory.toml` at the
 //! repository root; `genai-factory config` prints the effective values.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,9 @@ pub struct Config {
     pub models: ModelsConfig,
     pub engine: EngineConfig,
     pub log: LogConfig,
+    /// Observability: prices and budgets, SLOs, the request log, trace export.
+    #[serde(default)]
+    pub ops: OpsConfig,
     #[serde(default)]
     pub embedding: EmbeddingConfig,
     #[serde(default)]
@@ -267,6 +271,166 @@ impl Default for LogConfig {
     }
 }
 
+/// `[ops]`: what the observability layer (`crate::ops`) needs besides `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// OTLP/gRPC collector for trace export, e.g. "http://127.0.0.1:4317". Unset = no export.
+    /// Needs a binary built with the `otlp` cargo feature.
+    pub otlp_endpoint: Option<String>,
+    pub cost: CostConfig,
+    pub latency: LatencyConfig,
+    pub request_log: RequestLogConfig,
+}
+
+/// `[ops.cost]`: price table and tenant budgets (USD).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostConfig {
+    /// Model name → prices. A model missing here costs nothing (warned once).
+    pub prices: BTreeMap<String, Price>,
+    /// Tenant → budget in USD per budget period.
+    pub budgets: BTreeMap<String, f64>,
+    /// Length of a budget period in seconds; spend resets at each period start. 0 = process lifetime.
+    pub budget_period_secs: u64,
+}
+
+/// Prices of one model, in USD.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Price {
+    pub prompt_per_1k: f64,
+    pub completion_per_1k: f64,
+    /// Per GPU-second of engine time (local models).
+    pub gpu_second: f64,
+}
+
+/// `[ops.latency]`: rolling latency window and per-route SLOs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LatencyConfig {
+    /// Samples older than this leave the window.
+    pub window_secs: u64,
+    /// At most this many samples per route (the oldest leave first).
+    pub max_samples: usize,
+    /// SLOs are judged only with at least this many samples in the window.
+    pub min_samples: usize,
+    /// Quantile gauges and SLOs are re-evaluated at most this often per route.
+    pub eval_interval_ms: u64,
+    /// Route → latency thresholds in seconds.
+    pub slo: BTreeMap<String, SloThresholds>,
+}
+
+impl Default for LatencyConfig {
+    fn default() -> Self {
+        Self {
+            window_secs: 60,
+            max_samples: 10_000,
+            min_samples: 20,
+            eval_interval_ms: 1_000,
+            slo: BTreeMap::new(),
+        }
+    }
+}
+
+/// Upper bounds in seconds for a route's rolling quantiles; unset = not checked.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SloThresholds {
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+/// What the request log keeps of prompts, answers and feedback comments.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TextMode {
+    /// SHA-256 hex digests only (default: joins and dedup without keeping text).
+    #[default]
+    Hash,
+    /// The text itself. Only where the data may hold PII by agreement.
+    Raw,
+    /// Neither text nor hash.
+    None,
+}
+
+/// `[ops.request_log]`: one JSON line per request, in rotating files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestLogConfig {
+    pub enabled: bool,
+    pub dir: PathBuf,
+    /// Rotate the active file before it grows past this many bytes.
+    pub max_file_bytes: u64,
+    /// Rotate the active file once it is this old (seconds; 0 = never by age).
+    pub max_file_age_secs: u64,
+    /// Files kept, the active one included; the oldest rotated ones are deleted.
+    pub max_files: usize,
+    pub text_mode: TextMode,
+    /// Lines queued for the writer thread; beyond it lines are dropped (and counted), never blocking a request.
+    pub queue_capacity: usize,
+}
+
+impl Default for RequestLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: PathBuf::from("logs/requests"),
+            max_file_bytes: 64 << 20,
+            max_file_age_secs: 3600,
+            max_files: 24,
+            text_mode: TextMode::Hash,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+impl OpsConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        for (model, p) in &self.cost.prices {
+            for (field, v) in [
+                ("prompt_per_1k", p.prompt_per_1k),
+                ("completion_per_1k", p.completion_per_1k),
+                ("gpu_second", p.gpu_second),
+            ] {
+                if !finite_nonneg(v) {
+                    bail!("invalid config: ops.cost.prices.{model}.{field} must be a finite number >= 0 (got {v})");
+                }
+            }
+        }
+        for (tenant, b) in &self.cost.budgets {
+            if !(b.is_finite() && *b > 0.0) {
+                bail!("invalid config: ops.cost.budgets.{tenant} must be a finite number > 0 (got {b})");
+            }
+        }
+        let l = &self.latency;
+        if l.window_secs == 0 || l.max_samples == 0 || l.min_samples == 0 {
+            bail!("invalid config: ops.latency.window_secs, max_samples and min_samples must be > 0");
+        }
+        for (route, t) in &l.slo {
+            for (q, v) in [("p50", t.p50), ("p95", t.p95), ("p99", t.p99)] {
+                if let Some(v) = v {
+                    if !(v.is_finite() && v > 0.0) {
+                        bail!("invalid config: ops.latency.slo.{route}.{q} must be a number of seconds > 0 (got {v})");
+                    }
+                }
+            }
+        }
+        let r = &self.request_log;
+        if r.max_file_bytes == 0 || r.max_files == 0 || r.queue_capacity == 0 {
+            bail!("invalid config: ops.request_log.max_file_bytes, max_files and queue_capacity must be > 0");
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                bail!("invalid config: ops.otlp_endpoint must be an http:// or https:// URL (got {e:?})");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Merges defaults, the config file, the environment and the flags.
     pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
@@ -327,6 +491,7 @@ impl Config {
         if e.max_running == 0 || e.default_max_tokens == 0 {
             bail!("invalid config: engine.max_running and engine.default_max_tokens must be > 0");
         }
+        self.ops.validate()?;
         self.validate_retrieval()
     }
 
@@ -429,6 +594,21 @@ mod tests {
         assert!(e.contains("engine.block_size"), "{e}");
     }
 
+    /// The documented file at the repository root lists every key with its default.
+    #[test]
+    fn documented_config_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../genai-factory.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let documented = load_with(&text).unwrap();
+        assert_eq!(documented.to_toml().unwrap(), Config::default().to_toml().unwrap());
+        let keys = |t: &str| t.lines().filter(|l| !l.starts_with('#') && l.contains(" = ")).count();
+        assert_eq!(
+            keys(&text),
+            keys(&Config::default().to_toml().unwrap()),
+            "a key is undocumented"
+        );
+    }
+
     #[test]
     fn printed_config_round_trips() {
         let text = Config::default().to_toml().unwrap();
@@ -450,5 +630,35 @@ mod tests {
         assert!(e.contains("rag.mmr_lambda"), "{e}");
         let e = load_with("[embedding]\nmax_wait = 1\n").unwrap_err().to_string();
         assert!(e.contains("max_wait"), "{e}");
+    }
+
+    #[test]
+    fn ops_section_parses_and_validates() {
+        let c = load_with(
+            "[ops.cost.prices.m1]\nprompt_per_1k = 0.5\ncompletion_per_1k = 1.5\n[ops.cost.budgets]\nacme = 10.0\n\
+             [ops.latency.slo.chat]\np99 = 2.5\n[ops.request_log]\ntext_mode = \"none\"\nmax_files = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.ops.cost.prices["m1"].completion_per_1k, 1.5);
+        assert_eq!(c.ops.cost.prices["m1"].gpu_second, 0.0);
+        assert_eq!(c.ops.cost.budgets["acme"], 10.0);
+        assert_eq!(c.ops.latency.slo["chat"].p99, Some(2.5));
+        assert_eq!(c.ops.latency.slo["chat"].p50, None);
+        assert_eq!(c.ops.request_log.text_mode, TextMode::None);
+        assert_eq!(c.ops.request_log.max_files, 3);
+        let e = load_with("[ops.cost.budgets]\nacme = -1.0\n").unwrap_err().to_string();
+        assert!(e.contains("ops.cost.budgets.acme"), "{e}");
+        let e = load_with("[ops.latency.slo.chat]\np95 = 0.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ops.latency.slo.chat.p95"), "{e}");
+        let e = load_with("[ops.request_log]\ntext_mode = \"plain\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ops.request_log.text_mode"), "{e}");
+        let e = load_with("[ops]\notlp_endpoint = \"collector:4317\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ops.otlp_endpoint"), "{e}");
     }
 }

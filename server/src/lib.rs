@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod ops;
 pub mod registry;
 pub mod retrieval;
 pub mod serve;

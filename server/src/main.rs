@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line naming the path/key and the fix; never a panic or a backtrace.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -27,7 +27,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::load(&args)?;
-            telemetry::init(&config.log)?;
+            let _telemetry = telemetry::init(&config.log, &config.ops)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(serve::run(config))
         }
@@ -36,4 +36,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Flattens an error chain to one line, dropping backtrace frames that some
+/// dependencies (candle) embed in their messages.
+fn one_line(msg: &str) -> String {
+    let is_frame = |l: &str| {
+        let t = l.trim_start();
+        t.starts_with("at ")
+            || t.split_once(": ")
+                .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+    };
+    let kept: Vec<&str> = msg.lines().filter(|l| !is_frame(l)).collect();
+    kept.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -12,7 +12,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api;
+use crate::api::observe::Ops;
 use crate::config::Config;
+use crate::engine::EngineHandle;
+use crate::model;
+use crate::ops;
 use crate::registry;
 use crate::state::{AppState, Loaded};
 
@@ -20,7 +24,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_listener = bind(config.server.grpc_addr, "server.grpc_addr", "--grpc-addr").await?;
     let http_listener = bind(config.server.http_addr, "server.http_addr", "--http-addr").await?;
     let drain = Duration::from_secs(config.server.drain_timeout_secs);
-    let state = AppState::new(config);
+    let ops = start_ops(&config)?;
+    let latency = ops.latency.clone();
+    let state = AppState::new(config, ops);
+    tokio::spawn(latency.run(Duration::from_secs(5)));
+    tokio::spawn(publish_engine_stats(state.clone()));
     tracing::info!(
         grpc = %grpc_listener.local_addr()?,
         http = %http_listener.local_addr()?,
@@ -50,6 +58,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "shutting down: no new requests, draining in-flight ones"
     );
     state.start_draining();
+    if let Some(l) = state.loaded() {
+        l.engine.shutdown();
+    }
     let _ = shutdown_tx.send(true);
     let servers = async {
         let (g, h) = tokio::join!(grpc, http);
@@ -61,13 +72,61 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(res) => res?,
         Err(_) => tracing::warn!("drain time exceeded; closing remaining streams"),
     }
+    if let Some(log) = &state.ops().request_log {
+        log.close();
+    }
     tracing::info!("bye");
     Ok(())
 }
 
+fn start_ops(config: &Config) -> anyhow::Result<Ops> {
+    let metrics = ops::metrics::install()?;
+    let cost = Arc::new(ops::cost::CostMonitor::new(&config.ops.cost));
+    let latency = Arc::new(ops::latency::LatencyMonitor::new(&config.ops.latency));
+    let log_cfg = &config.ops.request_log;
+    let request_log = if log_cfg.enabled {
+        Some(Arc::new(ops::request_log::RequestLog::start(log_cfg)?))
+    } else {
+        None
+    };
+    let tenants = config.ops.cost.budgets.keys().cloned().collect();
+    Ok(Ops::new(metrics, cost, latency, request_log, tenants))
+}
+
+/// Engine-level gauges the engine cannot push itself (ratios over its counters).
+async fn publish_engine_stats(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Some(l) = state.loaded() {
+            let s = l.engine.stats();
+            ops::metrics::record_prefix_cache(s.prefix_cache_queries, s.prefix_cache_hits);
+        }
+    }
+}
+
 fn load_models(state: &Arc<AppState>) -> anyhow::Result<()> {
-    let files = registry::locate(&state.config.models)?;
-    state.set_loaded(Loaded { files });
+    let cfg = &state.config;
+    let files = registry::locate(&cfg.models)?;
+    let threads = match cfg.models.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let model = model::load(&files.generation, threads)?;
+    let engine = EngineHandle::start(model.runner, model.tokenizer.clone(), &cfg.engine)?;
+    tracing::info!(
+        model = %files.generation.name,
+        context = engine.info().context_length,
+        threads,
+        "generation engine started"
+    );
+    state.set_loaded(Loaded {
+        model_name: files.generation.name.clone(),
+        files,
+        engine,
+        tokenizer: model.tokenizer,
+        chat_template: model.chat_template,
+    });
     Ok(())
 }
 

@@ -4,16 +4,25 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 
+use crate::api::observe::Ops;
 use crate::config::Config;
+use crate::engine::EngineHandle;
+use crate::model::chat_template::ChatTemplate;
 use crate::registry::ModelFiles;
 
 /// What exists once the models are loaded and validated.
 pub struct Loaded {
     pub files: ModelFiles,
+    /// The generation model's name as clients address it.
+    pub model_name: String,
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    pub chat_template: ChatTemplate,
 }
 
 pub struct AppState {
     pub config: Config,
+    ops: Arc<Ops>,
     loaded: OnceLock<Loaded>,
     /// Flips to true when the models are ready; health endpoints follow it.
     ready: watch::Sender<bool>,
@@ -22,13 +31,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Arc<Self> {
+    pub fn new(config: Config, ops: Ops) -> Arc<Self> {
         Arc::new(Self {
             config,
+            ops: Arc::new(ops),
             loaded: OnceLock::new(),
             ready: watch::channel(false).0,
             draining: watch::channel(false).0,
         })
+    }
+
+    pub fn ops(&self) -> &Arc<Ops> {
+        &self.ops
     }
 
     pub fn set_loaded(&self, loaded: Loaded) {
@@ -47,6 +61,10 @@ impl AppState {
 
     pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    pub fn subscribe_draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     pub fn start_draining(&self) {

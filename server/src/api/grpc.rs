@@ -1,8 +1,11 @@
 //! tonic server: `genai.v1.Inference`, `grpc.health.v1.Health` (per service),
 //! server reflection v1 and v1alpha, gzip, HTTP/2 keepalive, size limits.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::{Stream, StreamExt};
 
 use genai_proto::v1 as pb;
 use pb::inference_server::{Inference, InferenceServer};
@@ -13,7 +16,13 @@ use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use crate::state::AppState;
+use super::error::ApiError;
+use super::generate::{self, parse_grpc_timeout, SamplingInput};
+use super::observe::Observer;
+use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, TokenLogprob};
+use crate::model::chat_template::ChatMessage;
+use crate::registry::WeightsFormat;
+use crate::state::{AppState, Loaded};
 
 /// Names reported by `grpc.health.v1.Health`; "" is the whole server.
 const SERVICES: &[&str] = &["", "genai.v1.Inference"];
@@ -28,10 +37,16 @@ pub async fn serve(
         health.set_service_status(*s, ServingStatus::NotServing).await;
     }
     let mut ready = state.subscribe_ready();
+    let mut draining = state.subscribe_draining();
     tokio::spawn(async move {
         if ready.wait_for(|r| *r).await.is_ok() {
             for s in SERVICES {
                 health.set_service_status(*s, ServingStatus::Serving).await;
+            }
+        }
+        if draining.wait_for(|d| *d).await.is_ok() {
+            for s in SERVICES {
+                health.set_service_status(*s, ServingStatus::NotServing).await;
             }
         }
     });
@@ -53,6 +68,7 @@ pub async fn serve(
         .send_compressed(CompressionEncoding::Gzip);
 
     tonic::transport::Server::builder()
+        .layer(crate::ops::request_id::layer())
         .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_secs)))
         .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_secs)))
         .add_service(health_service)
@@ -70,16 +86,131 @@ pub struct InferenceService {
     state: Arc<AppState>,
 }
 
-type GenStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+type GenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl InferenceService {
-    fn loaded(&self) -> Result<&crate::state::Loaded, Status> {
+    fn loaded(&self) -> Result<&Loaded, ApiError> {
         if self.state.is_draining() {
-            return Err(Status::unavailable("server is shutting down"));
+            return Err(ApiError::Unavailable("server is shutting down".into()));
         }
         self.state
             .loaded()
-            .ok_or_else(|| Status::unavailable("models are still loading"))
+            .ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
+    }
+
+    fn observer<T>(&self, req: &Request<T>, method: &'static str, route: &str) -> Observer {
+        let md = req.metadata();
+        let rid = crate::ops::request_id::from_metadata(md)
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let tenant = self
+            .state
+            .ops()
+            .tenant_label(md.get("x-tenant-id").and_then(|v| v.to_str().ok()));
+        Observer::new(self.state.ops().clone(), "grpc", method, route, &rid, &tenant)
+    }
+
+    fn sampling(&self, p: Option<pb::SamplingParams>) -> Result<SamplingParams, ApiError> {
+        let p = p.unwrap_or_default();
+        let input = SamplingInput {
+            temperature: p.temperature.map(f64::from),
+            top_p: p.top_p.map(f64::from),
+            top_k: p.top_k.map(i64::from),
+            min_p: p.min_p.map(f64::from),
+            repetition_penalty: p.repetition_penalty.map(f64::from),
+            presence_penalty: p.presence_penalty.map(f64::from),
+            frequency_penalty: p.frequency_penalty.map(f64::from),
+            seed: p.seed,
+            max_tokens: p.max_tokens.map(i64::from),
+            min_tokens: p.min_tokens.map(i64::from),
+            ignore_eos: p.ignore_eos,
+            stop: p.stop,
+            stop_token_ids: p.stop_token_ids,
+            logprobs: match (p.logprobs, p.top_logprobs) {
+                (_, Some(n)) => Some(i64::from(n)),
+                (true, None) => Some(0),
+                (false, None) => None,
+            },
+        };
+        input.into_params(self.state.config.engine.default_max_tokens)
+    }
+
+    /// Validates with `prepare`, then streams the engine's events; every outcome is recorded by the observer.
+    fn stream<T>(
+        &self,
+        req: &Request<T>,
+        mut obs: Observer,
+        prepare: impl FnOnce(&Loaded) -> Result<(String, Vec<u32>, SamplingParams), ApiError>,
+    ) -> Result<Response<GenStream>, Status> {
+        let deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let prepared = self.loaded().and_then(|l| prepare(l).map(|p| (l, p)));
+        let (loaded, (prompt, tokens, params)) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                obs.on_api_error(&e);
+                return Err(e.into());
+            }
+        };
+        obs.set_model(&loaded.model_name, &prompt);
+        let events = generate::submit(loaded, obs, tokens, params, deadline)?;
+        let out = events.map(|ev| match ev {
+            Ok(EngineEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            }) => Ok(pb::GenerateResponse {
+                text,
+                token_ids,
+                logprobs: logprobs.into_iter().map(position_logprobs).collect(),
+                ..Default::default()
+            }),
+            Ok(EngineEvent::Finished { reason, usage }) => Ok(pb::GenerateResponse {
+                finish_reason: reason.as_str().into(),
+                usage: Some(pb::Usage {
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                    cached_prompt_tokens: usage.cached_prompt_tokens,
+                }),
+                ..Default::default()
+            }),
+            Ok(EngineEvent::Failed { message }) => Err(Status::internal(message)),
+            Err(e) => Err(e.into()),
+        });
+        Ok(Response::new(Box::pin(out) as GenStream))
+    }
+
+    /// Runs a unary call with accounting.
+    fn unary<R>(
+        &self,
+        mut obs: Observer,
+        f: impl FnOnce(&Loaded) -> Result<R, ApiError>,
+    ) -> Result<Response<R>, Status> {
+        match self.loaded().and_then(f) {
+            Ok(r) => {
+                obs.on_ok();
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                obs.on_api_error(&e);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn position_logprobs(p: PositionLogprobs) -> pb::PositionLogprobs {
+    let tl = |t: TokenLogprob| pb::TokenLogprob {
+        token_id: t.token_id,
+        token: t.token,
+        logprob: t.logprob,
+    };
+    pb::PositionLogprobs {
+        sampled: Some(tl(p.sampled)),
+        top: p.top.into_iter().map(tl).collect(),
     }
 }
 
@@ -88,32 +219,87 @@ impl Inference for InferenceService {
     type GenerateStream = GenStream;
     type ChatStream = GenStream;
 
-    async fn generate(&self, _req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
-        self.loaded()?;
-        Err(Status::unimplemented("Generate arrives with the engine"))
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
+        let obs = self.observer(&req, "Generate", "completion");
+        let r = req.get_ref();
+        self.stream(&req, obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let tokens = generate::prompt_tokens(loaded, &r.prompt)?;
+            Ok((r.prompt.clone(), tokens, self.sampling(r.sampling.clone())?))
+        })
     }
 
-    async fn chat(&self, _req: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
-        self.loaded()?;
-        Err(Status::unimplemented("Chat arrives with the engine"))
+    async fn chat(&self, req: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
+        let obs = self.observer(&req, "Chat", "chat");
+        let r = req.get_ref();
+        self.stream(&req, obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let messages: Vec<ChatMessage> = r
+                .messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect();
+            let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
+            Ok((prompt, tokens, self.sampling(r.sampling.clone())?))
+        })
     }
 
     async fn embed(&self, _req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        self.loaded()?;
         Err(Status::unimplemented("Embed arrives with the embedder"))
     }
 
-    async fn tokenize(&self, _req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
-        self.loaded()?;
-        Err(Status::unimplemented("Tokenize arrives with the engine"))
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let obs = self.observer(&req, "Tokenize", "tokenize");
+        let r = req.into_inner();
+        self.unary(obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let enc = loaded
+                .tokenizer
+                .encode(r.text.as_str(), r.add_special_tokens)
+                .map_err(|e| ApiError::invalid("text", format!("cannot tokenize: {e}")))?;
+            Ok(pb::TokenizeResponse {
+                token_ids: enc.get_ids().to_vec(),
+                tokens: enc.get_tokens().to_vec(),
+            })
+        })
     }
 
     async fn detokenize(
         &self,
-        _req: Request<pb::DetokenizeRequest>,
+        req: Request<pb::DetokenizeRequest>,
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
-        self.loaded()?;
-        Err(Status::unimplemented("Detokenize arrives with the engine"))
+        let obs = self.observer(&req, "Detokenize", "tokenize");
+        let r = req.into_inner();
+        self.unary(obs, |loaded| {
+            generate::check_model(loaded, &r.model)?;
+            let vocab = loaded.tokenizer.get_vocab_size(true) as u32;
+            if let Some(bad) = r.token_ids.iter().find(|&&t| t >= vocab) {
+                return Err(ApiError::invalid(
+                    "token_ids",
+                    format!("id {bad} is outside the vocabulary (size {vocab})"),
+                ));
+            }
+            let text = loaded
+                .tokenizer
+                .decode(&r.token_ids, r.skip_special_tokens)
+                .map_err(|e| ApiError::invalid("token_ids", format!("cannot decode: {e}")))?;
+            Ok(pb::DetokenizeResponse { text })
+        })
+    }
+
+    async fn feedback(&self, req: Request<pb::FeedbackRequest>) -> Result<Response<pb::FeedbackResponse>, Status> {
+        let obs = self.observer(&req, "Feedback", "feedback");
+        let r = req.into_inner();
+        self.unary(obs, |_| {
+            let log = self.state.ops().request_log.as_ref().ok_or_else(|| {
+                ApiError::Unavailable("the request log is disabled (ops.request_log.enabled = false)".into())
+            })?;
+            log.append_feedback(&r.request_id, r.rating, &r.comment)?;
+            Ok(pb::FeedbackResponse {})
+        })
     }
 
     async fn list_models(
@@ -122,17 +308,16 @@ impl Inference for InferenceService {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let loaded = self.loaded()?;
         let files = &loaded.files;
-        let path = |p: &crate::registry::WeightsFormat| match p {
-            crate::registry::WeightsFormat::Gguf(p) | crate::registry::WeightsFormat::Safetensors(p) => {
-                p.display().to_string()
-            }
+        let path = match &files.generation.weights {
+            WeightsFormat::Gguf(p) | WeightsFormat::Safetensors(p) => p.display().to_string(),
         };
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![
                 pb::ModelInfo {
-                    name: files.generation.name.clone(),
+                    name: loaded.model_name.clone(),
                     kind: "generation".into(),
-                    path: path(&files.generation.weights),
+                    context_length: loaded.engine.info().context_length as u32,
+                    path,
                     ..Default::default()
                 },
                 pb::ModelInfo {

@@ -2,15 +2,20 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::error::ApiError;
+use super::openai;
 use crate::state::AppState;
 
 pub async fn serve(
@@ -21,6 +26,12 @@ pub async fn serve(
     let app = Router::new()
         .route("/health", get(health))
         .route("/ready", get(health))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/feedback", post(feedback))
+        .route("/metrics", get(metrics))
+        .layer(crate::ops::request_id::layer())
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -38,5 +49,36 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"})))
+    }
+}
+
+/// Prometheus text exposition of every metric.
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.ops().metrics.render(),
+    )
+}
+
+#[derive(Deserialize)]
+struct FeedbackBody {
+    request_id: String,
+    rating: i32,
+    #[serde(default)]
+    comment: String,
+}
+
+/// Appends a rating for an earlier request to the request log.
+async fn feedback(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let res = openai::parse::<FeedbackBody>(&body).and_then(|f| {
+        let log = state.ops().request_log.as_ref().ok_or_else(|| {
+            ApiError::Unavailable("the request log is disabled (ops.request_log.enabled = false)".into())
+        })?;
+        log.append_feedback(&f.request_id, f.rating, &f.comment)
+            .map_err(ApiError::from)
+    });
+    match res {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "recorded"}))).into_response(),
+        Err(e) => e.into_response(),
     }
 }

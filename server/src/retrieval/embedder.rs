@@ -322,10 +322,11 @@ fn exp(x: f32) -> f32 {
 }
 
 /// Pools token states into sentence vectors and L2-normalises them, as
-/// sentence-transformers' `Pooling` + `Normalize` modules do.
+/// sentence-transformers' `Pooling` + `Normalize` modules do. Mean pooling is
+/// the shared CPU reference `genai_kernels::cpu::pooling::mean_pool` (masked
+/// mean, norm clamped at 1e-12); CLS takes the first token.
 ///
 /// `hidden` is `[b, t, dim]` row-major, `mask` `[b, t]` (1 = real token).
-/// Mean pooling divides by the mask sum clamped to >= 1e-9 as they do.
 pub fn pool_and_normalize(
     hidden: &[f32],
     mask: &[u32],
@@ -333,30 +334,19 @@ pub fn pool_and_normalize(
     t: usize,
     dim: usize,
     pooling: Pooling,
-) -> Vec<Vec<f32>> {
-    (0..b)
-        .map(|i| {
-            let mut v = vec![0f32; dim];
-            match pooling {
-                Pooling::Cls => v.copy_from_slice(&hidden[i * t * dim..i * t * dim + dim]),
-                Pooling::Mean => {
-                    let mut n = 0f32;
-                    for j in 0..t {
-                        if mask[i * t + j] == 0 {
-                            continue;
-                        }
-                        n += 1.0;
-                        let row = &hidden[(i * t + j) * dim..(i * t + j + 1) * dim];
-                        v.iter_mut().zip(row).for_each(|(a, x)| *a += x);
-                    }
-                    let n = n.max(1e-9);
-                    v.iter_mut().for_each(|a| *a /= n);
-                }
+) -> Result<Vec<Vec<f32>>> {
+    let mut flat = vec![0f32; b * dim];
+    match pooling {
+        Pooling::Mean => genai_kernels::cpu::pooling::mean_pool(&mut flat, hidden, mask, t, dim, true)
+            .map_err(|e| model_err(format!("pooling: {e}")))?,
+        Pooling::Cls => {
+            for (i, out) in flat.chunks_mut(dim).enumerate() {
+                out.copy_from_slice(&hidden[i * t * dim..i * t * dim + dim]);
+                normalize(out);
             }
-            normalize(&mut v);
-            v
-        })
-        .collect()
+        }
+    }
+    Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
 }
 
 /// In-place L2 normalisation (torch's `F.normalize`: divides by max(norm, 1e-12)).
@@ -481,7 +471,7 @@ impl Embedder {
             mask[i * t..i * t + s.len()].iter_mut().for_each(|m| *m = 1);
         }
         let hidden = self.bert.forward(&ids, &mask, b, t).map_err(model_err)?;
-        Ok(pool_and_normalize(&hidden, &mask, b, t, self.dim(), self.pooling))
+        pool_and_normalize(&hidden, &mask, b, t, self.dim(), self.pooling)
     }
 
     /// Tokenises and embeds `texts` in one call, sorted by length and split so
@@ -710,9 +700,14 @@ mod tests {
         // Two rows, second padded: its pad states must not move its mean.
         let hidden = [1.0, 0.0, 3.0, 0.0, 0.0, 2.0, 100.0, 100.0];
         let mask = [1, 1, 1, 0];
-        let v = pool_and_normalize(&hidden, &mask, 2, 2, 2, Pooling::Mean);
+        let v = pool_and_normalize(&hidden, &mask, 2, 2, 2, Pooling::Mean).unwrap();
         assert!((v[0][0] - 1.0).abs() < 1e-6 && v[0][1].abs() < 1e-6);
         assert!(v[1][0].abs() < 1e-6 && (v[1][1] - 1.0).abs() < 1e-6);
+        let cls = pool_and_normalize(&hidden, &mask, 2, 2, 2, Pooling::Cls).unwrap();
+        assert!(
+            (cls[1][1] - 1.0).abs() < 1e-6,
+            "CLS = first token of row 1 (0, 2) normalised: {cls:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,250 @@
+//! A tiny persistent worker pool for the CPU kernels.
+//!
+//! Why not `std::thread::scope` or rayon: a decode step issues ~200 matmuls of
+//! a few microseconds each; spawning threads per call costs more than the
+//! work, and rayon's idle workers spin and yield in ways that fight the
+//! caller for the only other core (seen in candle's profile).
+//!
+//! Design: the calling thread is one of the `threads` participants and
+//! claims tasks itself, so a job never waits for a worker to wake up — a
+//! sleeping or descheduled worker just means the caller does more of the
+//! tasks. Tasks are claimed with a CAS on `claim = (generation << 32) | next`;
+//! a late worker holding a stale job pointer fails that CAS (generation
+//! mismatch or no task left) before it could call the job, and a claimed task
+//! keeps the caller waiting (`done < n`), so the borrowed job outlives every
+//! call to it. Workers spin briefly on the generation counter (consecutive
+//! matmuls of a forward pass come microseconds apart), then park on a condvar.
+//! One job at a time: a concurrent caller that finds the pool busy runs its
+//! tasks on its own thread. A panicking task is caught, the job still
+//! completes, and the panic is re-raised in the caller.
+//!
+//! Tested by the kernel tests (bit-identical results for 1..8 threads and
+//! for concurrent callers) and by the unit tests below.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::time::{Duration, Instant};
+
+type Task<'a> = dyn Fn(usize) + Sync + 'a;
+
+/// How long an idle worker polls for the next job before parking.
+const SPIN: Duration = Duration::from_micros(200);
+/// Upper bound on worker threads (the pool never shrinks).
+const MAX_WORKERS: usize = 255;
+
+#[derive(Clone, Copy)]
+struct JobRef(*const Task<'static>);
+// SAFETY: the pointee is `Sync`; the claim protocol bounds its use to its lifetime.
+unsafe impl Send for JobRef {}
+
+struct Slot {
+    generation: u32,
+    job: Option<JobRef>,
+    n_tasks: usize,
+    workers: usize,
+    sleepers: usize,
+}
+
+struct Shared {
+    slot: Mutex<Slot>,
+    wake: Condvar,
+    epoch: AtomicU32,
+    claim: AtomicU64,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+/// Held by the one caller whose job is in flight; counts the spawned workers.
+static CALLER: Mutex<usize> = Mutex::new(0);
+
+fn shared() -> &'static Shared {
+    SHARED.get_or_init(|| Shared {
+        slot: Mutex::new(Slot {
+            generation: 0,
+            job: None,
+            n_tasks: 0,
+            workers: 0,
+            sleepers: 0,
+        }),
+        wake: Condvar::new(),
+        epoch: AtomicU32::new(0),
+        claim: AtomicU64::new(0),
+        done: AtomicUsize::new(0),
+        panicked: AtomicBool::new(false),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while these locks are held; recover the data regardless.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `task(i)` for every `i < n_tasks` on up to `threads` threads (the
+/// caller included) and returns when all have finished.
+pub(crate) fn run(threads: usize, n_tasks: usize, task: &Task<'_>) {
+    if threads <= 1 || n_tasks <= 1 {
+        (0..n_tasks).for_each(task);
+        return;
+    }
+    let mut spawned = match CALLER.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            (0..n_tasks).for_each(task);
+            return;
+        }
+    };
+    let sh = shared();
+    let want = (threads - 1).min(MAX_WORKERS);
+    while *spawned < want {
+        let id = *spawned;
+        let started = std::thread::Builder::new()
+            .name(format!("qmatmul-{id}"))
+            .spawn(move || worker(sh, id));
+        if started.is_err() {
+            break; // run with the workers we have
+        }
+        *spawned += 1;
+    }
+    // SAFETY (lifetime erasure): see the module doc; `run` returns only after
+    // `done == n_tasks`, and no worker calls the job without a successful claim.
+    let job = JobRef(unsafe { std::mem::transmute::<*const Task<'_>, *const Task<'static>>(task) });
+    let generation = {
+        let mut slot = lock(&sh.slot);
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.job = Some(job);
+        slot.n_tasks = n_tasks;
+        slot.workers = want.min(*spawned);
+        sh.done.store(0, Ordering::Relaxed);
+        sh.claim.store(u64::from(slot.generation) << 32, Ordering::Release);
+        sh.epoch.store(slot.generation, Ordering::Release);
+        if slot.sleepers > 0 {
+            sh.wake.notify_all();
+        }
+        slot.generation
+    };
+    work(sh, generation, n_tasks, job);
+    let mut polls = 0u32;
+    while sh.done.load(Ordering::Acquire) < n_tasks {
+        polls += 1;
+        if polls < 4096 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    drop(spawned);
+    if sh.panicked.swap(false, Ordering::AcqRel) {
+        panic!("a qmatmul task panicked");
+    }
+}
+
+/// Claims and runs tasks of job `generation` until none is left.
+fn work(sh: &Shared, generation: u32, n_tasks: usize, job: JobRef) {
+    let mut cur = sh.claim.load(Ordering::Acquire);
+    loop {
+        if (cur >> 32) as u32 != generation || (cur as u32 as usize) >= n_tasks {
+            return;
+        }
+        match sh
+            .claim
+            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                // SAFETY: a claimed task of the current generation keeps the caller in `run`.
+                let task = unsafe { &*job.0 };
+                if catch_unwind(AssertUnwindSafe(|| task(cur as u32 as usize))).is_err() {
+                    sh.panicked.store(true, Ordering::Release);
+                }
+                sh.done.fetch_add(1, Ordering::AcqRel);
+                cur = sh.claim.load(Ordering::Acquire);
+            }
+            Err(now) => cur = now,
+        }
+    }
+}
+
+fn worker(sh: &'static Shared, id: usize) {
+    let mut seen = sh.epoch.load(Ordering::Acquire);
+    loop {
+        let start = Instant::now();
+        let mut polls = 0u32;
+        let mut fresh = false;
+        while !fresh {
+            fresh = sh.epoch.load(Ordering::Acquire) != seen;
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(128) && start.elapsed() > SPIN {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let mut slot = lock(&sh.slot);
+        while slot.generation == seen {
+            slot.sleepers += 1;
+            slot = sh.wake.wait(slot).unwrap_or_else(|e| e.into_inner());
+            slot.sleepers -= 1;
+        }
+        let (generation, job, n_tasks, workers) = (slot.generation, slot.job, slot.n_tasks, slot.workers);
+        drop(slot);
+        seen = generation;
+        if let (Some(job), true) = (job, id < workers) {
+            work(sh, generation, n_tasks, job);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_exactly_once() {
+        for threads in [1, 2, 3, 5] {
+            for n in [0, 1, 2, 7, 64, 1000] {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                run(threads, n, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "threads {threads} n {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_callers_and_parked_workers() {
+        std::thread::scope(|s| {
+            for k in 0..4 {
+                s.spawn(move || {
+                    for round in 0..50 {
+                        if round % 10 == 0 {
+                            std::thread::sleep(SPIN * 3); // let workers park
+                        }
+                        let sum = AtomicUsize::new(0);
+                        run(2 + k % 2, 33, &|i| {
+                            sum.fetch_add(i, Ordering::Relaxed);
+                        });
+                        assert_eq!(sum.load(Ordering::Relaxed), 33 * 32 / 2);
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn task_panic_is_reraised_and_the_pool_survives() {
+        // Either path may run it (another test may hold the pool): the pool
+        // path completes the job before re-raising, the inline path unwinds.
+        let result = catch_unwind(AssertUnwindSafe(|| run(2, 16, &|i| assert!(i != 5, "boom"))));
+        assert!(result.is_err());
+        let again = AtomicUsize::new(0);
+        run(2, 16, &|_| {
+            again.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(again.load(Ordering::Relaxed), 16);
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# GPU tests of genai-kernels, built on a machine without a GPU and run on one that has it.
+#
+#   scripts/gpu-check.sh build   # here: builds the test binary into target/gpu-check/
+#   scripts/gpu-check.sh run     # on the GPU host, from the copied directory (no Rust needed)
+#
+# build: cudarc links libcuda (and libnvrtc) dynamically, as candle does. A CPU machine has
+# neither, so link-time stubs are generated from the symbol names of cudarc's own bindings (every
+# function returns an error; the sonames are the real ones, libcuda.so.1 / libnvrtc.so.13, so on the
+# GPU host the dynamic loader binds the real driver). The stubs are only on the link path
+# (LIBRARY_PATH) and never shipped.
+# run: needs the NVIDIA driver (libcuda.so.1) and libnvrtc.so.13 (any CUDA 13 toolkit, or the pip
+# wheel nvidia-cuda-nvrtc); the common locations are added to LD_LIBRARY_PATH.
+set -euo pipefail
+mode="${1:-build}"
+here="$(cd "$(dirname "$0")" && pwd)"
+
+if [ "$mode" = run ]; then
+  dir="${2:-$here}"
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null || true); do
+    [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+  done
+  export LD_LIBRARY_PATH
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1' && ! ls /usr/lib*/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 >/dev/null 2>&1; then
+    echo "SKIP: libcuda.so.1 (NVIDIA driver) not found on this host"
+    exit 0
+  fi
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  exec "$dir/genai-kernels-gpu-tests" --test-threads=1 --nocapture
+fi
+
+[ "$mode" = build ] || { echo "usage: $0 [build|run [DIR]]" >&2; exit 2; }
+cd "$here/.."
+. scripts/cuda-toolchain.sh
+gf_cuda_toolchain
+stubs="${GF_CUDA_CACHE:-$HOME/.cache/cuda13}/link-stubs"
+cudarc_src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10 2>/dev/null | head -1)"
+if [ -z "$cudarc_src" ]; then cargo fetch >/dev/null; cudarc_src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10 | head -1)"; fi
+mkdir -p "$stubs"
+make_stub() { # lib soname bindings.rs prefix
+  grep -oE "pub unsafe fn $4[A-Za-z0-9_]*" "$3" | awk '{print $4}' | sort -u |
+    awk '{printf "int %s(void) { return 999; }\n", $1}' >"$stubs/$1.c"
+  cc -shared -fPIC -Wl,-soname,"$2" -o "$stubs/$1.so" "$stubs/$1.c"
+  ln -sf "$1.so" "$stubs/$2" # for the smoke run below
+}
+make_stub libcuda libcuda.so.1 "$cudarc_src/src/driver/sys/mod.rs" cu
+make_stub libnvrtc libnvrtc.so.13 "$cudarc_src/src/nvrtc/sys/mod.rs" nvrtc
+export LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+bin="$(cargo test -p genai-kernels --features cuda --test gpu --no-run --message-format=json |
+  python3 -c 'import sys, json
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu": print(m["executable"])')"
+out="${CARGO_TARGET_DIR:-target}/gpu-check"
+mkdir -p "$out"
+cp "$bin" "$out/genai-kernels-gpu-tests"
+cp scripts/gpu-check.sh "$out/"
+# Smoke run against the stubs: the binary must start, and every test must skip (no driver here).
+smoke="$(LD_LIBRARY_PATH="$stubs" "$out/genai-kernels-gpu-tests" --test-threads=1 --nocapture 2>&1 || true)"
+grep -q 'SKIP: CUDA driver unavailable' <<<"$smoke" ||
+  { echo "error: the test binary did not start and skip against the link stubs" >&2; exit 1; }
+echo "built $out/genai-kernels-gpu-tests; copy $out to the GPU host and run: ./gpu-check.sh run"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit, property and end-to-end tests (the e2e tests
+# start the real binary with the real models). Installs what is missing first.
+# Release mode: the e2e tests run real inference, and one profile builds the deps once.
+set -euo pipefail
+source "$(dirname "$0")/lib/deps.sh"
+cd "$GF_ROOT"
+ensure_apt test
+ensure_test_python
+ensure_models
+cargo test --release --workspace "$@" 2>&1 | tee "$GF_CACHE/last-test.log"
+echo "== test summary =="
+grep -E '^test result:|^     Running' "$GF_CACHE/last-test.log" | paste - - | awk '{printf "%-60s %s %s %s %s %s %s\n", $2, $5, $6, $7, $8, $9, $10}'

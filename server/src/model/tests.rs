@@ -1,0 +1,363 @@
+//! Model tests on the real SmolLM2 GGUF and on a random tiny safetensors Llama:
+//! (a) the batched paged forward equals the dense reference forward (mixed batch, chunked prefill,
+//! decode, shuffled block tables, a copy-on-write block copy); tokenizer ids; (e) the chat template;
+//! greedy generation answers a factual question.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::chat_template::ChatMessage;
+use super::gguf::GgufFile;
+use super::llama::Llama;
+use super::paged::LlamaRunner;
+use super::*;
+use crate::engine::runner::{BatchEntry, ForwardBatch, ModelRunner};
+
+fn smollm_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn smollm() -> GenerationModel {
+    GenerationModel {
+        name: "smollm2".into(),
+        weights: WeightsFormat::Gguf(smollm_path()),
+    }
+}
+
+fn info_of(model: &Llama) -> ModelInfo {
+    let c = &model.cfg;
+    ModelInfo {
+        name: "test".into(),
+        vocab_size: c.vocab_size,
+        eos_token_ids: vec![],
+        context_length: c.context_length,
+        num_layers: c.num_layers,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        kv_bytes_per_token: paged::kv_bytes_per_token(model),
+    }
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    diff / scale.max(1e-12)
+}
+
+/// Drives three sequences through three mixed steps and compares every logits row with the dense
+/// forward of the same prefix. Returns the worst relative error.
+fn paged_vs_dense(model: Llama, vocab: u32) -> f32 {
+    let dense = model.clone();
+    let mut runner = LlamaRunner::new(model.clone(), info_of(&model));
+    let (block_size, num_blocks) = (4usize, 40usize);
+    runner.allocate_kv(num_blocks, block_size).unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+    free.shuffle(&mut rng);
+    let tok = |i: usize| (i as u32 * 7919 + 13) % vocab;
+    // Prompts of 7, 13 and 20 tokens; B and C prefill in two chunks.
+    let prompts: Vec<Vec<u32>> = [(0, 7), (100, 13), (200, 20)]
+        .iter()
+        .map(|&(o, n)| (o..o + n).map(tok).collect())
+        .collect();
+    let mut tables: Vec<Vec<u32>> = (0..3).map(|_| (0..8).map(|_| free.pop().unwrap()).collect()).collect();
+    let mut seqs: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    // Per step: (tokens of each sequence this step, want_logits).
+    let chunks: [[(usize, bool); 3]; 2] = [[(7, true), (5, false), (8, false)], [(0, false), (8, true), (12, true)]];
+    let mut worst = 0f32;
+    let mut check = |runner: &mut LlamaRunner, batch: ForwardBatch, seqs: &[Vec<u32>]| {
+        let out = runner.forward(&batch).unwrap();
+        let want: Vec<usize> = batch
+            .entries
+            .iter()
+            .filter(|e| e.want_logits)
+            .map(|e| e.seq_id as usize)
+            .collect();
+        assert_eq!(out.len(), want.len());
+        for (row, s) in out.iter().zip(want) {
+            let reference = dense.forward_dense(&seqs[s]).unwrap();
+            let e = rel_err(row, &reference);
+            worst = worst.max(e);
+        }
+        out
+    };
+    let mut last_logits: HashMap<usize, Vec<f32>> = HashMap::new();
+    for step in chunks {
+        let mut entries = Vec::new();
+        for (s, &(n, want)) in step.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let start = seqs[s].len();
+            let new: Vec<u32> = prompts[s][start..start + n].to_vec();
+            seqs[s].extend_from_slice(&new);
+            entries.push(BatchEntry {
+                seq_id: s as u64,
+                tokens: new,
+                start_pos: start,
+                block_table: tables[s].clone(),
+                want_logits: want,
+            });
+        }
+        let ids: Vec<usize> = entries
+            .iter()
+            .filter(|e| e.want_logits)
+            .map(|e| e.seq_id as usize)
+            .collect();
+        let out = check(
+            &mut runner,
+            ForwardBatch {
+                entries,
+                block_copies: vec![],
+            },
+            &seqs,
+        );
+        for (s, row) in ids.into_iter().zip(out) {
+            last_logits.insert(s, row);
+        }
+    }
+    // Two decode steps for all three; before the second, sequence 0's second block is copied
+    // (copy-on-write) to a fresh block that replaces it in its table.
+    for d in 0..2 {
+        let mut copies = vec![];
+        if d == 1 {
+            let fresh = free.pop().unwrap();
+            copies.push((tables[0][1], fresh));
+            tables[0][1] = fresh;
+        }
+        let mut entries = Vec::new();
+        for s in 0..3 {
+            let next = argmax(&last_logits[&s]);
+            seqs[s].push(next);
+            entries.push(BatchEntry {
+                seq_id: s as u64,
+                tokens: vec![next],
+                start_pos: seqs[s].len() - 1,
+                block_table: tables[s].clone(),
+                want_logits: true,
+            });
+        }
+        let out = check(
+            &mut runner,
+            ForwardBatch {
+                entries,
+                block_copies: copies,
+            },
+            &seqs,
+        );
+        for (s, row) in out.into_iter().enumerate() {
+            last_logits.insert(s, row);
+        }
+    }
+    worst
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+        .0 as u32
+}
+
+#[test]
+fn smollm2_paged_batch_matches_dense_forward() {
+    let mut g = GgufFile::open(&smollm_path()).unwrap();
+    let model = Llama::from_gguf(&mut g).unwrap();
+    assert_eq!(
+        (model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim),
+        (30, 3, 64)
+    );
+    let worst = paged_vs_dense(model, 49152);
+    assert!(worst < 1e-4, "relative error {worst}");
+}
+
+/// Writes a random tiny Llama (GQA, untied head, llama3 rope scaling) as config.json + safetensors.
+fn tiny_llama(dir: &std::path::Path, dtype: DType) {
+    let (vocab, hidden, inter, layers, heads, kv_heads) = (97usize, 32usize, 48usize, 2usize, 4usize, 2usize);
+    let hd = hidden / heads;
+    let dev = Device::Cpu;
+    let mut w: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |name: String, shape: &[usize], std: f64| {
+        let t = (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * std).unwrap();
+        w.insert(name, t.to_dtype(dtype).unwrap());
+    };
+    put("model.embed_tokens.weight".into(), &[vocab, hidden], 1.0);
+    put("lm_head.weight".into(), &[vocab, hidden], 0.2);
+    put("model.norm.weight".into(), &[hidden], 1.0);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        put(format!("{p}.input_layernorm.weight"), &[hidden], 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[hidden], 1.0);
+        put(format!("{p}.self_attn.q_proj.weight"), &[heads * hd, hidden], 0.3);
+        put(format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, hidden], 0.3);
+        put(format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, hidden], 0.3);
+        put(format!("{p}.self_attn.o_proj.weight"), &[hidden, heads * hd], 0.2);
+        put(format!("{p}.mlp.gate_proj.weight"), &[inter, hidden], 0.2);
+        put(format!("{p}.mlp.up_proj.weight"), &[inter, hidden], 0.2);
+        put(format!("{p}.mlp.down_proj.weight"), &[hidden, inter], 0.2);
+    }
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": false,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64}
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+}
+
+#[test]
+fn tiny_safetensors_llama_paged_matches_dense() {
+    for dtype in [DType::F32, DType::BF16] {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_llama(dir.path(), dtype);
+        let model = Llama::from_safetensors(dir.path()).unwrap();
+        assert_eq!(model.cfg.num_kv_heads, 2);
+        let worst = paged_vs_dense(model, 97);
+        assert!(worst < 1e-4, "{dtype:?}: relative error {worst}");
+    }
+}
+
+#[test]
+fn runner_rejects_bad_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_llama(dir.path(), DType::F32);
+    let model = Llama::from_safetensors(dir.path()).unwrap();
+    let mut r = LlamaRunner::new(model.clone(), info_of(&model));
+    let entry = |tokens: Vec<u32>, table: Vec<u32>| BatchEntry {
+        seq_id: 1,
+        tokens,
+        start_pos: 0,
+        block_table: table,
+        want_logits: true,
+    };
+    let batch = |e: BatchEntry| ForwardBatch {
+        entries: vec![e],
+        block_copies: vec![],
+    };
+    let err = r.forward(&batch(entry(vec![1], vec![0]))).unwrap_err().to_string();
+    assert!(err.contains("allocate_kv"), "{err}");
+    r.allocate_kv(4, 4).unwrap();
+    let err = r.forward(&batch(entry(vec![1; 5], vec![0]))).unwrap_err().to_string();
+    assert!(err.contains("block_table"), "{err}");
+    let err = r.forward(&batch(entry(vec![1], vec![9]))).unwrap_err().to_string();
+    assert!(err.contains("block 9"), "{err}");
+    let err = r.forward(&batch(entry(vec![500], vec![0]))).unwrap_err().to_string();
+    assert!(err.contains("vocabulary"), "{err}");
+    let err = r.forward(&batch(entry(vec![], vec![0]))).unwrap_err().to_string();
+    assert!(err.contains("no tokens"), "{err}");
+    let bad_copy = ForwardBatch {
+        entries: vec![],
+        block_copies: vec![(0, 7)],
+    };
+    assert!(r.forward(&bad_copy).unwrap_err().to_string().contains("block_copies"));
+    // A good batch still works afterwards.
+    assert_eq!(r.forward(&batch(entry(vec![1, 2], vec![3]))).unwrap()[0].len(), 97);
+}
+
+#[test]
+fn smollm2_tokenizer_matches_reference_ids() {
+    let g = GgufFile::open(&smollm_path()).unwrap();
+    let (tok, info) = tokenizer::from_gguf(&g).unwrap();
+    // Reference ids: HF `tokenizers` byte-level BPE over the same vocabulary and merges.
+    let cases: [(&str, &[u32]); 3] = [
+        ("Hello, world!", &[19556, 28, 905, 17]),
+        (
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+            &[
+                1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+            ],
+        ),
+        (
+            " multiple   spaces\tand\nnewlines éà 日本語 🙂",
+            &[
+                2701, 256, 5600, 197, 397, 198, 2241, 5110, 26411, 16739, 17097, 241, 115, 40993, 179, 120, 248, 47526,
+            ],
+        ),
+    ];
+    for (text, ids) in cases {
+        let enc = tok.encode(text, false).unwrap();
+        assert_eq!(enc.get_ids(), ids, "{text:?}");
+        assert_eq!(tok.decode(ids, false).unwrap(), text);
+    }
+    // SmolLM splits numbers into single digits (llama.cpp pre-tokenizer "smollm").
+    let digits = tok.encode("1234", false).unwrap();
+    assert_eq!(digits.get_ids().len(), 4);
+    assert_eq!(tok.decode(digits.get_ids(), false).unwrap(), "1234");
+    assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+    assert_eq!(info.eos.as_ref().map(|e| e.0), Some(2));
+    assert!(info.stop_ids.contains(&2) && !info.add_bos);
+    // No BOS added even with special tokens on (add_bos_token = false).
+    assert_eq!(tok.encode("Hello", true).unwrap().get_ids(), &[19556]);
+}
+
+#[test]
+fn smollm2_chat_template_renders_expected_prompt() {
+    let loaded = load(&smollm(), 0).unwrap();
+    let msgs = [
+        ChatMessage::new("system", "You are terse."),
+        ChatMessage::new("user", "Hi there"),
+    ];
+    let p = loaded.chat_template.render(&msgs, true).unwrap();
+    assert_eq!(
+        p,
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Without a system message the template inserts SmolLM's default one.
+    let p = loaded.chat_template.render(&msgs[1..], false).unwrap();
+    assert!(
+        p.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{p}"
+    );
+    assert!(p.ends_with("<|im_start|>user\nHi there<|im_end|>\n"), "{p}");
+    assert_eq!(loaded.info.eos_token_ids[0], 2);
+    assert_eq!(loaded.info.kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
+}
+
+#[test]
+fn smollm2_greedy_answers_capital_of_france() {
+    let mut loaded = load(&smollm(), 0).unwrap();
+    let prompt = loaded
+        .chat_template
+        .render(&[ChatMessage::new("user", "What is the capital of France?")], true)
+        .unwrap();
+    let mut tokens = loaded.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+    let block_size = 16;
+    loaded.runner.allocate_kv(8, block_size).unwrap();
+    let table: Vec<u32> = vec![5, 2, 7, 0, 1, 3, 4, 6];
+    let mut start = 0;
+    let mut generated = Vec::new();
+    for _ in 0..24 {
+        let entry = BatchEntry {
+            seq_id: 0,
+            tokens: tokens[start..].to_vec(),
+            start_pos: start,
+            block_table: table.clone(),
+            want_logits: true,
+        };
+        let logits = loaded
+            .runner
+            .forward(&ForwardBatch {
+                entries: vec![entry],
+                block_copies: vec![],
+            })
+            .unwrap();
+        start = tokens.len();
+        let next = argmax(&logits[0]);
+        if loaded.info.eos_token_ids.contains(&next) {
+            break;
+        }
+        tokens.push(next);
+        generated.push(next);
+    }
+    let text = loaded.tokenizer.decode(&generated, true).unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}

@@ -1,0 +1,226 @@
+//! Starts the real `genai-factory` binary on free loopback ports with the real
+//! models, waits for it to become healthy, and kills it on drop.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_genai-factory");
+
+/// The repository root (tests/ sits next to server/).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("server/ has a parent")
+        .to_path_buf()
+}
+
+/// The real models fetched by scripts/fetch-models.sh.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("GENAI_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models"));
+    assert!(
+        dir.join("smollm2-135m-instruct").is_dir(),
+        "models missing in {}: run scripts/fetch-models.sh",
+        dir.display()
+    );
+    dir
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+/// Runs `genai-factory ARGS` to completion (for start-up failures), bounded in time.
+pub fn run_to_exit(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("RUST_LOG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn genai-factory");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("collect output");
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect output");
+            panic!(
+                "genai-factory {args:?} did not exit within {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running server; killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub struct ServerBuilder {
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl ServerBuilder {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.envs.push((k.into(), v.into()));
+        self
+    }
+
+    /// Spawns the server and waits until GET /health answers 200.
+    pub async fn start(self) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let grpc = free_addr();
+        let http = free_addr();
+        let log_path = dir.path().join("server.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--grpc-addr")
+            .arg(grpc.to_string())
+            .arg("--http-addr")
+            .arg(http.to_string())
+            .arg("--models-dir")
+            .arg(models_dir())
+            .args(&self.args)
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn genai-factory serve");
+        let mut server = Server {
+            child: Some(child),
+            grpc,
+            http,
+            log_path,
+            _dir: dir,
+        };
+        server.wait_healthy(Duration::from_secs(180)).await;
+        server
+    }
+}
+
+impl Server {
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
+    }
+
+    pub async fn start() -> Server {
+        Self::builder().start().await
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// A fresh gRPC channel to the server.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.grpc_url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    async fn wait_healthy(&mut self, timeout: Duration) {
+        let client = reqwest::Client::new();
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = client.get(self.http_url("/health")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("server exited early with {status}; log:\n{}", self.logs());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "server not healthy within {timeout:?}; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(self, timeout: Duration) -> ExitStatus {
+        self.signal_term();
+        self.terminate_wait(timeout).await
+    }
+
+    pub fn signal_term(&self) {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit (after a signal).
+    pub async fn terminate_wait(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return s;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                panic!(
+                    "server did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! End-to-end tests: each starts the real `genai-factory` binary (built by
+//! cargo for this test target) with the real default models from `models/`.
+
+mod harness;
+
+mod api;
+mod foundation;

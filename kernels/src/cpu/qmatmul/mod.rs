@@ -9,14 +9,16 @@
 //! [`QMatrix::new`] repacks the blocks once into groups of 16 rows whose
 //! quants are interleaved 4 bytes per row (see `pack::Layout`), scales and
 //! mins in separate per-block tables: a kernel then loads 64 bytes holding
-//! the same 4 columns of 16 rows. Same size as the GGUF bytes (Q8_0: +2 bytes
-//! per block for the quant sum); the raw bytes are not kept.
+//! the same 4 columns of 16 rows (Q8_0 quants stored `+128`, unsigned). Same
+//! size as the GGUF bytes; the raw bytes are not kept.
 //!
 //! # Algorithm (llama.cpp's, with a batch-reusing tile)
 //! 1. Each activation row is quantized once per call to Q8 blocks: per 32
 //!    values `d = amax/127`, `q = round(x/d)` ∈ [-127, 127] and `s = d·Σq`.
-//! 2. Per block, integer dot products of weight quants × activation quants,
-//!    then `acc += dot·(d_w·d_x)` (+ `m_w·s_x` for Q4_1, `-8·d_w·s_x` for Q4_0).
+//! 2. Per block, integer dot products of the unsigned weight quants (Q4
+//!    nibbles, Q8_0 `q+128`) × the signed activation quants (Q8_0 corrected
+//!    exactly in i32 by `-128·Σq_x`), then `acc += dot·(d_w·d_x)`
+//!    (+ `m_w·s_x` for Q4_1, `-8·d_w·s_x` for Q4_0).
 //!    AVX-512 VNNI: `vpdpbusd` on 16 rows × 4 bytes with the activation bytes
 //!    broadcast (no horizontal sums); AVX2: `vpmaddubsw` + `vpmaddwd` on 8
 //!    rows; a portable scalar kernel otherwise. Chosen at run time
@@ -363,8 +365,7 @@ pub fn qmatmul_with_isa(
             pool::run(threads, n_tasks, &task);
         }
         Store::Packed { quant, lay, bytes } => SCRATCH.with_borrow_mut(|scratch| {
-            let offset = *quant == Quant::Q8_0 && isa == Isa::Avx512Vnni;
-            let acts = scratch.quantize(x, w.cols, offset, isa == Isa::Avx512Vnni);
+            let acts = scratch.quantize(x, w.cols, isa == Isa::Avx512Vnni);
             let job = Job {
                 quant: *quant,
                 lay,

@@ -484,3 +484,10 @@ fn real_smollm2_tensors() {
         assert!((num / den).sqrt() < 0.02);
     }
 }
+
+#[test]
+fn matrices_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<QMatrix>();
+    shareable::<QMatmulError>();
+}

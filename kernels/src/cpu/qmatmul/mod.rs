@@ -317,8 +317,10 @@ pub(crate) struct Job<'a> {
 /// Products smaller than this many multiply-adds run on the calling thread:
 /// below it, handing work to another core costs more than it saves.
 const PAR_MIN_MACS: usize = 1 << 17;
-/// Tasks per participating thread, so that a descheduled thread delays little.
+/// Tasks per participating thread, so that an unevenly fast thread delays little.
 const TASKS_PER_THREAD: usize = 4;
+/// Smallest task worth a claim (a contended cache line costs ~0.1-0.2 µs).
+const MIN_TASK_MACS: usize = 1 << 16;
 
 thread_local! {
     static SCRATCH: RefCell<QActs> = RefCell::new(QActs::default());

@@ -357,7 +357,7 @@ pub fn qmatmul_with_isa(
     let n_tasks = if threads == 1 || macs < PAR_MIN_MACS {
         1
     } else {
-        units.min(threads * TASKS_PER_THREAD)
+        units.min(threads * TASKS_PER_THREAD).min(macs / MIN_TASK_MACS)
     };
     let range = |i: usize| (i * units / n_tasks, (i + 1) * units / n_tasks);
     let out_ptr = OutPtr(out.as_mut_ptr());

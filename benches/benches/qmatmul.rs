@@ -1,6 +1,11 @@
 //! Criterion benchmark of `genai_kernels::cpu::qmatmul` on the SmolLM2-135M
 //! shapes (Q4_1 layers, the Q8_0 output layer) at decode batch sizes.
 //!
+//! `qmatmul/smollm2_step` runs every matmul of one SmolLM2 forward step
+//! (30 layers × q,k,v,o,gate,up,down + the output layer, 134M weights, 98 MB
+//! packed, distinct matrices so they stream from memory as in real decoding):
+//! its time per iteration bounds the matmul share of a decode step.
+//!
 //! Throughput is reported as "elements" = floating-point operations
 //! (2 · rows · cols · batch per call), so criterion's `Gelem/s` reads as GFLOP/s.
 //! Threads: `QMATMUL_THREADS` (default 2, the deployment's core count).
@@ -70,12 +75,46 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+fn bench_step(c: &mut Criterion) {
+    let threads: usize = std::env::var("QMATMUL_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let (h, f, kv) = (576, 1536, 192);
+    let layer_shapes = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)];
+    let mut mats: Vec<QMatrix> = Vec::new();
+    for _ in 0..30 {
+        mats.extend(layer_shapes.iter().map(|&(r, k)| matrix(QType::Q4_1, r, k)));
+    }
+    mats.push(matrix(QType::Q8_0, 49152, h));
+    let flops_per_token: usize = mats.iter().map(|m| 2 * m.rows() * m.cols()).sum();
+    let mut group = c.benchmark_group(format!("qmatmul/smollm2_step/t{threads}"));
+    for batch in [1usize, 16, 64] {
+        let x: Vec<f32> = bytes(batch * f, 3).iter().map(|&b| (b as f32 - 127.5) / 64.0).collect();
+        let mut out = vec![0f32; batch * 49152];
+        group.throughput(Throughput::Elements((flops_per_token * batch) as u64));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(format!("b{batch}")),
+            &batch,
+            |bch, &batch| {
+                bch.iter(|| {
+                    for m in &mats {
+                        let (xs, os) = (&x[..batch * m.cols()], &mut out[..batch * m.rows()]);
+                        qmatmul(m, xs, batch, os, threads).expect("qmatmul");
+                    }
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1))
         .sample_size(20);
-    targets = bench
+    targets = bench, bench_step
 }
 criterion_main!(benches);

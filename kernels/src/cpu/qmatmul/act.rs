@@ -1,13 +1,13 @@
 //! Activation quantization: f32 rows → per-32 blocks of i8 quants with an
-//! f32 scale `d` and the scaled block sum `s = d * Σq`.
+//! f32 scale `d`, the scaled block sum `s = d * Σq` (Q4 min terms) and
+//! `c = -128 * Σq` (the exact integer correction of the Q8_0 kernels, whose
+//! weights are stored `+128`).
 //!
 //! Owns the per-thread scratch buffers so that a call allocates nothing once
 //! warm. Invariants: quants lie in [-127, 127] (so VNNI/maddubs never
 //! saturate), `d = amax / 127` exactly as llama.cpp's `quantize_row_q8_0`
 //! (kept in f32, not rounded to f16), rounding is to nearest-even on every
 //! path, so the scalar and AVX-512 quantizers produce identical bytes (tested).
-//! For the VNNI Q8_0 kernel the quants are stored offset by +128 as unsigned
-//! bytes (`offset = true`).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -20,60 +20,58 @@ pub(crate) struct QActs {
     qs: Vec<u8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    c: Vec<i32>,
 }
 
 /// Borrowed view of quantized activations: row `b` owns `qs[b*cols..]`,
-/// `d[b*nb..]`, `s[b*nb..]`.
+/// `d[b*nb..]`, `s[b*nb..]`, `c[b*nb..]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Acts<'a> {
     pub qs: &'a [u8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub c: &'a [i32],
     pub cols: usize,
     pub nb: usize,
 }
 
 impl QActs {
     /// Quantizes `batch` rows of `cols` (a multiple of 32) elements of `x`.
-    pub(crate) fn quantize(&mut self, x: &[f32], cols: usize, offset: bool, avx512: bool) -> Acts<'_> {
+    pub(crate) fn quantize(&mut self, x: &[f32], cols: usize, avx512: bool) -> Acts<'_> {
         let nb = cols / QK;
         let blocks = x.len() / QK;
         self.qs.resize(x.len(), 0);
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
+        self.c.resize(blocks, 0);
         #[cfg(target_arch = "x86_64")]
         if avx512 {
             // SAFETY: the caller checked AVX-512F; all slices hold `blocks` blocks.
-            unsafe { quantize_avx512(x, &mut self.qs, &mut self.d, &mut self.s, offset) };
-            return Acts {
-                qs: &self.qs,
-                d: &self.d,
-                s: &self.s,
-                cols,
-                nb,
-            };
+            unsafe { quantize_avx512(x, &mut self.qs, &mut self.d, &mut self.s, &mut self.c) };
+            return self.view(cols, nb);
         }
         let _ = avx512;
-        for (((xb, qb), d), s) in x
-            .chunks_exact(QK)
-            .zip(self.qs.chunks_exact_mut(QK))
-            .zip(self.d.iter_mut())
-            .zip(self.s.iter_mut())
-        {
-            (*d, *s) = quantize_block(xb, qb, offset);
+        for (j, (xb, qb)) in x.chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
+            let (d, sum) = quantize_block(xb, qb);
+            (self.d[j], self.s[j], self.c[j]) = (d, d * sum as f32, -128 * sum);
         }
+        self.view(cols, nb)
+    }
+
+    fn view(&self, cols: usize, nb: usize) -> Acts<'_> {
         Acts {
             qs: &self.qs,
             d: &self.d,
             s: &self.s,
+            c: &self.c,
             cols,
             nb,
         }
     }
 }
 
-/// Portable quantizer for one block; returns `(d, d * Σq)`.
-fn quantize_block(x: &[f32], q: &mut [u8], offset: bool) -> (f32, f32) {
+/// Portable quantizer for one block; returns `(d, Σq)`.
+fn quantize_block(x: &[f32], q: &mut [u8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -81,16 +79,15 @@ fn quantize_block(x: &[f32], q: &mut [u8], offset: bool) -> (f32, f32) {
     for (o, &v) in q.iter_mut().zip(x) {
         let qi = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
         sum += qi;
-        *o = if offset { (qi + 128) as u8 } else { qi as i8 as u8 };
+        *o = qi as i8 as u8;
     }
-    (d, d * sum as f32)
+    (d, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantize_avx512(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32], offset: bool) {
+unsafe fn quantize_avx512(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32], c: &mut [i32]) {
     let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
-    let off = _mm512_set1_epi32(if offset { 128 } else { 0 });
     for j in 0..d.len() {
         let p = x.as_ptr().add(j * QK);
         let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
@@ -102,10 +99,11 @@ unsafe fn quantize_avx512(x: &[f32], qs: &mut [u8], d: &mut [f32], s: &mut [f32]
         let q1 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id)), hi), lo);
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         let out = qs.as_mut_ptr().add(j * QK);
-        _mm_storeu_si128(out.cast(), _mm512_cvtepi32_epi8(_mm512_add_epi32(q0, off)));
-        _mm_storeu_si128(out.add(16).cast(), _mm512_cvtepi32_epi8(_mm512_add_epi32(q1, off)));
+        _mm_storeu_si128(out.cast(), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(out.add(16).cast(), _mm512_cvtepi32_epi8(q1));
         d[j] = dj;
         s[j] = dj * sum as f32;
+        c[j] = -128 * sum;
     }
 }
 
@@ -117,27 +115,20 @@ mod tests {
     fn scalar_block_matches_llama_cpp_rule() {
         let x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) * 0.37).collect();
         let mut q = [0u8; 32];
-        let (d, s) = quantize_block(&x, &mut q, false);
+        let (d, sum) = quantize_block(&x, &mut q);
         assert_eq!(d, 15.5 * 0.37 / 127.0);
         assert_eq!(q[0] as i8, -127);
         assert_eq!(q[31] as i8, 127);
-        let sum: i32 = q.iter().map(|&v| i32::from(v as i8)).sum();
-        assert_eq!(s, d * sum as f32);
+        assert_eq!(sum, q.iter().map(|&v| i32::from(v as i8)).sum::<i32>());
         for (v, &qi) in x.iter().zip(&q) {
             assert!((v - d * f32::from(qi as i8)).abs() <= d * 0.5 * 1.0001);
         }
-        let mut qo = [0u8; 32];
-        quantize_block(&x, &mut qo, true);
-        assert!(q
-            .iter()
-            .zip(&qo)
-            .all(|(&a, &b)| i32::from(a as i8) + 128 == i32::from(b)));
     }
 
     #[test]
     fn zero_block_has_zero_scale() {
         let mut q = [1u8; 32];
-        assert_eq!(quantize_block(&[0.0; 32], &mut q, false), (0.0, 0.0));
+        assert_eq!(quantize_block(&[0.0; 32], &mut q), (0.0, 0));
         assert!(q.iter().all(|&v| v == 0));
     }
 
@@ -165,13 +156,12 @@ mod tests {
                 }
             })
             .collect();
-        for offset in [false, true] {
-            let (mut a, mut b) = (QActs::default(), QActs::default());
-            let sa = a.quantize(&x, 32 * 97, offset, false);
-            let sb = b.quantize(&x, 32 * 97, offset, true);
-            assert_eq!(sa.qs, sb.qs);
-            assert_eq!(sa.d, sb.d);
-            assert_eq!(sa.s, sb.s);
-        }
+        let (mut a, mut b) = (QActs::default(), QActs::default());
+        let sa = a.quantize(&x, 32 * 97, false);
+        let sb = b.quantize(&x, 32 * 97, true);
+        assert_eq!(sa.qs, sb.qs);
+        assert_eq!(sa.d, sb.d);
+        assert_eq!(sa.s, sb.s);
+        assert_eq!(sa.c, sb.c);
     }
 }

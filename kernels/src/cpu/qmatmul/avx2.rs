@@ -4,8 +4,9 @@
 //! `vpdpbusd`.
 //!
 //! No i16 saturation: Q4 pairs are ≤ 2·15·127 = 3810, and the 8 pair sums of
-//! a block (≤ 30480) are added in i16 before widening; Q8_0 uses the
-//! `|w| · sign(x, w)` trick (pairs ≤ 2·128·127 = 32512) and widens every chunk.
+//! a block (≤ 30480) are added in i16 before widening; Q8_0 (stored `q+128`)
+//! flips back to signed and uses the `|w| · sign(x, w)` trick (pairs
+//! ≤ 2·128·127 = 32512), widening every chunk.
 
 use std::arch::x86_64::*;
 
@@ -137,13 +138,14 @@ unsafe fn q8_tile<const NB: usize>(job: &Job<'_>, g: usize, h: usize, b0: usize)
     let xq: [*const u8; NB] = std::array::from_fn(|t| acts.qs.as_ptr().add((b0 + t) * acts.cols));
     let xd: [*const f32; NB] = std::array::from_fn(|t| acts.d.as_ptr().add((b0 + t) * acts.nb));
     let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(i8::MIN);
     let mut acc = [_mm256_setzero_ps(); NB];
     for j in 0..lay.nb {
         let q = group.add(j * lay.qs_block + h * 32);
         let dv = _mm256_cvtph_ps(_mm_load_si128(group.add(lay.d_off + j * 32 + h * 16).cast()));
         let mut isum = [_mm256_setzero_si256(); NB];
         for c in 0..8 {
-            let w = _mm256_load_si256(q.add(c * 64).cast());
+            let w = _mm256_xor_si256(_mm256_load_si256(q.add(c * 64).cast()), flip);
             let aw = _mm256_abs_epi8(w);
             for t in 0..NB {
                 let sx = _mm256_sign_epi8(bx!(xq[t].add(j * 32 + c * 4)), w);

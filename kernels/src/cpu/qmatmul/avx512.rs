@@ -4,10 +4,9 @@
 //!
 //! Per block and group the weights are loaded and unpacked once into
 //! registers and reused for a tile of up to [`NB_MAX`] batch rows.
-//! Q4: weights are the unsigned operand (nibbles 0..15), activations the
-//! signed one; the Q4_1 min (and the Q4_0 `-8` offset) is added as `m * s`.
-//! Q8_0: `vpdpbusd` needs one unsigned operand, so activations are stored
-//! `+128` and the accumulator starts at `-128 * Σw` (packed per block).
+//! Weights are the unsigned operand (Q4 nibbles 0..15, Q8_0 stored `q+128`),
+//! activations the signed one. The Q4_1 min (and the Q4_0 `-8` offset) is
+//! added as `m * s`; the Q8_0 accumulator starts at `-128 * Σq_x` (exact).
 
 use std::arch::x86_64::*;
 
@@ -136,6 +135,7 @@ unsafe fn q8_tile<const NB: usize>(job: &Job<'_>, g: usize, b0: usize) {
     let group = job.packed.as_ptr().add(g * lay.stride);
     let xq: [*const u8; NB] = std::array::from_fn(|t| acts.qs.as_ptr().add((b0 + t) * acts.cols));
     let xd: [*const f32; NB] = std::array::from_fn(|t| acts.d.as_ptr().add((b0 + t) * acts.nb));
+    let xc: [*const i32; NB] = std::array::from_fn(|t| acts.c.as_ptr().add((b0 + t) * acts.nb));
     let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); NB];
     for j in 0..lay.nb {
@@ -151,20 +151,17 @@ unsafe fn q8_tile<const NB: usize>(job: &Job<'_>, g: usize, b0: usize) {
             _mm512_load_si512(q.add(7)),
         ];
         let dv = _mm512_cvtph_ps(_mm256_load_si256(group.add(lay.d_off + j * 32).cast()));
-        // Σ (x+128)·w = Σ x·w + 128·Σw: start from -128·Σw.
-        let init = _mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(_mm256_load_si256(
-            group.add(lay.aux_off + j * 32).cast(),
-        )));
         for t in 0..NB {
             let x = xq[t].add(j * 32);
-            let mut s0 = _mm512_dpbusd_epi32(init, bx!(x), w[0]);
-            let mut s1 = _mm512_dpbusd_epi32(zero, bx!(x.add(16)), w[4]);
-            s0 = _mm512_dpbusd_epi32(s0, bx!(x.add(4)), w[1]);
-            s1 = _mm512_dpbusd_epi32(s1, bx!(x.add(20)), w[5]);
-            s0 = _mm512_dpbusd_epi32(s0, bx!(x.add(8)), w[2]);
-            s1 = _mm512_dpbusd_epi32(s1, bx!(x.add(24)), w[6]);
-            s0 = _mm512_dpbusd_epi32(s0, bx!(x.add(12)), w[3]);
-            s1 = _mm512_dpbusd_epi32(s1, bx!(x.add(28)), w[7]);
+            // Σ (w+128)·x = Σ w·x + 128·Σx: start from -128·Σx.
+            let mut s0 = _mm512_dpbusd_epi32(_mm512_set1_epi32(*xc[t].add(j)), w[0], bx!(x));
+            let mut s1 = _mm512_dpbusd_epi32(zero, w[4], bx!(x.add(16)));
+            s0 = _mm512_dpbusd_epi32(s0, w[1], bx!(x.add(4)));
+            s1 = _mm512_dpbusd_epi32(s1, w[5], bx!(x.add(20)));
+            s0 = _mm512_dpbusd_epi32(s0, w[2], bx!(x.add(8)));
+            s1 = _mm512_dpbusd_epi32(s1, w[6], bx!(x.add(24)));
+            s0 = _mm512_dpbusd_epi32(s0, w[3], bx!(x.add(12)));
+            s1 = _mm512_dpbusd_epi32(s1, w[7], bx!(x.add(28)));
             let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*xd[t].add(j)));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), scale, acc[t]);
         }

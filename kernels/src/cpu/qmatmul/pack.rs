@@ -46,14 +46,13 @@ pub(crate) const QK: usize = 32;
 
 /// Byte geometry of one packed group for a matrix with `nb` blocks per row.
 ///
-/// A group is `[quants: nb × qs_block][scales d: nb × 16 × f16][aux: nb × 16 × (f16|i16)]`:
+/// A group is `[quants: nb × qs_block][scales d: nb × 16 × f16][mins m: nb × 16 × f16]`:
 /// - quants of block `j` are `qs_block / 64` chunks of 64 bytes; in chunk `c`
 ///   row `rr` owns bytes `rr*4 .. rr*4+4`, which are bytes `4c .. 4c+4` of that
 ///   row's ggml `qs` array (Q4: low nibbles = elements `4c..4c+4`, high nibbles =
-///   elements `16+4c..16+4c+4`; Q8_0: elements `4c..4c+4`);
-/// - `aux` is the Q4_1 min `m` (f16) or, for Q8_0, the negated sum of the
-///   block's quants (i16), used by the VNNI kernel's unsigned-offset trick;
-///   Q4_0 has no aux table.
+///   elements `16+4c..16+4c+4`; Q8_0: elements `4c..4c+4`, stored `q + 128` as
+///   unsigned bytes so that they can be the unsigned operand of `vpdpbusd`);
+/// - only Q4_1 has the `m` table (`aux_off`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub nb: usize,
@@ -70,7 +69,7 @@ impl Layout {
         let (qs_block, has_aux) = match quant {
             Quant::Q4_0 => (GROUP * 16, false),
             Quant::Q4_1 => (GROUP * 16, true),
-            Quant::Q8_0 => (GROUP * 32, true),
+            Quant::Q8_0 => (GROUP * 32, false),
         };
         let d_off = nb * qs_block;
         let aux_off = d_off + nb * GROUP * 2;
@@ -142,16 +141,15 @@ pub(crate) fn pack(quant: Quant, lay: &Layout, rows: usize, data: &[u8]) -> Alig
                     group[lay.aux_off + slot..][..2].copy_from_slice(&blk[2..4]);
                     &blk[4..20]
                 }
-                Quant::Q8_0 => {
-                    let sum: i32 = blk[2..34].iter().map(|&q| i32::from(q as i8)).sum();
-                    // |sum| <= 32 * 128, so the negation fits in i16.
-                    group[lay.aux_off + slot..][..2].copy_from_slice(&(-(sum as i16)).to_le_bytes());
-                    &blk[2..34]
-                }
+                Quant::Q8_0 => &blk[2..34],
             };
+            // Flipping the top bit maps i8 q to the u8 q + 128 (and back).
+            let flip = if quant == Quant::Q8_0 { 0x80 } else { 0 };
             let quants = &mut group[j * lay.qs_block..][..lay.qs_block];
             for (c, four) in qs.chunks_exact(4).enumerate() {
-                quants[c * 64 + rr * 4..][..4].copy_from_slice(four);
+                for (dst, &q) in quants[c * 64 + rr * 4..][..4].iter_mut().zip(four) {
+                    *dst = q ^ flip;
+                }
             }
         }
     }
@@ -183,7 +181,7 @@ pub(crate) fn dequantize_row(quant: Quant, lay: &Layout, packed: &[u8], r: usize
                         y[e] = f32::from(q & 0x0F) * d + m;
                         y[e + 16] = f32::from(q >> 4) * d + m;
                     }
-                    Quant::Q8_0 => y[e] = f32::from(q as i8) * d,
+                    Quant::Q8_0 => y[e] = f32::from((q ^ 0x80) as i8) * d,
                 }
             }
         }

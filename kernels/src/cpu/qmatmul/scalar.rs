@@ -34,7 +34,7 @@ pub(crate) fn run_groups(job: &Job<'_>, g0: usize, g1: usize) {
                                     i32::from(q & 0x0F) * i32::from(x[e] as i8)
                                         + i32::from(q >> 4) * i32::from(x[e + 16] as i8)
                                 }
-                                Quant::Q8_0 => i32::from(q as i8) * i32::from(x[e] as i8),
+                                Quant::Q8_0 => i32::from((q ^ 0x80) as i8) * i32::from(x[e] as i8),
                             };
                         }
                     }

@@ -410,7 +410,7 @@ fn bad_arguments_are_typed_errors_naming_the_field() {
 
 #[test]
 fn packed_storage_is_no_larger_than_needed() {
-    for (qtype, per_block) in [(QType::Q4_0, 18), (QType::Q4_1, 20), (QType::Q8_0, 36)] {
+    for (qtype, per_block) in [(QType::Q4_0, 18), (QType::Q4_1, 20), (QType::Q8_0, 34)] {
         let case = Case::new(qtype, 576, 1536, 2);
         assert_eq!(case.w.storage_bytes(), 576 * 48 * per_block, "{qtype:?}");
     }
@@ -483,4 +483,11 @@ fn real_smollm2_tensors() {
         );
         assert!((num / den).sqrt() < 0.02);
     }
+}
+
+#[test]
+fn matrices_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<QMatrix>();
+    shareable::<QMatmulError>();
 }

@@ -17,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve gRPC and OpenAI-compatible HTTP on the configured models.
     Serve(ServeArgs),
+    /// Add files (txt, md, html) to the knowledge base used by RAG: chunk, embed, index.
+    Ingest(IngestCommand),
     /// Print the effective configuration (file + environment + flags) as TOML.
     Config(ServeArgs),
 }
@@ -58,4 +60,16 @@ impl DeviceArg {
             DeviceArg::Cuda => "cuda",
         }
     }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct IngestCommand {
+    /// Configuration file (TOML). Default: ./genai-factory.toml when present.
+    #[arg(long, short = 'c', value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Directory holding the models.
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub args: crate::retrieval::ingest::IngestArgs,
 }

@@ -7,8 +7,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use genai_factory::cli::{Cli, Command};
+use genai_factory::cli::{Cli, Command, ServeArgs};
 use genai_factory::config::Config;
+use genai_factory::retrieval::ingest;
 use genai_factory::{serve, telemetry};
 
 fn main() -> ExitCode {
@@ -30,6 +31,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = telemetry::init(&config.log, &config.ops)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(serve::run(config))
+        }
+        Command::Ingest(cmd) => {
+            let serve_args = ServeArgs {
+                config: cmd.config,
+                models_dir: cmd.models_dir,
+                ..Default::default()
+            };
+            let config = Config::load(&serve_args)?;
+            let _telemetry = telemetry::init(&config.log, &config.ops)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(ingest::run(cmd.args, config))
         }
         Command::Config(args) => {
             print!("{}", Config::load(&args)?.to_toml()?);

@@ -18,15 +18,22 @@ use crate::engine::EngineHandle;
 use crate::model;
 use crate::ops;
 use crate::registry;
+use crate::retrieval::knowledge::KnowledgeService;
+use crate::retrieval::rag::RagPipeline;
 use crate::state::{AppState, Loaded};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_listener = bind(config.server.grpc_addr, "server.grpc_addr", "--grpc-addr").await?;
     let http_listener = bind(config.server.http_addr, "server.http_addr", "--http-addr").await?;
     let drain = Duration::from_secs(config.server.drain_timeout_secs);
+    // Cheap checks of every model file first: a missing or corrupt file fails before anything loads.
+    let files = registry::locate(&config.models)?;
     let ops = start_ops(&config)?;
     let latency = ops.latency.clone();
-    let state = AppState::new(config, ops);
+    let cfg = config.clone();
+    let knowledge = Arc::new(tokio::task::spawn_blocking(move || KnowledgeService::load(&cfg, true)).await??);
+    let rag = RagPipeline::new(knowledge.clone(), &config.rag)?;
+    let state = AppState::new(config, ops, knowledge, rag);
     tokio::spawn(latency.run(Duration::from_secs(5)));
     tokio::spawn(publish_engine_stats(state.clone()));
     tracing::info!(
@@ -40,7 +47,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let http = tokio::spawn(api::http::serve(state.clone(), http_listener, shutdown_rx));
 
     let load_state = state.clone();
-    let load = tokio::task::spawn_blocking(move || load_models(&load_state));
+    let load = tokio::task::spawn_blocking(move || load_models(&load_state, files));
     tokio::select! {
         res = load => {
             res.context("model loading task failed")??;
@@ -105,9 +112,8 @@ async fn publish_engine_stats(state: Arc<AppState>) {
     }
 }
 
-fn load_models(state: &Arc<AppState>) -> anyhow::Result<()> {
+fn load_models(state: &Arc<AppState>, files: registry::ModelFiles) -> anyhow::Result<()> {
     let cfg = &state.config;
-    let files = registry::locate(&cfg.models)?;
     let threads = match cfg.models.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,

@@ -9,6 +9,8 @@ use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::model::chat_template::ChatTemplate;
 use crate::registry::ModelFiles;
+use crate::retrieval::knowledge::KnowledgeService;
+use crate::retrieval::rag::RagPipeline;
 
 /// What exists once the models are loaded and validated.
 pub struct Loaded {
@@ -23,6 +25,9 @@ pub struct Loaded {
 pub struct AppState {
     pub config: Config,
     ops: Arc<Ops>,
+    /// Embedder + vector store; loaded before the servers start.
+    pub knowledge: Arc<KnowledgeService>,
+    pub rag: RagPipeline,
     loaded: OnceLock<Loaded>,
     /// Flips to true when the models are ready; health endpoints follow it.
     ready: watch::Sender<bool>,
@@ -31,10 +36,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, ops: Ops) -> Arc<Self> {
+    pub fn new(config: Config, ops: Ops, knowledge: Arc<KnowledgeService>, rag: RagPipeline) -> Arc<Self> {
         Arc::new(Self {
             config,
             ops: Arc::new(ops),
+            knowledge,
+            rag,
             loaded: OnceLock::new(),
             ready: watch::channel(false).0,
             draining: watch::channel(false).0,

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::engine::{InvalidParam, SubmitError};
 use crate::ops::request_log::FeedbackError;
+use crate::retrieval::RetrievalError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
@@ -22,6 +23,8 @@ pub enum ApiError {
     Overloaded {
         retry_after: Duration,
     },
+    /// The named thing does not exist (a knowledge document).
+    NotFound(String),
     /// Not serving right now (loading, shutting down).
     Unavailable(String),
     /// The request's deadline passed.
@@ -41,6 +44,7 @@ impl ApiError {
         match self {
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -56,7 +60,7 @@ impl ApiError {
                     retry_after.as_secs().max(1)
                 )
             }
-            ApiError::Unavailable(m) | ApiError::Internal(m) => m.clone(),
+            ApiError::NotFound(m) | ApiError::Unavailable(m) | ApiError::Internal(m) => m.clone(),
             ApiError::DeadlineExceeded => "deadline exceeded".into(),
         }
     }
@@ -73,6 +77,22 @@ impl From<FeedbackError> for ApiError {
         match e {
             FeedbackError::Invalid { field, message } => ApiError::invalid(field, message),
             FeedbackError::Unavailable => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<RetrievalError> for ApiError {
+    fn from(e: RetrievalError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RetrievalError::InvalidArgument { field, message } => ApiError::invalid(field, message),
+            RetrievalError::NotFound(_) => ApiError::NotFound(msg),
+            // The embedding queue is full: the same back-off contract as the engine's queue.
+            RetrievalError::Overloaded(_) => ApiError::Overloaded {
+                retry_after: Duration::from_secs(1),
+            },
+            RetrievalError::Unavailable(_) => ApiError::Unavailable(msg),
+            RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => ApiError::Internal(msg),
         }
     }
 }
@@ -99,6 +119,7 @@ impl From<ApiError> for tonic::Status {
                 }
                 s
             }
+            ApiError::NotFound(_) => tonic::Status::not_found(msg),
             ApiError::Unavailable(_) => tonic::Status::unavailable(msg),
             ApiError::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),
             ApiError::Internal(_) => tonic::Status::internal(msg),
@@ -120,6 +141,7 @@ impl IntoResponse for ApiError {
                 ("invalid_request_error", Some(param.clone()), code)
             }
             ApiError::Overloaded { .. } => ("rate_limit_error", None, "queue_full"),
+            ApiError::NotFound(_) => ("invalid_request_error", None, "not_found"),
             ApiError::Unavailable(_) => ("server_error", None, "unavailable"),
             ApiError::DeadlineExceeded => ("server_error", None, "timeout"),
             ApiError::Internal(_) => ("server_error", None, "internal_error"),

@@ -13,7 +13,9 @@ use super::error::ApiError;
 use super::observe::Observer;
 use crate::engine::{EngineEvent, GenerateRequest, SamplingParams};
 use crate::model::chat_template::ChatMessage;
-use crate::state::Loaded;
+use crate::retrieval::index::Filter;
+use crate::retrieval::rag::Citation;
+use crate::state::{AppState, Loaded};
 
 /// Accepts the served model's name, "" and "default".
 pub fn check_model(loaded: &Loaded, model: &str) -> Result<(), ApiError> {
@@ -57,6 +59,45 @@ pub fn chat_tokens(loaded: &Loaded, messages: &[ChatMessage]) -> Result<(String,
     // The template writes any BOS itself; the tokenizer must not add another.
     let tokens = encode(loaded, &text, false, "messages")?;
     Ok((text, tokens))
+}
+
+/// RAG: retrieves sources for the last user message (within the caller's
+/// tenant) and returns the messages to render plus the numbered sources.
+pub async fn rag_messages(
+    state: &AppState,
+    messages: &[ChatMessage],
+    tenant: &str,
+) -> Result<(Vec<ChatMessage>, Vec<Citation>), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "must contain at least one message"));
+    }
+    let prompt = state.rag.prepare(messages, &Filter::tenant(tenant)).await?;
+    Ok((prompt.messages, prompt.citations))
+}
+
+/// Embeds texts with the embedding model; returns the vectors and the token count.
+pub async fn embed(state: &AppState, model: &str, texts: Vec<String>) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let name = state.knowledge.embedding_model();
+    if !(model.is_empty() || model == name) {
+        return Err(ApiError::invalid(
+            "model",
+            format!("unknown embedding model {model:?}; this server serves {name:?}"),
+        ));
+    }
+    if texts.is_empty() {
+        return Err(ApiError::invalid("input", "at least one text is required"));
+    }
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::invalid(format!("input[{i}]"), "must not be empty"));
+    }
+    let embedder = state.knowledge.embedder();
+    let tokens = texts
+        .iter()
+        .map(|t| embedder.embedder().count_tokens(t))
+        .sum::<Result<usize, _>>()?;
+    let vectors = embedder.embed(texts).await?;
+    crate::ops::metrics::record_embedding_batch(vectors.len());
+    Ok((vectors, tokens))
 }
 
 fn encode(loaded: &Loaded, text: &str, add_special_tokens: bool, field: &str) -> Result<Vec<u32>, ApiError> {

@@ -22,10 +22,11 @@ use super::observe::Observer;
 use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, TokenLogprob};
 use crate::model::chat_template::ChatMessage;
 use crate::registry::WeightsFormat;
+use crate::retrieval::rag;
 use crate::state::{AppState, Loaded};
 
 /// Names reported by `grpc.health.v1.Health`; "" is the whole server.
-const SERVICES: &[&str] = &["", "genai.v1.Inference"];
+const SERVICES: &[&str] = &["", "genai.v1.Inference", "genai.v1.Knowledge"];
 
 pub async fn serve(
     state: Arc<AppState>,
@@ -75,6 +76,11 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
+        .add_service(
+            super::knowledge::grpc_service(state.knowledge.clone(), limits.max_message_bytes)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = shutdown.wait_for(|s| *s).await;
         })
@@ -135,50 +141,67 @@ impl InferenceService {
         input.into_params(self.state.config.engine.default_max_tokens)
     }
 
-    /// Validates with `prepare`, then streams the engine's events; every outcome is recorded by the observer.
+    /// Streams the engine's events for a validated request; every outcome is recorded by
+    /// the observer. RAG answers carry their sources on the first message and the ones the
+    /// answer cites on the last.
     fn stream<T>(
         &self,
         req: &Request<T>,
         mut obs: Observer,
-        prepare: impl FnOnce(&Loaded) -> Result<(String, Vec<u32>, SamplingParams), ApiError>,
+        prepared: Result<Prepared, ApiError>,
     ) -> Result<Response<GenStream>, Status> {
         let deadline = req
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
-        let prepared = self.loaded().and_then(|l| prepare(l).map(|p| (l, p)));
-        let (loaded, (prompt, tokens, params)) = match prepared {
-            Ok(p) => p,
+        let (loaded, p) = match self.loaded().and_then(|l| prepared.map(|p| (l, p))) {
+            Ok(x) => x,
             Err(e) => {
                 obs.on_api_error(&e);
                 return Err(e.into());
             }
         };
-        obs.set_model(&loaded.model_name, &prompt);
-        let events = generate::submit(loaded, obs, tokens, params, deadline)?;
-        let out = events.map(|ev| match ev {
-            Ok(EngineEvent::Delta {
-                text,
-                token_ids,
-                logprobs,
-            }) => Ok(pb::GenerateResponse {
-                text,
-                token_ids,
-                logprobs: logprobs.into_iter().map(position_logprobs).collect(),
-                ..Default::default()
-            }),
-            Ok(EngineEvent::Finished { reason, usage }) => Ok(pb::GenerateResponse {
-                finish_reason: reason.as_str().into(),
-                usage: Some(pb::Usage {
-                    prompt_tokens: usage.prompt_tokens,
-                    completion_tokens: usage.completion_tokens,
-                    cached_prompt_tokens: usage.cached_prompt_tokens,
-                }),
-                ..Default::default()
-            }),
-            Ok(EngineEvent::Failed { message }) => Err(Status::internal(message)),
-            Err(e) => Err(e.into()),
+        obs.set_model(&loaded.model_name, &p.prompt);
+        let events = generate::submit(loaded, obs, p.tokens, p.params, deadline)?;
+        let sources = p.citations;
+        let mut first = true;
+        let mut answer = String::new();
+        let out = events.map(move |ev| {
+            let mut msg = match ev {
+                Ok(EngineEvent::Delta {
+                    text,
+                    token_ids,
+                    logprobs,
+                }) => {
+                    answer.push_str(&text);
+                    pb::GenerateResponse {
+                        text,
+                        token_ids,
+                        logprobs: logprobs.into_iter().map(position_logprobs).collect(),
+                        ..Default::default()
+                    }
+                }
+                Ok(EngineEvent::Finished { reason, usage }) => pb::GenerateResponse {
+                    finish_reason: reason.as_str().into(),
+                    usage: Some(pb::Usage {
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                        cached_prompt_tokens: usage.cached_prompt_tokens,
+                    }),
+                    citations: rag::parse_citations(&answer, &sources)
+                        .into_iter()
+                        .map(citation)
+                        .collect(),
+                    ..Default::default()
+                },
+                Ok(EngineEvent::Failed { message }) => return Err(Status::internal(message)),
+                Err(e) => return Err(e.into()),
+            };
+            if std::mem::take(&mut first) && msg.citations.is_empty() {
+                msg.citations = sources.iter().cloned().map(citation).collect();
+            }
+            Ok(msg)
         });
         Ok(Response::new(Box::pin(out) as GenStream))
     }
@@ -202,6 +225,26 @@ impl InferenceService {
     }
 }
 
+/// A validated generation request.
+struct Prepared {
+    /// The prompt as the model sees it, for the request log.
+    prompt: String,
+    tokens: Vec<u32>,
+    params: SamplingParams,
+    /// RAG sources numbered in the prompt; empty otherwise.
+    citations: Vec<rag::Citation>,
+}
+
+fn citation(c: rag::Citation) -> pb::Citation {
+    pb::Citation {
+        index: c.index,
+        chunk_id: c.chunk_id,
+        source: c.source,
+        text: c.text,
+        score: c.score,
+    }
+}
+
 fn position_logprobs(p: PositionLogprobs) -> pb::PositionLogprobs {
     let tl = |t: TokenLogprob| pb::TokenLogprob {
         token_id: t.token_id,
@@ -222,33 +265,76 @@ impl Inference for InferenceService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let obs = self.observer(&req, "Generate", "completion");
         let r = req.get_ref();
-        self.stream(&req, obs, |loaded| {
+        let prepared = self.loaded().and_then(|loaded| {
             generate::check_model(loaded, &r.model)?;
             let tokens = generate::prompt_tokens(loaded, &r.prompt)?;
-            Ok((r.prompt.clone(), tokens, self.sampling(r.sampling.clone())?))
-        })
+            let params = self.sampling(r.sampling.clone())?;
+            Ok(Prepared {
+                prompt: r.prompt.clone(),
+                tokens,
+                params,
+                citations: Vec::new(),
+            })
+        });
+        self.stream(&req, obs, prepared)
     }
 
     async fn chat(&self, req: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
-        let obs = self.observer(&req, "Chat", "chat");
+        let rag_mode = req.get_ref().mode == pb::ChatMode::Rag as i32;
+        let obs = self.observer(&req, "Chat", if rag_mode { "rag" } else { "chat" });
+        let tenant = req
+            .metadata()
+            .get("x-tenant-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let r = req.get_ref();
-        self.stream(&req, obs, |loaded| {
+        let messages: Vec<ChatMessage> = r
+            .messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        let prepared = async {
+            let loaded = self.loaded()?;
             generate::check_model(loaded, &r.model)?;
-            let messages: Vec<ChatMessage> = r
-                .messages
-                .iter()
-                .map(|m| ChatMessage {
-                    role: m.role.clone(),
-                    content: m.content.clone(),
-                })
-                .collect();
+            let params = self.sampling(r.sampling.clone())?;
+            let (messages, citations) = if rag_mode {
+                generate::rag_messages(&self.state, &messages, &tenant).await?
+            } else {
+                (messages, Vec::new())
+            };
             let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
-            Ok((prompt, tokens, self.sampling(r.sampling.clone())?))
-        })
+            Ok(Prepared {
+                prompt,
+                tokens,
+                params,
+                citations,
+            })
+        }
+        .await;
+        self.stream(&req, obs, prepared)
     }
 
-    async fn embed(&self, _req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        Err(Status::unimplemented("Embed arrives with the embedder"))
+    async fn embed(&self, req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let mut obs = self.observer(&req, "Embed", "embedding");
+        let r = req.into_inner();
+        match generate::embed(&self.state, &r.model, r.texts).await {
+            Ok((vectors, prompt_tokens)) => {
+                obs.on_ok();
+                Ok(Response::new(pb::EmbedResponse {
+                    embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+                    prompt_tokens: prompt_tokens as u32,
+                    model: self.state.knowledge.embedding_model().to_owned(),
+                }))
+            }
+            Err(e) => {
+                obs.on_api_error(&e);
+                Err(e.into())
+            }
+        }
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {

@@ -30,9 +30,11 @@ pub async fn serve(
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/feedback", post(feedback))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/metrics", get(metrics))
-        .layer(crate::ops::request_id::layer())
-        .with_state(state);
+        .with_state(state.clone())
+        .merge(super::knowledge::router(state.knowledge.clone()))
+        .layer(crate::ops::request_id::layer());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -70,7 +72,7 @@ struct FeedbackBody {
 
 /// Appends a rating for an earlier request to the request log.
 async fn feedback(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let res = openai::parse::<FeedbackBody>(&body).and_then(|f| {
+    let res = super::parse_json::<FeedbackBody>(&body).and_then(|f| {
         let log = state.ops().request_log.as_ref().ok_or_else(|| {
             ApiError::Unavailable("the request log is disabled (ops.request_log.enabled = false)".into())
         })?;

@@ -18,10 +18,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
@@ -31,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tonic::{Request, Status, Streaming};
 
+use super::error::ApiError;
+use super::parse_json;
 use crate::retrieval::chunker::DocFormat;
 use crate::retrieval::index::{Filter, Hit};
 use crate::retrieval::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService, SearchQuery};
@@ -41,17 +42,9 @@ pub const DEFAULT_TOP_K: usize = 5;
 /// Documents ingested per group while an `IngestStream` is still arriving.
 const STREAM_GROUP: usize = 32;
 
-/// gRPC code for each retrieval error.
+/// gRPC code for each retrieval error (the same mapping as HTTP's, through [`ApiError`]).
 pub fn to_status(e: RetrievalError) -> Status {
-    match e {
-        RetrievalError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-        RetrievalError::NotFound(_) => Status::not_found(e.to_string()),
-        RetrievalError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
-        RetrievalError::Unavailable(_) => Status::unavailable(e.to_string()),
-        RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => {
-            Status::internal(e.to_string())
-        }
-    }
+    ApiError::from(e).into()
 }
 
 /// The tonic service; the lead's server adds it next to `Inference`.
@@ -240,83 +233,6 @@ fn validate_in_stream(d: &DocumentInput, i: usize) -> Result<(), Status> {
 
 // ---------------------------------------------------------------- HTTP
 
-/// OpenAI-style error response. Same body and kinds as `api::error::ApiError`,
-/// plus 404 for a missing document (which that type does not have).
-pub struct HttpError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-    param: Option<String>,
-    code: &'static str,
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }});
-        (self.status, Json(body)).into_response()
-    }
-}
-
-impl HttpError {
-    fn invalid(param: Option<String>, message: String, code: &'static str) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            message,
-            param,
-            code,
-        }
-    }
-}
-
-impl From<RetrievalError> for HttpError {
-    fn from(e: RetrievalError) -> Self {
-        let message = e.to_string();
-        let (status, kind, param, code) = match e {
-            RetrievalError::InvalidArgument { field, .. } => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some(field),
-                "invalid_value",
-            ),
-            RetrievalError::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None, "not_found"),
-            RetrievalError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None, "queue_full"),
-            RetrievalError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "unavailable"),
-            RetrievalError::Model(_) | RetrievalError::Index(_) | RetrievalError::Io { .. } => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                None,
-                "internal_error",
-            ),
-        };
-        Self {
-            status,
-            kind,
-            message,
-            param,
-            code,
-        }
-    }
-}
-
-impl From<JsonRejection> for HttpError {
-    fn from(r: JsonRejection) -> Self {
-        let text = r.body_text();
-        // axum reports serde's path: "...target type: documents[0].content: invalid type ..."
-        let detail = text.rsplit("target type: ").next().unwrap_or(&text).to_string();
-        let param = match detail.split_once(": ") {
-            Some((path, _)) if !path.contains(' ') && path != "." => Some(path.to_string()),
-            _ => detail.split('`').nth(1).map(str::to_string),
-        };
-        Self::invalid(param, text, "invalid_json")
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HttpDocument {
@@ -391,9 +307,9 @@ pub fn router(svc: Arc<KnowledgeService>) -> Router {
 
 async fn http_ingest(
     State(svc): State<Arc<KnowledgeService>>,
-    body: Result<Json<HttpIngest>, JsonRejection>,
-) -> Result<Json<HttpIngestResponse>, HttpError> {
-    let Json(body) = body?;
+    body: Bytes,
+) -> Result<Json<HttpIngestResponse>, ApiError> {
+    let body: HttpIngest = parse_json(&body)?;
     if body.documents.is_empty() {
         return Err(RetrievalError::invalid("documents", "at least one document is required").into());
     }
@@ -418,9 +334,9 @@ async fn http_ingest(
 
 async fn http_search(
     State(svc): State<Arc<KnowledgeService>>,
-    body: Result<Json<HttpSearch>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, HttpError> {
-    let Json(b) = body?;
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let b: HttpSearch = parse_json(&body)?;
     let q = SearchQuery {
         query: b.query,
         top_k: b.top_k.unwrap_or(DEFAULT_TOP_K),
@@ -452,8 +368,8 @@ async fn http_delete(
     State(svc): State<Arc<KnowledgeService>>,
     Path(id): Path<String>,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, HttpError> {
-    let Query(t) = query.map_err(|r| HttpError::invalid(Some("tenant".into()), r.body_text(), "invalid_value"))?;
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(t) = query.map_err(|r| ApiError::invalid("tenant", r.body_text()))?;
     let n = svc.delete(&t.tenant, &id).await?;
     Ok(Json(json!({ "id": id, "deleted": true, "chunks_removed": n })))
 }
@@ -479,6 +395,7 @@ mod tests {
     use crate::retrieval::knowledge::tests::service;
     use axum::body::Body;
     use axum::http::Request as HttpRequest;
+    use axum::http::StatusCode;
     use tower::ServiceExt;
 
     async fn call(

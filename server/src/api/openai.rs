@@ -14,16 +14,18 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine as _;
 use futures::{Stream, StreamExt};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generate::{self, SamplingInput};
 use super::observe::Observer;
+use super::parse_json;
 use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, Usage};
 use crate::model::chat_template::ChatMessage;
+use crate::retrieval::rag::{self, Citation};
 use crate::state::{AppState, Loaded};
 
 /// OpenAI's default `max_tokens` for legacy completions.
@@ -102,6 +104,9 @@ pub struct WireMessage {
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
     pub messages: Vec<WireMessage>,
+    /// Extension: "chat" (default) or "rag" (answer from the knowledge base, with `citations`).
+    #[serde(default)]
+    pub mode: Option<String>,
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
@@ -116,26 +121,6 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
-}
-
-/// Parses a JSON body, naming the offending field in the error.
-pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let param = if path == "." || path.is_empty() {
-            "body".to_string()
-        } else {
-            path
-        };
-        let msg = if inner.is_syntax() || inner.is_eof() {
-            format!("malformed JSON: {inner}")
-        } else {
-            inner.to_string()
-        };
-        ApiError::invalid(param, msg)
-    })
 }
 
 impl CommonFields {
@@ -207,13 +192,31 @@ struct Job {
     model: String,
     created: u64,
     logprobs: bool,
+    /// RAG sources: all of them on the first chunk, the cited ones on the answer.
+    citations: Vec<Citation>,
 }
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let obs = observer(&state, &headers, "/v1/chat/completions", "chat");
-    let res = (|| -> Result<Prepared<'_>, ApiError> {
+    // The route label is needed before the full parse (which may fail and must still be recorded).
+    #[derive(Deserialize)]
+    struct Mode {
+        mode: Option<String>,
+    }
+    let rag_mode = serde_json::from_slice::<Mode>(&body).is_ok_and(|m| m.mode.as_deref() == Some("rag"));
+    let obs = observer(
+        &state,
+        &headers,
+        "/v1/chat/completions",
+        if rag_mode { "rag" } else { "chat" },
+    );
+    let tenant = headers
+        .get("x-tenant-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let res = async {
         let loaded = loaded(&state)?;
-        let mut req: ChatCompletionRequest = parse(&body)?;
+        let mut req: ChatCompletionRequest = parse_json(&body)?;
         req.common.check_n()?;
         generate::check_model(loaded, &req.common.model)?;
         let mut messages = Vec::with_capacity(req.messages.len());
@@ -233,6 +236,16 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             };
             messages.push(ChatMessage { role: m.role, content });
         }
+        let (messages, citations) = match req.mode.as_deref() {
+            None | Some("chat") => (messages, Vec::new()),
+            Some("rag") => generate::rag_messages(&state, &messages, &tenant).await?,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "mode",
+                    format!("must be \"chat\" or \"rag\", got {other:?}"),
+                ))
+            }
+        };
         let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
         let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
         if req.top_logprobs.is_some() && !req.logprobs {
@@ -249,6 +262,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             model: loaded.model_name.clone(),
             created: now_secs(),
             logprobs: req.logprobs,
+            citations,
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(Prepared {
@@ -260,7 +274,8 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             stream: req.common.stream,
             include_usage,
         })
-    })();
+    }
+    .await;
     respond(obs, res).await
 }
 
@@ -268,7 +283,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     let obs = observer(&state, &headers, "/v1/completions", "completion");
     let res = (|| -> Result<Prepared<'_>, ApiError> {
         let loaded = loaded(&state)?;
-        let mut req: CompletionRequest = parse(&body)?;
+        let mut req: CompletionRequest = parse_json(&body)?;
         req.common.check_n()?;
         generate::check_model(loaded, &req.common.model)?;
         let prompt = match req.prompt {
@@ -292,6 +307,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             model: loaded.model_name.clone(),
             created: now_secs(),
             logprobs: req.logprobs.is_some(),
+            citations: Vec::new(),
         };
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(Prepared {
@@ -374,7 +390,11 @@ impl Job {
                 json!({"index": 0, "text": text, "logprobs": self.logprobs_json(lps), "finish_reason": finish})
             }
         };
-        json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
+        let mut v = json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]});
+        if first && !self.citations.is_empty() {
+            v["citations"] = json!(self.citations);
+        }
+        v
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -414,10 +434,14 @@ async fn collect(job: Job, mut events: generate::EventStream) -> Result<Value, A
                         json!({"index": 0, "text": text, "logprobs": job.logprobs_json(&lps), "finish_reason": finish})
                     }
                 };
-                return Ok(json!({
+                let mut v = json!({
                     "id": job.id, "object": job.object(false), "created": job.created, "model": job.model,
                     "choices": [choice], "usage": usage_json(&usage),
-                }));
+                });
+                if !job.citations.is_empty() {
+                    v["citations"] = json!(rag::parse_citations(&text, &job.citations));
+                }
+                return Ok(v);
             }
             EngineEvent::Failed { message } => return Err(ApiError::Internal(message)),
         }
@@ -472,5 +496,63 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
             ],
         }))
         .into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    pub input: OneOrMany,
+    #[serde(default)]
+    pub model: String,
+    /// "float" (default) or "base64" (little-endian f32 bytes; the Python SDK's default).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+}
+
+pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut obs = observer(&state, &headers, "/v1/embeddings", "embedding");
+    let res = async {
+        let req: EmbeddingRequest = parse_json(&body)?;
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "encoding_format",
+                    format!("must be \"float\" or \"base64\", got {other:?}"),
+                ))
+            }
+        };
+        let (vectors, tokens) = generate::embed(&state, &req.model, req.input.into_vec()).await?;
+        let data: Vec<Value> = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
+            .collect();
+        Ok(json!({
+            "object": "list",
+            "data": data,
+            "model": state.knowledge.embedding_model(),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+    }
+    .await;
+    match res {
+        Ok(v) => {
+            obs.on_ok();
+            Json(v).into_response()
+        }
+        Err(e) => {
+            obs.on_api_error(&e);
+            e.into_response()
+        }
     }
 }

@@ -21,6 +21,7 @@ use super::index::{Filter, Hit};
 use super::knowledge::{KnowledgeService, SearchQuery};
 use super::RetrievalError;
 use crate::config::RagConfig;
+use crate::model::chat_template::ChatMessage;
 
 type Result<T> = std::result::Result<T, RetrievalError>;
 
@@ -46,18 +47,11 @@ pub struct Citation {
     pub score: f32,
 }
 
-/// One chat message (role: system, user, assistant, tool).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
 /// What the engine gets: the messages to render with the model's chat template,
 /// and the sources they number.
 #[derive(Debug, Clone)]
 pub struct RagPrompt {
-    pub messages: Vec<Message>,
+    pub messages: Vec<ChatMessage>,
     pub citations: Vec<Citation>,
 }
 
@@ -87,7 +81,7 @@ impl RagPipeline {
 
     /// Retrieves sources for the last user message of `messages` and returns
     /// the prompt messages (our system prompt first, then the conversation).
-    pub async fn prepare(&self, messages: &[Message], filter: &Filter) -> Result<RagPrompt> {
+    pub async fn prepare(&self, messages: &[ChatMessage], filter: &Filter) -> Result<RagPrompt> {
         let question = messages
             .iter()
             .rev()
@@ -122,7 +116,7 @@ impl RagPipeline {
             })
             .collect();
         let system = self.render(&question, &citations)?;
-        let mut out = vec![Message {
+        let mut out = vec![ChatMessage {
             role: "system".into(),
             content: system,
         }];
@@ -283,7 +277,7 @@ mod tests {
                 ..Default::default()
             };
             let rag = RagPipeline::new(svc.clone(), &cfg).unwrap();
-            let msgs = vec![Message {
+            let msgs = vec![ChatMessage {
                 role: "user".into(),
                 content: "How do vaccines train the immune system?".into(),
             }];

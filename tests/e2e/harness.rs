@@ -72,16 +72,10 @@ pub struct Server {
 }
 
 pub struct ServerBuilder {
-    args: Vec<String>,
     envs: Vec<(String, String)>,
 }
 
 impl ServerBuilder {
-    pub fn arg(mut self, a: impl Into<String>) -> Self {
-        self.args.push(a.into());
-        self
-    }
-
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.envs.push((k.into(), v.into()));
         self
@@ -102,7 +96,6 @@ impl ServerBuilder {
             .arg(http.to_string())
             .arg("--models-dir")
             .arg(models_dir())
-            .args(&self.args)
             .current_dir(dir.path())
             .env_remove("RUST_LOG")
             .stdout(log.try_clone().expect("dup log"))
@@ -125,10 +118,7 @@ impl ServerBuilder {
 
 impl Server {
     pub fn builder() -> ServerBuilder {
-        ServerBuilder {
-            args: Vec::new(),
-            envs: Vec::new(),
-        }
+        ServerBuilder { envs: Vec::new() }
     }
 
     pub async fn start() -> Server {

@@ -4,4 +4,7 @@
 mod harness;
 
 mod api;
+mod engine;
 mod foundation;
+mod observability;
+mod retrieval;

@@ -11,25 +11,29 @@ pub mod openai;
 
 use axum::body::Bytes;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use error::ApiError;
 
 /// Parses a JSON body, naming the offending field in the error.
 pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    from_value(&parse_value(body)?)
+}
+
+/// Parses a body into a JSON value; malformed JSON (or invalid UTF-8) is an error on `body`.
+pub fn parse_value(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("malformed JSON: {e}")))
+}
+
+/// Deserializes a typed view of a parsed body; a wrong type names the field's path.
+pub fn from_value<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
         let param = if path == "." || path.is_empty() {
             "body".to_string()
         } else {
             path
         };
-        let msg = if inner.is_syntax() || inner.is_eof() {
-            format!("malformed JSON: {inner}")
-        } else {
-            inner.to_string()
-        };
-        ApiError::invalid(param, msg)
+        ApiError::invalid(param, e.into_inner().to_string())
     })
 }

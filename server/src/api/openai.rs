@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::generate::{self, SamplingInput};
 use super::observe::Observer;
-use super::parse_json;
+use super::{from_value, parse_json, parse_value};
 use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, Usage};
 use crate::model::chat_template::ChatMessage;
 use crate::retrieval::rag::{self, Citation};
@@ -110,8 +110,6 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
-    #[serde(flatten)]
-    pub common: CommonFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,8 +117,6 @@ pub struct CompletionRequest {
     pub prompt: OneOrMany,
     /// Legacy completions: an integer number of alternatives.
     pub logprobs: Option<i64>,
-    #[serde(flatten)]
-    pub common: CommonFields,
 }
 
 impl CommonFields {
@@ -216,9 +212,12 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
         .to_owned();
     let res = async {
         let loaded = loaded(&state)?;
-        let mut req: ChatCompletionRequest = parse_json(&body)?;
-        req.common.check_n()?;
-        generate::check_model(loaded, &req.common.model)?;
+        // Two typed views of one body (no serde flatten, which would lose the field paths in errors).
+        let body = parse_value(&body)?;
+        let req: ChatCompletionRequest = from_value(&body)?;
+        let mut common: CommonFields = from_value(&body)?;
+        common.check_n()?;
+        generate::check_model(loaded, &common.model)?;
         let mut messages = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.into_iter().enumerate() {
             let content = match m.content {
@@ -252,8 +251,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             return Err(ApiError::invalid("top_logprobs", "requires logprobs = true"));
         }
         let default_max = state.config.engine.default_max_tokens as i64;
-        let params = req
-            .common
+        let params = common
             .sampling(logprobs, default_max)
             .into_params(state.config.engine.default_max_tokens)?;
         let job = Job {
@@ -264,14 +262,14 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
             logprobs: req.logprobs,
             citations,
         };
-        let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(Prepared {
             loaded,
             prompt,
             tokens,
             params,
             job,
-            stream: req.common.stream,
+            stream: common.stream,
             include_usage,
         })
     }
@@ -283,9 +281,11 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     let obs = observer(&state, &headers, "/v1/completions", "completion");
     let res = (|| -> Result<Prepared<'_>, ApiError> {
         let loaded = loaded(&state)?;
-        let mut req: CompletionRequest = parse_json(&body)?;
-        req.common.check_n()?;
-        generate::check_model(loaded, &req.common.model)?;
+        let body = parse_value(&body)?;
+        let req: CompletionRequest = from_value(&body)?;
+        let mut common: CommonFields = from_value(&body)?;
+        common.check_n()?;
+        generate::check_model(loaded, &common.model)?;
         let prompt = match req.prompt {
             OneOrMany::One(p) => p,
             OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -297,8 +297,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             }
         };
         let tokens = generate::prompt_tokens(loaded, &prompt)?;
-        let params = req
-            .common
+        let params = common
             .sampling(req.logprobs, COMPLETIONS_DEFAULT_MAX_TOKENS)
             .into_params(state.config.engine.default_max_tokens)?;
         let job = Job {
@@ -309,14 +308,14 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
             logprobs: req.logprobs.is_some(),
             citations: Vec::new(),
         };
-        let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(Prepared {
             loaded,
             prompt,
             tokens,
             params,
             job,
-            stream: req.common.stream,
+            stream: common.stream,
             include_usage,
         })
     })();

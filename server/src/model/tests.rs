@@ -167,15 +167,26 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 #[test]
-fn smollm2_paged_batch_matches_dense_forward() {
+fn smollm2_paged_batch_matches_dense_forward_f32_path() {
     let mut g = GgufFile::open(&smollm_path()).unwrap();
-    let model = Llama::from_gguf(&mut g).unwrap();
+    let model = Llama::from_gguf(&mut g, true).unwrap();
     assert_eq!(
         (model.cfg.num_layers, model.cfg.num_kv_heads, model.cfg.head_dim),
         (30, 3, 64)
     );
     let worst = paged_vs_dense(model, 49152);
     assert!(worst < 1e-4, "relative error {worst}");
+}
+
+/// On the quantized path every matmul rounds its input to 8 bits per 32 values; a last-bit
+/// difference in attention (paged vs dense summation order) can flip one rounding, and 30 layers
+/// amplify it, so only a loose bound holds. Still catches any paging/batching bug (errors ≫ 10%).
+#[test]
+fn smollm2_paged_batch_close_to_dense_quantized_path() {
+    let mut g = GgufFile::open(&smollm_path()).unwrap();
+    let model = Llama::from_gguf(&mut g, false).unwrap();
+    let worst = paged_vs_dense(model, 49152);
+    assert!(worst < 0.1, "relative error {worst}");
 }
 
 /// Writes a random tiny Llama (GQA, untied head, llama3 rope scaling) as config.json + safetensors.
@@ -322,9 +333,15 @@ fn smollm2_chat_template_renders_expected_prompt() {
     assert_eq!(loaded.info.kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
 }
 
+/// Greedy decoding through the paged runner, with the chat template and tokenizer of `load`.
+/// Runs the f32 path: with 8-bit activation rounding (llama.cpp's scheme, both on candle's and our
+/// kernel) this 135M Q4_1 model answers in French ("L'Étoile, la Marseillaise…") instead.
 #[test]
 fn smollm2_greedy_answers_capital_of_france() {
     let mut loaded = load(&smollm(), 0).unwrap();
+    let mut g = GgufFile::open(&smollm_path()).unwrap();
+    let model = Llama::from_gguf(&mut g, true).unwrap();
+    loaded.runner = Box::new(LlamaRunner::new(model, loaded.info.clone()));
     let prompt = loaded
         .chat_template
         .render(&[ChatMessage::new("user", "What is the capital of France?")], true)

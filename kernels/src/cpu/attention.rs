@@ -41,7 +41,7 @@ impl PagedKv<'_> {
         if block_elems == 0 {
             return Err(invalid("kv", "block_size, num_kv_heads and head_dim must be > 0"));
         }
-        if self.key_cache.len() != self.value_cache.len() || self.key_cache.len() % block_elems != 0 {
+        if self.key_cache.len() != self.value_cache.len() || !self.key_cache.len().is_multiple_of(block_elems) {
             return Err(invalid(
                 "value_cache",
                 format!(
@@ -101,7 +101,7 @@ pub fn copy_blocks(
     copies: &[(u32, u32)],
 ) -> Result<(), ShapeError> {
     check_len("value_cache", key_cache.len(), value_cache.len())?;
-    if block_elems == 0 || key_cache.len() % block_elems != 0 {
+    if block_elems == 0 || !key_cache.len().is_multiple_of(block_elems) {
         return Err(invalid(
             "block_elems",
             format!("{block_elems} does not divide the cache"),
@@ -155,7 +155,7 @@ pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
 ) -> Result<(), ShapeError> {
     let num_blocks = kv.num_blocks()?;
     let (hd, nkv, bs) = (kv.head_dim, kv.num_kv_heads, kv.block_size);
-    if num_heads == 0 || num_heads % nkv != 0 {
+    if num_heads == 0 || !num_heads.is_multiple_of(nkv) {
         return Err(invalid(
             "num_heads",
             format!("{num_heads} is not a positive multiple of {nkv} KV heads"),

@@ -137,14 +137,14 @@ impl LlamaConfig {
         pos(self.num_heads, "num_heads")?;
         pos(self.num_kv_heads, "num_kv_heads")?;
         pos(self.head_dim, "head_dim")?;
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "model config: num_heads {} not a multiple of num_kv_heads {}",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.rope.dim > self.head_dim || self.rope.dim % 2 != 0 {
+        if self.rope.dim > self.head_dim || !self.rope.dim.is_multiple_of(2) {
             bail!(
                 "model config: rope dimension {} must be even and ≤ head_dim {}",
                 self.rope.dim,

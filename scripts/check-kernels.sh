@@ -4,7 +4,10 @@
 #   2. compiles every kernels/src/cuda/*.cu to PTX for sm_80 and sm_90 (warnings are errors),
 #   3. assembles each PTX with `ptxas -v` and prints registers / spills / shared memory per kernel,
 #      failing on any error (and on any spill unless GF_ALLOW_SPILLS=1),
-#   4. runs `cargo check -p genai-kernels --features cuda` (build.rs + the cudarc wrappers).
+#   4. runs the attention / norm / pooling kernels on the CPU under the SIMT emulator
+#      (kernels/emu: every CUDA thread a std::thread) against naive double references, which checks
+#      their indexing, masking and barriers without a GPU (~25 s),
+#   5. runs `cargo check -p genai-kernels --features cuda` (build.rs + the cudarc wrappers).
 # Idempotent; reruns are fast (toolchain cached, ~2 s per file and arch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +39,8 @@ if [ "$spills" = 1 ] && [ "${GF_ALLOW_SPILLS:-0}" != 1 ]; then
   echo "error: register spills above (set GF_ALLOW_SPILLS=1 to accept)" >&2
   exit 1
 fi
+echo "== emulated kernels (CPU) =="
+"${CXX:-g++}" -std=c++20 -O2 -pthread -I"$CUDA_HOME/include" -o "$work/emu_check" kernels/emu/check.cpp
+"$work/emu_check"
 cargo check -p genai-kernels --features cuda
 echo "check-kernels: OK"

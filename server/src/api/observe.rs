@@ -97,12 +97,14 @@ impl Observer {
         self.record.prompt_tokens = usage.prompt_tokens;
         self.record.completion_tokens = usage.completion_tokens;
         self.record.cached_tokens = usage.cached_prompt_tokens;
-        self.status.get_or_insert_with(|| self.ok_status().into());
+        self.on_ok();
     }
 
     /// Marks the request finished without generation (embeddings, tokenize ...).
     pub fn on_ok(&mut self) {
-        self.status.get_or_insert_with(|| self.ok_status().into());
+        if self.status.is_none() {
+            self.status = Some(self.ok_status().into());
+        }
     }
 
     pub fn on_api_error(&mut self, e: &ApiError) {

@@ -94,14 +94,14 @@ pub struct ContentPart {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ChatMessage {
+pub struct WireMessage {
     pub role: String,
     pub content: Option<Content>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<WireMessage>,
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,

@@ -485,11 +485,17 @@ mod tests {
         computed: usize,
     }
 
+    /// What position `p` of a sequence holds: like real KV, it depends on
+    /// the whole prefix, so a block reused under another prefix is caught.
+    fn kv(tokens: &[u32], p: usize) -> Option<(u32, u64)> {
+        Some((tokens[p], block_hash(None, &tokens[..=p])))
+    }
+
     /// Writes tokens `from..to` of `s` into the modelled pool.
-    fn write(store: &mut [Vec<Option<u32>>], m: &BlockManager, s: &Live, from: usize, to: usize) {
+    fn write(store: &mut [Vec<Option<(u32, u64)>>], m: &BlockManager, s: &Live, from: usize, to: usize) {
         let table = m.block_table(s.id).unwrap();
         for p in from..to {
-            store[table[p / m.block_size()] as usize][p % m.block_size()] = Some(s.tokens[p]);
+            store[table[p / m.block_size()] as usize][p % m.block_size()] = kv(&s.tokens, p);
         }
     }
 
@@ -555,7 +561,7 @@ mod tests {
                     let table = m.block_table(s.id).unwrap();
                     prop_assert!(table.len() * bs >= s.computed);
                     for p in 0..s.computed {
-                        prop_assert_eq!(store[table[p / bs] as usize][p % bs], Some(s.tokens[p]), "seq {} pos {}", s.id, p);
+                        prop_assert_eq!(store[table[p / bs] as usize][p % bs], kv(&s.tokens, p), "seq {} pos {}", s.id, p);
                     }
                 }
                 // Refcount of each block = number of tables holding it.

@@ -488,7 +488,16 @@ impl Engine {
             return;
         }
         let started = Instant::now();
-        let result = self.runner.forward(&batch);
+        // A panicking runner fails this batch instead of killing the engine thread.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.runner.forward(&batch)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!("model runner panicked: {what}"))
+            });
         let elapsed = started.elapsed().as_secs_f64();
         self.steps += 1;
         let num_tokens: usize = batch.entries.iter().map(|e| e.tokens.len()).sum();
@@ -517,10 +526,12 @@ impl Engine {
             Ok(rows) => {
                 self.scheduler.complete(&batch);
                 let wanted = batch.entries.iter().filter(|e| e.want_logits);
-                if rows.len() != wanted.clone().count() {
+                let vocab = self.runner.info().vocab_size;
+                if rows.len() != wanted.clone().count() || rows.iter().any(|r| r.len() != vocab) {
                     let message = format!(
-                        "model returned {} logit rows for {} sequences",
+                        "model returned {} logit rows (widths {:?}) for {} sequences, vocabulary {vocab}",
                         rows.len(),
+                        rows.iter().map(Vec::len).collect::<Vec<_>>(),
                         wanted.count()
                     );
                     outcomes.extend(
@@ -685,6 +696,8 @@ mod tests {
     const EOS: u32 = 200;
     /// '~': never generated; a prompt containing it makes forward fail.
     const POISON: u32 = 93;
+    /// Never generated; a prompt containing it makes forward panic.
+    const PANIC: u32 = 94;
 
     /// One forward entry as the runner saw it: (seq, start_pos, num tokens, want_logits).
     type Logged = (SeqId, usize, usize, bool);
@@ -696,8 +709,8 @@ mod tests {
     struct ScriptedRunner {
         info: ModelInfo,
         block_size: usize,
-        /// slot → (token, position) written there.
-        store: Vec<Option<(u32, usize)>>,
+        /// The paged "KV cache": what was computed into each slot.
+        store: Vec<Option<Kv>>,
         log: Arc<Mutex<Vec<Vec<Logged>>>>,
         /// Each forward first takes one permit (when gated).
         permits: Option<mpsc::Receiver<()>>,
@@ -721,6 +734,23 @@ mod tests {
         }
     }
 
+    /// A slot's content. Like real KV, it depends on the whole prefix, so a
+    /// block reused under a different prefix is detected.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Kv {
+        token: u32,
+        pos: usize,
+        /// `chain` over tokens `0..=pos`.
+        prefix: u64,
+    }
+
+    /// FNV-1a step.
+    fn chain(h: u64, t: u32) -> u64 {
+        (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
+    }
+
+    const FNV_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
     impl ScriptedRunner {
         fn new(num_blocks: usize, block_size: usize) -> Self {
             Self {
@@ -735,10 +765,8 @@ mod tests {
         }
 
         fn logits(&self, history: &[u32]) -> Vec<f32> {
-            // FNV-1a over the history, then one pseudo-random logit per token.
-            let h = history.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
-                (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
-            });
+            // Hash of the history, then one pseudo-random logit per token.
+            let h = history.iter().fold(FNV_SEED, |h, &t| chain(h, t));
             let mut row: Vec<f32> = (0..self.info.vocab_size as u64)
                 .map(|v| {
                     let x = (h ^ v.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -754,6 +782,23 @@ mod tests {
                 row[EOS as usize] = 100.0;
             }
             row
+        }
+
+        /// Reads positions `0..end` of the entry's sequence back from the
+        /// store, checking each slot holds that position under that prefix.
+        fn read(&self, e: &BatchEntry, end: usize) -> anyhow::Result<(Vec<u32>, u64)> {
+            let mut h = FNV_SEED;
+            let mut history = Vec::with_capacity(end);
+            for p in 0..end {
+                match self.store[self.slot(e, p)?] {
+                    Some(kv) if kv.pos == p && kv.prefix == chain(h, kv.token) => {
+                        h = kv.prefix;
+                        history.push(kv.token);
+                    }
+                    other => bail!("seq {} position {p}: slot holds {other:?}", e.seq_id),
+                }
+            }
+            Ok((history, h))
         }
 
         fn slot(&self, e: &BatchEntry, pos: usize) -> anyhow::Result<usize> {
@@ -792,6 +837,9 @@ mod tests {
                     .map(|e| (e.seq_id, e.start_pos, e.tokens.len(), e.want_logits))
                     .collect(),
             );
+            if batch.entries.iter().any(|e| e.tokens.contains(&PANIC)) {
+                panic!("scripted runner panic");
+            }
             if batch.entries.iter().any(|e| e.tokens.contains(&POISON)) {
                 bail!("poisoned input");
             }
@@ -808,21 +856,21 @@ mod tests {
                     e.block_table.len() == end.div_ceil(bs),
                     "block table length for {end} tokens"
                 );
+                let (_, mut h) = self.read(e, e.start_pos)?;
                 for (i, &t) in e.tokens.iter().enumerate() {
                     let slot = self.slot(e, e.start_pos + i)?;
                     anyhow::ensure!(written.insert(slot), "two sequences write slot {slot} in one step");
-                    self.store[slot] = Some((t, e.start_pos + i));
+                    h = chain(h, t);
+                    self.store[slot] = Some(Kv {
+                        token: t,
+                        pos: e.start_pos + i,
+                        prefix: h,
+                    });
                 }
             }
             let mut rows = Vec::new();
             for e in batch.entries.iter().filter(|e| e.want_logits) {
-                let end = e.start_pos + e.tokens.len();
-                let history = (0..end)
-                    .map(|p| match self.store[self.slot(e, p)?] {
-                        Some((t, at)) if at == p => Ok(t),
-                        other => bail!("seq {} position {p}: slot holds {other:?}", e.seq_id),
-                    })
-                    .collect::<anyhow::Result<Vec<u32>>>()?;
+                let (history, _) = self.read(e, e.start_pos + e.tokens.len())?;
                 rows.push(self.logits(&history));
             }
             Ok(rows)
@@ -1091,7 +1139,7 @@ mod tests {
                 }
             );
         }
-        let s = h.stats();
+        let s = wait_for(&h, |s| s.prefix_cache_queries == 5 * 37);
         assert_eq!((s.prefix_cache_queries, s.prefix_cache_hits), (5 * 37, 4 * 32));
         // Computed: 37 + 3 decodes for the first, then 5 + 3 for each other.
         let computed: usize = log.lock().unwrap().iter().flatten().map(|e| e.2).sum();
@@ -1175,9 +1223,11 @@ mod tests {
         let h = start(ScriptedRunner::new(64, 4), &config(64, 8, 8));
         let bad = collect(h.submit(request("bad", vec![1, POISON, 2], sampled(1, 5))).unwrap());
         assert!(bad.failed.unwrap().contains("poisoned input"));
+        let panicked = collect(h.submit(request("panic", vec![1, PANIC], sampled(1, 5))).unwrap());
+        assert!(panicked.failed.unwrap().contains("scripted runner panic"));
         let good = collect(h.submit(request("good", prompt(1, 5), sampled(1, 5))).unwrap());
         assert_eq!(good.finish, Some(FinishReason::Length));
-        assert_eq!(h.stats().kv_blocks_used, 0);
+        wait_for(&h, |s| s.running == 0 && s.kv_blocks_used == 0);
     }
 
     #[test]

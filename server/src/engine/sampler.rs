@@ -112,10 +112,12 @@ impl SeqSampler {
     /// Temperature-scaled logits → truncated distribution → one draw.
     fn draw(&mut self, logits: &[f32], params: &SamplingParams) -> u32 {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
+        if !max.is_finite() {
+            // All masked, or an infinite logit: nothing to draw from.
             return argmax(logits);
         }
-        // Candidates sorted by probability, best first (ties: lower id).
+        // Unnormalised probabilities (the best token has 1). Any fixed order
+        // works for the draw; top-k/top-p order by probability, ties by id.
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -127,9 +129,11 @@ impl SeqSampler {
             cand.select_nth_unstable_by(params.top_k - 1, by_prob);
             cand.truncate(params.top_k);
         }
-        cand.sort_unstable_by(by_prob);
-        let total: f32 = cand.iter().map(|c| c.1).sum();
         if params.top_p < 1.0 {
+            // Only nucleus sampling needs the full order (49k-entry sorts
+            // per token are avoided otherwise).
+            cand.sort_unstable_by(by_prob);
+            let total: f32 = cand.iter().map(|c| c.1).sum();
             let mut cum = 0.0;
             let keep = cand
                 .iter()
@@ -141,9 +145,8 @@ impl SeqSampler {
             cand.truncate(keep);
         }
         if params.min_p > 0.0 {
-            // Relative to the most likely token (cand[0] has the max prob).
-            let floor = params.min_p * cand[0].1;
-            cand.retain(|c| c.1 >= floor);
+            // Relative to the most likely token (probability 1 before scaling).
+            cand.retain(|c| c.1 >= params.min_p);
         }
         let mass: f32 = cand.iter().map(|c| c.1).sum();
         let mut u = self.rng.random::<f32>() * mass;
@@ -238,6 +241,21 @@ mod tests {
         // Both once: 1.5 vs 0.5 → 0; then 0 twice: 3 - 0.5 - 2 = 0.5 vs 2.5 - 1.5 = 1.0 → 1.
         assert_eq!(s.sample(vec![3.0, 2.0], &p, &[0, 0, 1], 1, &[]).token, 0);
         assert_eq!(s.sample(vec![3.0, 2.5], &p, &[0, 0, 1, 0], 1, &[]).token, 1);
+    }
+
+    #[test]
+    fn degenerate_logits_do_not_panic() {
+        let mut s = SeqSampler::new(Some(3));
+        let p = SamplingParams {
+            temperature: 1.0,
+            logprobs: Some(2),
+            ..params()
+        };
+        let nan = s.sample(vec![f32::NAN, 1.0, f32::NAN], &p, &[0], 1, &[]);
+        assert_eq!(nan.token, 1);
+        let masked = s.sample(vec![f32::NEG_INFINITY; 4], &p, &[0], 1, &[]);
+        assert!(masked.token < 4);
+        assert_eq!(s.sample(vec![0.0, f32::INFINITY], &p, &[0], 1, &[]).token, 1);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use candle_core::quantized::QTensor;
@@ -20,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::gguf::GgufFile;
-use super::linear::Linear;
+use super::linear::{concat_qtensors, Linear};
 
 /// Which element pairs RoPE rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,13 +181,61 @@ enum MultiLinear {
 }
 
 impl MultiLinear {
-    fn new(parts: Vec<Linear>) -> anyhow::Result<Self> {
-        Ok(match Linear::fuse_rows(&parts.iter().collect::<Vec<_>>())? {
-            Some(linear) => Self::Fused {
-                linear,
-                widths: parts.iter().map(|p| p.out_features()).collect(),
-            },
-            None => Self::Split(parts),
+    /// GGUF weights (+ optional biases): stacked into one quantized matmul when their types match
+    /// and either all or none have a bias.
+    fn from_gguf(parts: Vec<(Arc<QTensor>, Option<Tensor>)>) -> anyhow::Result<Self> {
+        let with_bias = parts.iter().filter(|p| p.1.is_some()).count();
+        if with_bias == 0 || with_bias == parts.len() {
+            let qs: Vec<Arc<QTensor>> = parts.iter().map(|p| p.0.clone()).collect();
+            if let Some(stacked) = concat_qtensors(&qs)? {
+                let widths = qs
+                    .iter()
+                    .map(|q| q.shape().dims2().map(|d| d.0))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let bias = match with_bias {
+                    0 => None,
+                    _ => Some(Tensor::cat(
+                        &parts.iter().filter_map(|p| p.1.clone()).collect::<Vec<_>>(),
+                        0,
+                    )?),
+                };
+                return Ok(Self::Fused {
+                    linear: Linear::from_qtensor(stacked, bias)?,
+                    widths,
+                });
+            }
+        }
+        Ok(Self::Split(
+            parts
+                .into_iter()
+                .map(|(w, b)| Linear::from_qtensor(w, b))
+                .collect::<anyhow::Result<_>>()?,
+        ))
+    }
+
+    /// Dense weights: always stacked (biases all-or-none, else split).
+    fn from_dense(parts: Vec<(Tensor, Option<Tensor>)>) -> anyhow::Result<Self> {
+        let with_bias = parts.iter().filter(|p| p.1.is_some()).count();
+        if with_bias != 0 && with_bias != parts.len() {
+            return Ok(Self::Split(
+                parts
+                    .into_iter()
+                    .map(|(w, b)| Linear::from_tensor(w, b))
+                    .collect::<candle_core::Result<_>>()?,
+            ));
+        }
+        let widths = parts.iter().map(|p| p.0.dim(0)).collect::<Result<Vec<_>, _>>()?;
+        let w = Tensor::cat(&parts.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), 0)?;
+        let bias = match with_bias {
+            0 => None,
+            _ => Some(Tensor::cat(
+                &parts.iter().filter_map(|p| p.1.clone()).collect::<Vec<_>>(),
+                0,
+            )?),
+        };
+        Ok(Self::Fused {
+            linear: Linear::from_tensor(w, bias)?,
+            widths,
         })
     }
 
@@ -246,7 +295,27 @@ fn gguf_f32(g: &mut GgufFile, name: &str) -> anyhow::Result<Vec<f32>> {
 
 impl Llama {
     /// Loads a Llama-family GGUF (architectures `llama` — incl. Mistral conversions — and `qwen2`).
-    pub fn from_gguf(g: &mut GgufFile) -> anyhow::Result<Self> {
+    /// `dequantize`: convert every matmul weight to f32 at load (the exact f32 path, no activation
+    /// quantization; for reference comparisons — 4-8x the memory, slower).
+    pub fn from_gguf(g: &mut GgufFile, dequantize: bool) -> anyhow::Result<Self> {
+        let q_linear = |w: Arc<QTensor>, b: Option<Tensor>| -> anyhow::Result<Linear> {
+            if dequantize {
+                Ok(Linear::from_tensor(w.dequantize(&Device::Cpu)?, b)?)
+            } else {
+                Linear::from_qtensor(w, b)
+            }
+        };
+        let q_multi = |parts: Vec<(Arc<QTensor>, Option<Tensor>)>| -> anyhow::Result<MultiLinear> {
+            if dequantize {
+                let dense = parts
+                    .into_iter()
+                    .map(|(w, b)| Ok((w.dequantize(&Device::Cpu)?, b)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                MultiLinear::from_dense(dense)
+            } else {
+                MultiLinear::from_gguf(parts)
+            }
+        };
         let arch = g.str("general.architecture")?.to_string();
         let style = match arch.as_str() {
             "llama" => RopeStyle::Interleaved,
@@ -305,38 +374,33 @@ impl Llama {
         cfg.validate()?;
         let embed_q = g.tensor("token_embd.weight")?;
         let lm_head = match g.opt_tensor("output.weight")? {
-            Some(w) => Linear::from_qtensor(w, None)?,
-            None if std::env::var("PROBE_DEQ").unwrap_or_default().contains("lm_head") => {
-                Linear::from_tensor(embed_q.dequantize(&Device::Cpu)?, None)?
-            }
-            None => Linear::from_qtensor(embed_q.clone(), None)?,
+            Some(w) => q_linear(w, None)?,
+            None => q_linear(embed_q.clone(), None)?,
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let mut lin = |name: &str| -> anyhow::Result<Linear> {
+            let mut lin = |name: &str| -> anyhow::Result<(Arc<QTensor>, Option<Tensor>)> {
                 let w = g.tensor(&p(&format!("{name}.weight")))?;
                 let b = match g.opt_tensor(&p(&format!("{name}.bias")))? {
                     Some(b) => Some(b.dequantize(&Device::Cpu)?),
                     None => None,
                 };
-                let deq = std::env::var("PROBE_DEQ").unwrap_or_default();
-                if deq.split(',').any(|d| d == name) {
-                    return Ok(Linear::from_tensor(w.dequantize(&Device::Cpu)?, b)?);
-                }
-                Ok(Linear::from_qtensor(w, b)?)
+                Ok((w, b))
             };
-            let (q, kk, v, o) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
-            let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
+            let qkv = vec![lin("attn_q")?, lin("attn_k")?, lin("attn_v")?];
+            let gate_up = vec![lin("ffn_gate")?, lin("ffn_up")?];
+            let (o, o_b) = lin("attn_output")?;
+            let (down, down_b) = lin("ffn_down")?;
             let attn_norm = gguf_f32(g, &p("attn_norm.weight"))?;
             let ffn_norm = gguf_f32(g, &p("ffn_norm.weight"))?;
             layers.push(Layer {
                 attn_norm,
-                qkv: MultiLinear::new(vec![q, kk, v])?,
-                wo: o,
+                qkv: q_multi(qkv)?,
+                wo: q_linear(o, o_b)?,
                 ffn_norm,
-                gate_up: MultiLinear::new(vec![gate, up])?,
-                down,
+                gate_up: q_multi(gate_up)?,
+                down: q_linear(down, down_b)?,
             });
         }
         let norm = gguf_f32(g, "output_norm.weight")?;
@@ -382,34 +446,31 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, bias: bool| -> anyhow::Result<Linear> {
+            let mut lin = |name: &str, bias: bool| -> anyhow::Result<(Tensor, Option<Tensor>)> {
                 let wt = take(&format!("{p}.{name}.weight"))?;
                 let b = if bias {
                     Some(take(&format!("{p}.{name}.bias"))?)
                 } else {
                     None
                 };
-                Ok(Linear::from_tensor(wt, b)?)
+                Ok((wt, b))
             };
             let bias = hf.attention_bias.unwrap_or(hf.model_type == "qwen2");
-            let (q, k, v) = (
+            let qkv = vec![
                 lin("self_attn.q_proj", bias)?,
                 lin("self_attn.k_proj", bias)?,
                 lin("self_attn.v_proj", bias)?,
-            );
-            let o = lin("self_attn.o_proj", false)?;
-            let (gate, up, down) = (
-                lin("mlp.gate_proj", false)?,
-                lin("mlp.up_proj", false)?,
-                lin("mlp.down_proj", false)?,
-            );
+            ];
+            let (o, o_b) = lin("self_attn.o_proj", false)?;
+            let gate_up = vec![lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?];
+            let (down, down_b) = lin("mlp.down_proj", false)?;
             layers.push(Layer {
                 attn_norm: to_vec(take(&format!("{p}.input_layernorm.weight"))?)?,
-                qkv: MultiLinear::new(vec![q, k, v])?,
-                wo: o,
+                qkv: MultiLinear::from_dense(qkv)?,
+                wo: Linear::from_tensor(o, o_b)?,
                 ffn_norm: to_vec(take(&format!("{p}.post_attention_layernorm.weight"))?)?,
-                gate_up: MultiLinear::new(vec![gate, up])?,
-                down,
+                gate_up: MultiLinear::from_dense(gate_up)?,
+                down: Linear::from_tensor(down, down_b)?,
             });
         }
         let norm = to_vec(take("model.norm.weight")?)?;

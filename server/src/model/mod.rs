@@ -39,6 +39,7 @@ pub struct LoadedModel {
 /// Sets the CPU thread count for candle's matmuls and our rayon kernels. Must run before the first
 /// model computation: both pools read it once, when first used.
 fn configure_threads(threads: usize) {
+    linear::set_threads(threads);
     if threads == 0 {
         return;
     }
@@ -64,7 +65,7 @@ pub fn load(files: &GenerationModel, threads: usize) -> anyhow::Result<LoadedMod
     let (model, tok, tinfo, template_src) = match &files.weights {
         WeightsFormat::Gguf(path) => {
             let mut g = gguf::GgufFile::open(path)?;
-            let model = llama::Llama::from_gguf(&mut g)?;
+            let model = llama::Llama::from_gguf(&mut g, false)?;
             let (tok, tinfo) = tokenizer::from_gguf(&g)?;
             let src = g.opt_str("tokenizer.chat_template")?.map(str::to_string);
             (model, tok, tinfo, src)

@@ -29,11 +29,16 @@ pub fn parse_value(body: &Bytes) -> Result<Value, ApiError> {
 pub fn from_value<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let param = if path == "." || path.is_empty() {
-            "body".to_string()
-        } else {
-            path
+        let path = if path == "." { String::new() } else { path };
+        let msg = e.into_inner().to_string();
+        // serde reports a missing field at its parent's path; name the field itself.
+        let missing = msg.strip_prefix("missing field `").and_then(|m| m.split('`').next());
+        let param = match (missing, path.is_empty()) {
+            (Some(f), true) => f.to_string(),
+            (Some(f), false) => format!("{path}.{f}"),
+            (None, true) => "body".to_string(),
+            (None, false) => path,
         };
-        ApiError::invalid(param, e.into_inner().to_string())
+        ApiError::invalid(param, msg)
     })
 }

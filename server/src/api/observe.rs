@@ -109,7 +109,7 @@ impl Observer {
 
     pub fn on_api_error(&mut self, e: &ApiError) {
         self.status = Some(if self.record.api == "grpc" {
-            format!("{:?}", tonic::Status::from(e.clone()).code())
+            grpc_code_name(tonic::Status::from(e.clone()).code())
         } else {
             e.http_status().as_u16().to_string()
         });
@@ -155,5 +155,30 @@ impl Drop for Observer {
             r.ttft_ms = self.first_token.map(|t| (t - self.start).as_secs_f64() * 1e3);
             log.log(std::mem::take(r));
         }
+    }
+}
+
+/// "INVALID_ARGUMENT" for `Code::InvalidArgument`: the canonical gRPC spelling.
+fn grpc_code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_code_names_are_canonical() {
+        assert_eq!(super::grpc_code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(
+            super::grpc_code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        assert_eq!(super::grpc_code_name(tonic::Code::Ok), "OK");
     }
 }

@@ -235,7 +235,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             block_size: 16,
-            kv_cache_mib: 768,
+            kv_cache_mib: 512,
             gpu_memory_fraction: 0.9,
             max_batch_tokens: 512,
             max_running: 128,

@@ -491,3 +491,103 @@ print("ok:", text)
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn full_queue_gets_resource_exhausted_and_429_with_retry_after() {
+    // One running sequence, one waiting slot: the rest of a burst is refused at once.
+    let server = Server::builder()
+        .env("GENAI_ENGINE__MAX_RUNNING", "1")
+        .env("GENAI_ENGINE__MAX_WAITING", "1")
+        .start()
+        .await;
+    let channel = server.channel().await;
+    let long = || pb::GenerateRequest {
+        prompt: "Count slowly:".into(),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(400),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..6 {
+        match InferenceClient::new(channel.clone()).generate(long()).await {
+            Ok(s) => held.push(s.into_inner()),
+            Err(e) => refused = Some(e),
+        }
+    }
+    let e = refused.expect("a burst beyond running + waiting must be refused");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.metadata().get("retry-after").is_some());
+    let resp = reqwest::Client::new()
+        .post(server.http_url("/v1/completions"))
+        .json(&json!({"prompt": "hi", "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    drop(held);
+    // Once the held streams are gone the server serves again.
+    let mut ok = None;
+    for _ in 0..50 {
+        let r = InferenceClient::new(channel.clone())
+            .generate(pb::GenerateRequest {
+                prompt: "Hi".into(),
+                sampling: greedy(2),
+                ..Default::default()
+            })
+            .await;
+        if let Ok(s) = r {
+            ok = Some(drain(s.into_inner()).await.1);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ok, Some(2));
+}
+
+#[tokio::test]
+async fn grpc_deadline_ends_the_stream_and_frees_blocks() {
+    let server = Server::start().await;
+    let mut client = InferenceClient::new(server.channel().await);
+    let mut req = tonic::Request::new(pb::GenerateRequest {
+        prompt: "Write a very long essay.".into(),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(4000),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_millis(700));
+    let started = std::time::Instant::now();
+    let code = match client.generate(req).await {
+        Err(e) => e.code(),
+        Ok(s) => {
+            let mut s = s.into_inner();
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("a 4000-token stream cannot finish within 700 ms"),
+                    Err(e) => break e.code(),
+                }
+            }
+        }
+    };
+    assert!(matches!(code, Code::DeadlineExceeded | Code::Cancelled), "{code:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut used = f64::MAX;
+    for _ in 0..100 {
+        used = metric(&server, "genai_kv_cache_blocks_used").await;
+        if used == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(used, 0.0);
+}

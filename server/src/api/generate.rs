@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::error::ApiError;
 use super::observe::Observer;
@@ -19,6 +20,7 @@ use crate::state::{AppState, Loaded};
 
 /// Accepts the served model's name, "" and "default".
 pub fn check_model(loaded: &Loaded, model: &str) -> Result<(), ApiError> {
+    let _routing = tracing::info_span!("routing", model).entered();
     let name = &loaded.model_name;
     if model.is_empty() || model == "default" || model == name {
         Ok(())
@@ -71,7 +73,14 @@ pub async fn rag_messages(
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "must contain at least one message"));
     }
-    let prompt = state.rag.prepare(messages, &Filter::tenant(tenant)).await?;
+    let started = std::time::Instant::now();
+    let prompt = state
+        .rag
+        .prepare(messages, &Filter::tenant(tenant))
+        .instrument(tracing::info_span!("retrieval", tenant))
+        .await?;
+    crate::ops::metrics::record_retrieval(started.elapsed());
+    tracing::debug!(sources = prompt.citations.len(), "retrieved");
     Ok((prompt.messages, prompt.citations))
 }
 
@@ -123,6 +132,11 @@ pub fn submit(
     deadline: Option<Duration>,
 ) -> Result<EventStream, ApiError> {
     let request_id = observer.request_id().to_owned();
+    let span = tracing::info_span!(
+        "generation",
+        prompt_tokens = prompt_tokens.len(),
+        max_tokens = params.max_tokens
+    );
     let rx = match loaded.engine.submit(GenerateRequest {
         request_id,
         prompt_tokens,
@@ -136,28 +150,41 @@ pub fn submit(
         }
     };
     let deadline = deadline.map(|d| Instant::now() + d);
-    Ok(Box::pin(futures::stream::unfold(
-        Some(Pending { rx, deadline, observer }),
+    let events = futures::stream::unfold(
+        Some(Pending {
+            rx,
+            deadline,
+            observer,
+            span,
+        }),
         next_event,
-    )))
+    );
+    Ok(Box::pin(events))
 }
 
 struct Pending {
     rx: UnboundedReceiver<EngineEvent>,
     deadline: Option<Instant>,
     observer: Observer,
+    /// The request's "generation" stage span: log lines while waiting on the engine carry it.
+    span: tracing::Span,
 }
 
 async fn next_event(state: Option<Pending>) -> Option<(Result<EngineEvent, ApiError>, Option<Pending>)> {
     let mut p = state?;
     // Outer None: the deadline passed; inner None: the engine dropped the request.
-    let ev = match p.deadline {
-        Some(d) => tokio::select! {
-            ev = p.rx.recv() => Some(ev),
-            _ = tokio::time::sleep_until(d) => None,
-        },
-        None => Some(p.rx.recv().await),
-    };
+    let span = p.span.clone();
+    let ev = async {
+        match p.deadline {
+            Some(d) => tokio::select! {
+                ev = p.rx.recv() => Some(ev),
+                _ = tokio::time::sleep_until(d) => None,
+            },
+            None => Some(p.rx.recv().await),
+        }
+    }
+    .instrument(span)
+    .await;
     let out = match ev {
         None => Err(ApiError::DeadlineExceeded),
         Some(None) => Err(ApiError::Internal("engine stopped".into())),

@@ -10,4 +10,4 @@ ensure_test_python
 ensure_models
 cargo test --release --workspace "$@" 2>&1 | tee "$GF_CACHE/last-test.log"
 echo "== test summary =="
-grep -E '^test result:|^     Running' "$GF_CACHE/last-test.log" | paste - - | awk '{printf "%-60s %s %s %s %s %s %s\n", $2, $5, $6, $7, $8, $9, $10}'
+grep -E '^ +(Running|Doc-tests) |^test result:' "$GF_CACHE/last-test.log"

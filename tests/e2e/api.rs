@@ -30,20 +30,6 @@ async fn drain(mut s: tonic::Streaming<pb::GenerateResponse>) -> (String, usize,
     (text, n, last.expect("at least one message"))
 }
 
-async fn metric(server: &Server, name: &str) -> f64 {
-    let body = reqwest::get(server.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not in /metrics:\n{body}"))
-}
-
 #[tokio::test]
 async fn grpc_generate_and_chat_stream_with_usage() {
     let server = Server::start().await;
@@ -234,7 +220,7 @@ async fn cancellation_returns_kv_blocks() {
     for _ in 0..3 {
         stream.message().await.unwrap().unwrap();
     }
-    assert!(metric(&server, "genai_kv_cache_blocks_used").await > 0.0);
+    assert!(server.metric("genai_kv_cache_blocks_used").await > 0.0);
     drop(stream);
     // Over HTTP too: drop an SSE response mid-stream.
     let body = json!({"prompt": "Count to one thousand:", "max_tokens": 2000, "ignore_eos": true, "stream": true});
@@ -247,16 +233,9 @@ async fn cancellation_returns_kv_blocks() {
     let mut bytes = resp.bytes_stream();
     bytes.next().await.unwrap().unwrap();
     drop(bytes);
-    let mut used = f64::MAX;
-    for _ in 0..100 {
-        used = metric(&server, "genai_kv_cache_blocks_used").await;
-        if used == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let used = server.wait_kv_blocks_freed().await;
     assert_eq!(used, 0.0, "cancelled requests must free their KV blocks");
-    assert_eq!(metric(&server, "genai_num_requests_running").await, 0.0);
+    assert_eq!(server.metric("genai_num_requests_running").await, 0.0);
 }
 
 #[tokio::test]
@@ -581,13 +560,6 @@ async fn grpc_deadline_ends_the_stream_and_frees_blocks() {
     };
     assert!(matches!(code, Code::DeadlineExceeded | Code::Cancelled), "{code:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let mut used = f64::MAX;
-    for _ in 0..100 {
-        used = metric(&server, "genai_kv_cache_blocks_used").await;
-        if used == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let used = server.wait_kv_blocks_freed().await;
     assert_eq!(used, 0.0);
 }

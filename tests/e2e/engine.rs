@@ -61,19 +61,6 @@ async fn alone_vs_batched(server: &Server, tokens: i32) -> (HashMap<usize, Vec<u
     (alone, batched)
 }
 
-async fn metric(server: &Server, name: &str) -> f64 {
-    let body = reqwest::get(server.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn greedy_output_is_identical_alone_and_among_sixteen() {
     let server = Server::start().await;
@@ -99,10 +86,10 @@ async fn preemption_under_a_tight_kv_budget_keeps_outputs() {
         assert_eq!(ids, alone[&i], "prompt {i} changed after preemption");
     }
     assert!(
-        metric(&server, "genai_preemptions_total").await > 0.0,
+        server.metric("genai_preemptions_total").await > 0.0,
         "the budget should force preemption"
     );
-    assert_eq!(metric(&server, "genai_kv_cache_blocks_used").await, 0.0);
+    assert_eq!(server.metric("genai_kv_cache_blocks_used").await, 0.0);
 }
 
 #[tokio::test]
@@ -146,5 +133,5 @@ async fn shared_system_prompt_is_prefilled_once() {
         // Every full block of the shared prefix (> 100 tokens) comes from the cache.
         assert!(*c >= 96 && c < p, "cached {c} of {p}");
     }
-    assert!(metric(&server, "genai_prefix_cache_hits_total").await >= 192.0);
+    assert!(server.metric("genai_prefix_cache_hits_total").await >= 192.0);
 }

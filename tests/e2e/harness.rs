@@ -133,6 +133,30 @@ impl Server {
         format!("http://{}", self.grpc)
     }
 
+    /// The value of the first series of `name` in /metrics (0 when absent: not yet recorded).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = reqwest::get(self.http_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        series_value(&body, name)
+    }
+
+    /// Polls until no KV block is held (cancellation / deadline frees them within an engine step).
+    pub async fn wait_kv_blocks_freed(&self) -> f64 {
+        let mut used = f64::MAX;
+        for _ in 0..100 {
+            used = self.metric("genai_kv_cache_blocks_used").await;
+            if used == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        used
+    }
+
     /// A fresh gRPC channel to the server.
     pub async fn channel(&self) -> tonic::transport::Channel {
         tonic::transport::Endpoint::from_shared(self.grpc_url())
@@ -213,4 +237,13 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// The value of the first series of `name` in a Prometheus exposition (0 when absent).
+pub fn series_value(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }

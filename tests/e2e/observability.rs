@@ -6,15 +6,7 @@ use genai_proto::v1 as pb;
 use pb::inference_client::InferenceClient;
 use serde_json::{json, Value};
 
-use crate::harness::Server;
-
-fn value(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
+use crate::harness::{series_value, Server};
 
 #[tokio::test]
 async fn traffic_moves_metrics_and_lands_in_the_request_log() {
@@ -87,7 +79,10 @@ async fn traffic_moves_metrics_and_lands_in_the_request_log() {
         "genai_prompt_tokens_total",
         "genai_decode_step_seconds_count",
     ] {
-        assert!(value(&after, series) > value(&before, series), "{series} did not move");
+        assert!(
+            series_value(&after, series) > series_value(&before, series),
+            "{series} did not move"
+        );
     }
     assert!(
         after.contains("genai_requests_total{api=\"grpc\",method=\"Generate\",status=\"OK\""),

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::config::EngineConfig;
 use kv_cache::{BlockManager, SeqId};
@@ -549,10 +549,13 @@ impl Engine {
                 }
             }
         }
-        for (id, outcome) in outcomes {
-            self.retire(id, outcome);
-        }
+        // Free first, publish, then tell the clients: a client that has its final
+        // event never reads gauges that still count its blocks.
+        let finals: Vec<_> = outcomes.into_iter().filter_map(|(id, o)| self.retire(id, o)).collect();
         self.publish_stats();
+        for (events, event) in finals {
+            let _ = events.send(event);
+        }
     }
 
     /// Queue-time bookkeeping for sequences admitted for the first time.
@@ -636,9 +639,9 @@ impl Engine {
         finish.map(Outcome::Finished)
     }
 
-    /// Removes a sequence for good and tells its client why.
-    fn retire(&mut self, id: SeqId, outcome: Outcome) {
-        let Some(s) = self.scheduler.finish(id) else { return };
+    /// Removes a sequence for good (freeing its blocks); returns the final event for its client.
+    fn retire(&mut self, id: SeqId, outcome: Outcome) -> Option<(UnboundedSender<EngineEvent>, EngineEvent)> {
+        let s = self.scheduler.finish(id)?;
         let event = match outcome {
             Outcome::Finished(reason) => {
                 metrics::histogram!("genai_e2e_request_latency_seconds").record(s.arrival.elapsed().as_secs_f64());
@@ -652,9 +655,9 @@ impl Engine {
                 }
             }
             Outcome::Failed(message) => EngineEvent::Failed { message },
-            Outcome::Dropped => return,
+            Outcome::Dropped => return None,
         };
-        let _ = s.events.send(event);
+        Some((s.events, event))
     }
 
     fn publish_stats(&self) {

@@ -14,15 +14,16 @@
 //! Invariants: the kernels read only slots of positions `< context_len` through the block table (tests
 //! fill every other slot with NaN to prove it), validate every shape and block id up front and return
 //! [`ShapeError`](crate::ShapeError) instead of panicking. Softmax is online per KV block (one rescale per block),
-//! inner loops run over contiguous `head_dim` rows, and (query token, KV head) work items run in
-//! parallel on the current rayon pool when the work is large enough to pay for it. The query heads
-//! sharing one KV head (GQA) are processed together so each K/V row is loaded once per group.
+//! inner loops run over contiguous `head_dim` rows, and (query token, KV head) work items run on
+//! `threads` threads of the kernels' worker pool (the one `qmatmul` uses, so the two never fight over
+//! cores) when the work is large enough to pay for it. The query heads sharing one KV head (GQA) are
+//! processed together so each K/V row is loaded once per group, unless there are too few items to
+//! occupy every thread (single-stream decode), when each query head is an item of its own.
 //!
 //! Tested against a naive dense softmax(QKᵀ)V over gathered keys, with shuffled block tables, GQA,
 //! partial last blocks and NaN-poisoned unused slots.
 
-use rayon::prelude::*;
-
+use super::pool::{self, OutPtr};
 use crate::error::{check_len, invalid, ShapeError};
 
 /// Read-only view of one layer's paged K/V caches.
@@ -55,8 +56,10 @@ impl PagedKv<'_> {
     }
 }
 
-/// Below this many multiply-adds a call runs on the calling thread: rayon's fork/join would cost more.
-const PARALLEL_MIN_WORK: usize = 1 << 15;
+/// Below this many multiply-adds a call runs on the calling thread: waking a worker would cost more.
+const PARALLEL_MIN_WORK: usize = 1 << 14;
+/// Tasks per thread: enough for dynamic claiming to even out causal prefill's growing key counts.
+const TASKS_PER_THREAD: usize = 8;
 
 /// Writes `key`/`value` rows (`[num_tokens, num_kv_heads * head_dim]`) into the caches at
 /// `slot_mapping[t]`; a negative slot skips the token (padding).
@@ -133,9 +136,10 @@ pub fn paged_attention_decode<B: AsRef<[u32]> + Sync>(
     scale: f32,
     block_tables: &[B],
     context_lens: &[usize],
+    threads: usize,
 ) -> Result<(), ShapeError> {
     let cu: Vec<usize> = (0..=context_lens.len()).collect();
-    paged_attention_prefill(out, q, num_heads, kv, scale, block_tables, context_lens, &cu)
+    paged_attention_prefill(out, q, num_heads, kv, scale, block_tables, context_lens, &cu, threads)
 }
 
 /// Varlen causal prefill attention. The queries of sequence `s` are rows
@@ -152,7 +156,11 @@ pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
     block_tables: &[B],
     context_lens: &[usize],
     cu_seqlens_q: &[usize],
+    threads: usize,
 ) -> Result<(), ShapeError> {
+    if threads == 0 {
+        return Err(invalid("threads", "must be > 0"));
+    }
     let num_blocks = kv.num_blocks()?;
     let (hd, nkv, bs) = (kv.head_dim, kv.num_kv_heads, kv.block_size);
     if num_heads == 0 || !num_heads.is_multiple_of(nkv) {
@@ -206,18 +214,44 @@ pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
     check_len("q", num_tokens * num_heads * hd, q.len())?;
     check_len("out", q.len(), out.len())?;
     let group = num_heads / nkv;
+    // Work item = one query token × `heads` query heads sharing one KV head. Whole GQA groups load each
+    // K/V row once for all their heads; with too few items to keep every thread busy (single-stream
+    // decode: one token × a few KV heads) each query head becomes its own item instead.
+    let heads = if num_tokens * nkv >= 2 * threads { group } else { 1 };
+    let per_token = num_heads / heads;
     let item = |idx: usize, out: &mut [f32]| {
-        let (t, g) = (idx / nkv, idx % nkv);
+        let (t, first) = (idx / per_token, (idx % per_token) * heads);
         let (s, n_keys) = token_keys[t];
-        let q_rows = &q[(t * num_heads + g * group) * hd..(t * num_heads + (g + 1) * group) * hd];
-        attend(out, q_rows, group, kv, g, block_tables[s].as_ref(), n_keys, scale);
+        let q_rows = &q[(t * num_heads + first) * hd..(t * num_heads + first + heads) * hd];
+        attend(
+            out,
+            q_rows,
+            heads,
+            kv,
+            first / group,
+            block_tables[s].as_ref(),
+            n_keys,
+            scale,
+        );
     };
-    let chunk = group * hd;
-    if work * num_heads * hd < PARALLEL_MIN_WORK {
-        out.chunks_mut(chunk).enumerate().for_each(|(i, o)| item(i, o));
+    let chunk = heads * hd;
+    let items = num_tokens * per_token;
+    let n_tasks = if work * num_heads * hd < PARALLEL_MIN_WORK {
+        1
     } else {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| item(i, o));
-    }
+        items.min(threads * TASKS_PER_THREAD)
+    };
+    let out_ptr = OutPtr::new(out);
+    let task = |i: usize| {
+        for idx in i * items / n_tasks..(i + 1) * items / n_tasks {
+            // SAFETY: item `idx` owns `out[idx * chunk..(idx + 1) * chunk]` (in bounds: `out.len()` was
+            // checked to be `items * chunk`), tasks cover disjoint item ranges, and `pool::run` returns
+            // only after every task has finished.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(idx * chunk), chunk) };
+            item(idx, o);
+        }
+    };
+    pool::run(threads, n_tasks, &task);
     Ok(())
 }
 
@@ -371,7 +405,13 @@ mod tests {
             head_dim: c.hd,
             block_size: c.bs,
         };
-        paged_attention_prefill(&mut out, &q, c.num_heads, &kv, 0.125, &tables, &ctx_lens, &cu).unwrap();
+        paged_attention_prefill(&mut out, &q, c.num_heads, &kv, 0.125, &tables, &ctx_lens, &cu, 1).unwrap();
+        // Any thread count (which also changes how heads are split into work items) gives the same bits.
+        for threads in [2, 3] {
+            let mut par = vec![f32::NAN; q.len()];
+            paged_attention_prefill(&mut par, &q, c.num_heads, &kv, 0.125, &tables, &ctx_lens, &cu, threads).unwrap();
+            assert_eq!(out, par, "{threads} threads");
+        }
         for (s, &(ctx, q_len)) in seqs.iter().enumerate() {
             for i in 0..q_len {
                 let t = cu[s] + i;
@@ -398,7 +438,7 @@ mod tests {
         }
         if seqs.iter().all(|&(_, q_len)| q_len == 1) {
             let mut out2 = vec![0f32; q.len()];
-            paged_attention_decode(&mut out2, &q, c.num_heads, &kv, 0.125, &tables, &ctx_lens).unwrap();
+            paged_attention_decode(&mut out2, &q, c.num_heads, &kv, 0.125, &tables, &ctx_lens, 2).unwrap();
             assert_eq!(out, out2);
         }
     }
@@ -454,16 +494,16 @@ mod tests {
         let q = vec![0f32; 8];
         let mut out = vec![0f32; 8];
         // Block id out of range.
-        let e = paged_attention_decode(&mut out, &q, 1, &kv, 1.0, &[vec![9u32]], &[2]).unwrap_err();
+        let e = paged_attention_decode(&mut out, &q, 1, &kv, 1.0, &[vec![9u32]], &[2], 1).unwrap_err();
         assert!(e.to_string().contains("block_tables"), "{e}");
         // Table too short for the context.
-        let e = paged_attention_decode(&mut out, &q, 1, &kv, 1.0, &[vec![0u32]], &[3]).unwrap_err();
+        let e = paged_attention_decode(&mut out, &q, 1, &kv, 1.0, &[vec![0u32]], &[3], 1).unwrap_err();
         assert!(e.to_string().contains("block_tables"), "{e}");
         // Wrong q length.
-        let e = paged_attention_decode(&mut out, &q[..4], 1, &kv, 1.0, &[vec![0u32]], &[1]).unwrap_err();
+        let e = paged_attention_decode(&mut out, &q[..4], 1, &kv, 1.0, &[vec![0u32]], &[1], 1).unwrap_err();
         assert!(matches!(e, ShapeError::Length { what: "q", .. }), "{e}");
         // More queries than context.
-        let e = paged_attention_prefill(&mut out, &q, 1, &kv, 1.0, &[vec![0u32]], &[0], &[0, 1]).unwrap_err();
+        let e = paged_attention_prefill(&mut out, &q, 1, &kv, 1.0, &[vec![0u32]], &[0], &[0, 1], 1).unwrap_err();
         assert!(e.to_string().contains("cu_seqlens_q"), "{e}");
         let (mut kc, mut vc) = (k.clone(), v.clone());
         let e = reshape_and_cache(&q, &q, &mut kc, &mut vc, &[8], 8).unwrap_err();

@@ -269,6 +269,7 @@ fn check_decode<T: CudaDtype>(k: &CudaKernels) {
             num_kv_heads: nkv,
             head_dim: hd,
             block_size: bs,
+            window: None,
         };
         let mut want = vec![0.0; q.len()];
         cpu::attention::paged_attention_decode(&mut want, &q, nh, &kv, scale, &l.tables, &ctx, 1).unwrap();
@@ -329,6 +330,7 @@ fn check_prefill<T: CudaDtype>(k: &CudaKernels) {
             num_kv_heads: nkv,
             head_dim: hd,
             block_size: bs,
+            window: None,
         };
         let mut cu = vec![0];
         for ql in &qlens {

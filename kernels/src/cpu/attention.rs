@@ -34,10 +34,16 @@ pub struct PagedKv<'a> {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    /// Sliding-window attention (Mistral): a query sees only the last `window` positions, its own
+    /// included. `None`: every earlier position.
+    pub window: Option<usize>,
 }
 
 impl PagedKv<'_> {
     fn num_blocks(&self) -> Result<usize, ShapeError> {
+        if self.window == Some(0) {
+            return Err(invalid("window", "a sliding window must be > 0 positions"));
+        }
         let block_elems = self.block_size * self.num_kv_heads * self.head_dim;
         if block_elems == 0 {
             return Err(invalid("kv", "block_size, num_kv_heads and head_dim must be > 0"));
@@ -145,7 +151,8 @@ pub fn paged_attention_decode<B: AsRef<[u32]> + Sync>(
 /// Varlen causal prefill attention. The queries of sequence `s` are rows
 /// `cu_seqlens_q[s]..cu_seqlens_q[s + 1]` of `q`/`out` (`[total_tokens, num_heads, head_dim]`); they
 /// sit at the last `q_len` positions of its `context_lens[s]` cached tokens, and query `i` attends to
-/// positions `0..=context_lens[s] - q_len + i`. Their K/V must already be in the cache.
+/// positions `0..=context_lens[s] - q_len + i` (the last `kv.window` of them with a sliding window).
+/// Their K/V must already be in the cache.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
     out: &mut [f32],
@@ -223,16 +230,9 @@ pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
         let (t, first) = (idx / per_token, (idx % per_token) * heads);
         let (s, n_keys) = token_keys[t];
         let q_rows = &q[(t * num_heads + first) * hd..(t * num_heads + first + heads) * hd];
-        attend(
-            out,
-            q_rows,
-            heads,
-            kv,
-            first / group,
-            block_tables[s].as_ref(),
-            n_keys,
-            scale,
-        );
+        let first_key = kv.window.map_or(0, |w| n_keys.saturating_sub(w));
+        let table = block_tables[s].as_ref();
+        attend(out, q_rows, heads, kv, first / group, table, first_key..n_keys, scale);
     };
     let chunk = heads * hd;
     let items = num_tokens * per_token;
@@ -255,8 +255,8 @@ pub fn paged_attention_prefill<B: AsRef<[u32]> + Sync>(
     Ok(())
 }
 
-/// One query token × one KV head: the `group` query heads sharing that KV head attend to the first
-/// `n_keys` positions of `table`. Online softmax, rescaled once per block.
+/// One query token × one KV head: the `group` query heads sharing that KV head attend to positions
+/// `keys` of `table`. Online softmax, rescaled once per block.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     out: &mut [f32],
@@ -265,7 +265,7 @@ fn attend(
     kv: &PagedKv<'_>,
     kv_head: usize,
     table: &[u32],
-    n_keys: usize,
+    keys: std::ops::Range<usize>,
     scale: f32,
 ) {
     let (hd, nkv, bs) = (kv.head_dim, kv.num_kv_heads, kv.block_size);
@@ -273,17 +273,19 @@ fn attend(
     let mut max = vec![f32::NEG_INFINITY; group];
     let mut denom = vec![0f32; group];
     let mut scores = vec![0f32; group * bs];
-    for (b, &block) in table[..n_keys.div_ceil(bs)].iter().enumerate() {
-        let n = bs.min(n_keys - b * bs);
+    for b in keys.start / bs..keys.end.div_ceil(bs) {
+        let block = table[b];
+        // Offsets of this block inside `keys`.
+        let (lo, hi) = (keys.start.saturating_sub(b * bs), bs.min(keys.end - b * bs));
         let row = |off: usize| ((block as usize * bs + off) * nkv + kv_head) * hd;
-        for off in 0..n {
+        for off in lo..hi {
             let k = &kv.key_cache[row(off)..row(off) + hd];
             for h in 0..group {
                 scores[h * bs + off] = dot(&q_rows[h * hd..(h + 1) * hd], k) * scale;
             }
         }
         for h in 0..group {
-            let sc = &mut scores[h * bs..h * bs + n];
+            let sc = &mut scores[h * bs + lo..h * bs + hi];
             let block_max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[h].max(block_max);
             // exp(-inf) = 0 on the first block: nothing accumulated yet to rescale.
@@ -298,7 +300,7 @@ fn attend(
             }
             max[h] = new_max;
         }
-        for off in 0..n {
+        for off in lo..hi {
             let v = &kv.value_cache[row(off)..row(off) + hd];
             for h in 0..group {
                 axpy(&mut out[h * hd..(h + 1) * hd], scores[h * bs + off], v);
@@ -343,6 +345,7 @@ mod tests {
         hd: usize,
         bs: usize,
         num_blocks: usize,
+        window: Option<usize>,
     }
 
     /// Naive reference: gather the sequence's keys/values by position, dense softmax(q·k)·v.
@@ -357,14 +360,20 @@ mod tests {
     ) -> Vec<f32> {
         let g = head / (c.num_heads / c.nkv);
         let at = |p: usize| ((table[p / c.bs] as usize * c.bs + p % c.bs) * c.nkv + g) * c.hd;
-        let scores: Vec<f64> = (0..=pos)
+        let first = c.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let scores: Vec<f64> = (first..=pos)
             .map(|p| (0..c.hd).map(|d| q[d] as f64 * k_cache[at(p) + d] as f64).sum::<f64>() * 0.125)
             .collect();
         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
         let z: f64 = e.iter().sum();
         (0..c.hd)
-            .map(|d| (0..=pos).map(|p| e[p] * v_cache[at(p) + d] as f64).sum::<f64>() / z)
+            .map(|d| {
+                (first..=pos)
+                    .map(|p| e[p - first] * v_cache[at(p) + d] as f64)
+                    .sum::<f64>()
+                    / z
+            })
             .map(|x| x as f32)
             .collect()
     }
@@ -404,6 +413,7 @@ mod tests {
             num_kv_heads: c.nkv,
             head_dim: c.hd,
             block_size: c.bs,
+            window: c.window,
         };
         paged_attention_prefill(&mut out, &q, c.num_heads, &kv, 0.125, &tables, &ctx_lens, &cu, 1).unwrap();
         // Any thread count (which also changes how heads are split into work items) gives the same bits.
@@ -451,6 +461,7 @@ mod tests {
             hd: 16,
             bs: 4,
             num_blocks: 64,
+            window: None,
         };
         // (context length, query tokens): full prefill, a chunk, a decode, partial last blocks.
         run_case(&c, &[(9, 9), (17, 5), (3, 1), (16, 16), (1, 1)], 1);
@@ -465,8 +476,25 @@ mod tests {
             hd: 64,
             bs: 16,
             num_blocks: 256,
+            window: None,
         };
         run_case(&c, &[(300, 1), (45, 1), (129, 1), (16, 1), (700, 1)], 2);
+    }
+
+    #[test]
+    fn sliding_window_sees_only_the_last_window_positions() {
+        for window in [1, 5, 8, 100] {
+            let c = Case {
+                num_heads: 4,
+                nkv: 2,
+                hd: 16,
+                bs: 4,
+                num_blocks: 64,
+                window: Some(window),
+            };
+            // Windows starting mid-block, on a block boundary, and wider than the context.
+            run_case(&c, &[(23, 23), (17, 3), (9, 1), (40, 1)], 4);
+        }
     }
 
     #[test]
@@ -477,6 +505,7 @@ mod tests {
             hd: 12,
             bs: 8,
             num_blocks: 32,
+            window: None,
         };
         run_case(&c, &[(40, 13), (8, 8), (9, 2)], 3);
     }
@@ -490,6 +519,7 @@ mod tests {
             num_kv_heads: 1,
             head_dim: 8,
             block_size: 2,
+            window: None,
         };
         let q = vec![0f32; 8];
         let mut out = vec![0f32; 8];
@@ -505,6 +535,9 @@ mod tests {
         // More queries than context.
         let e = paged_attention_prefill(&mut out, &q, 1, &kv, 1.0, &[vec![0u32]], &[0], &[0, 1], 1).unwrap_err();
         assert!(e.to_string().contains("cu_seqlens_q"), "{e}");
+        let no_window = PagedKv { window: Some(0), ..kv };
+        let e = paged_attention_decode(&mut out, &q, 1, &no_window, 1.0, &[vec![0u32]], &[1], 1).unwrap_err();
+        assert!(e.to_string().contains("window"), "{e}");
         let (mut kc, mut vc) = (k.clone(), v.clone());
         let e = reshape_and_cache(&q, &q, &mut kc, &mut vc, &[8], 8).unwrap_err();
         assert!(e.to_string().contains("slot_mapping"), "{e}");

@@ -120,6 +120,8 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     pub context_length: usize,
     pub rope: Rope,
+    /// Sliding-window attention (Mistral v0.1): each token sees only this many latest positions.
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -137,6 +139,9 @@ impl LlamaConfig {
         pos(self.num_heads, "num_heads")?;
         pos(self.num_kv_heads, "num_kv_heads")?;
         pos(self.head_dim, "head_dim")?;
+        if self.sliding_window == Some(0) {
+            bail!("model config: sliding_window must be > 0");
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "model config: num_heads {} not a multiple of num_kv_heads {}",
@@ -369,6 +374,10 @@ impl Llama {
             rms_eps: g.f32_or(&k("attention.layer_norm_rms_epsilon"), 1e-5)?,
             context_length: g.usize_or(&k("context_length"), 4096)?,
             rope,
+            sliding_window: match g.usize_or(&k("attention.sliding_window"), 0)? {
+                0 => None,
+                w => Some(w),
+            },
             architecture: arch,
         };
         cfg.validate()?;
@@ -605,7 +614,8 @@ impl Llama {
                 for h in 0..nh {
                     let g = h / (nh / nkv);
                     let qr = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
-                    let scores: Vec<f32> = (0..=i)
+                    let first = c.sliding_window.map_or(0, |w| (i + 1).saturating_sub(w));
+                    let scores: Vec<f32> = (first..=i)
                         .map(|j| {
                             let kr = &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd];
                             qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
@@ -615,7 +625,7 @@ impl Llama {
                     let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
                     let z: f32 = e.iter().sum();
                     let o = &mut out[(i * nh + h) * hd..(i * nh + h + 1) * hd];
-                    for (j, p) in e.iter().enumerate() {
+                    for (j, p) in (first..).zip(&e) {
                         let vr = &v[(j * nkv + g) * hd..(j * nkv + g + 1) * hd];
                         o.iter_mut().zip(vr).for_each(|(o, v)| *o += p / z * v);
                     }
@@ -660,6 +670,9 @@ struct HfConfig {
     tie_word_embeddings: bool,
     attention_bias: Option<bool>,
     rope_scaling: Option<HfRopeScaling>,
+    /// Mistral v0.1 sets it; Qwen2 sets it too but gates it with `use_sliding_window`.
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -718,6 +731,7 @@ impl HfConfig {
             rms_eps: self.rms_norm_eps,
             context_length: self.max_position_embeddings,
             rope,
+            sliding_window: self.sliding_window.filter(|_| self.use_sliding_window.unwrap_or(true)),
         })
     }
 }

@@ -143,6 +143,7 @@ impl ModelRunner for LlamaRunner {
                 num_kv_heads: nkv,
                 head_dim: hd,
                 block_size: bs,
+                window: c.sliding_window,
             };
             paged_attention_prefill(out, q, nh, &kv, scale, &tables, &ctx_lens, &cu, threads)?;
             Ok(())

@@ -241,6 +241,39 @@ fn tiny_safetensors_llama_paged_matches_dense() {
     }
 }
 
+/// Mistral's sliding window: the paged runner and the dense reference mask the same positions, and
+/// the mask matters (the logits differ from full attention once the context exceeds the window).
+#[test]
+fn sliding_window_mistral_paged_matches_dense() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_llama(dir.path(), DType::F32);
+    let cfg_path = dir.path().join("config.json");
+    let full = Llama::from_safetensors(dir.path()).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = "mistral".into();
+    cfg["sliding_window"] = 6.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let windowed = Llama::from_safetensors(dir.path()).unwrap();
+    assert_eq!(windowed.cfg.sliding_window, Some(6));
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 11 + 5) % 97).collect();
+    assert_eq!(
+        windowed.forward_dense(&tokens[..6]).unwrap(),
+        full.forward_dense(&tokens[..6]).unwrap()
+    );
+    assert!(
+        rel_err(
+            &windowed.forward_dense(&tokens).unwrap(),
+            &full.forward_dense(&tokens).unwrap()
+        ) > 1e-3
+    );
+    let worst = paged_vs_dense(windowed, 97);
+    assert!(worst < 1e-4, "relative error {worst}");
+    // Qwen2 configs carry a window but switch it off.
+    cfg["use_sliding_window"] = false.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_eq!(Llama::from_safetensors(dir.path()).unwrap().cfg.sliding_window, None);
+}
+
 #[test]
 fn runner_rejects_bad_batches() {
     let dir = tempfile::tempdir().unwrap();

@@ -134,6 +134,7 @@ pub fn copy_blocks(
 
 /// Decode attention: one query token per sequence (`q`, `out`: `[num_seqs, num_heads, head_dim]`),
 /// attending to the `context_lens[s]` cached positions of sequence `s` (its own included).
+#[allow(clippy::too_many_arguments)]
 pub fn paged_attention_decode<B: AsRef<[u32]> + Sync>(
     out: &mut [f32],
     q: &[f32],
@@ -273,8 +274,8 @@ fn attend(
     let mut max = vec![f32::NEG_INFINITY; group];
     let mut denom = vec![0f32; group];
     let mut scores = vec![0f32; group * bs];
-    for b in keys.start / bs..keys.end.div_ceil(bs) {
-        let block = table[b];
+    let blocks = table.iter().enumerate().take(keys.end.div_ceil(bs));
+    for (b, &block) in blocks.skip(keys.start / bs) {
         // Offsets of this block inside `keys`.
         let (lo, hi) = (keys.start.saturating_sub(b * bs), bs.min(keys.end - b * bs));
         let row = |off: usize| ((block as usize * bs + off) * nkv + kv_head) * hd;

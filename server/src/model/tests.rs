@@ -557,7 +557,11 @@ fn smollm2_with_k_quant_layers_predicts_like_the_original() {
         let requant = name.strip_prefix("blk.").and_then(|r| {
             let (layer, rest) = r.split_once('.')?;
             let layer: usize = layer.parse().ok()?;
-            (rest == "ffn_down.weight").then_some(if layer % 2 == 0 { GgmlDType::Q6K } else { GgmlDType::Q4K })
+            (rest == "ffn_down.weight").then_some(if layer.is_multiple_of(2) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            })
         });
         let t = match requant {
             Some(dtype) => QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), dtype).unwrap(),

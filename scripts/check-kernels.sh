@@ -7,7 +7,12 @@
 #   4. runs the attention / norm / pooling kernels on the CPU under the SIMT emulator
 #      (kernels/emu: every CUDA thread a std::thread) against naive double references, which checks
 #      their indexing, masking and barriers without a GPU (~25 s),
-#   5. runs `cargo check -p genai-kernels --features cuda` (build.rs + the cudarc wrappers).
+#   5. runs `cargo check -p genai-kernels --features cuda` (build.rs + the cudarc wrappers),
+#   6. runs `cargo clippy -p genai-factory --features cuda --all-targets -- -D warnings` (a
+#      `cargo check` plus lints): the server's CUDA engine and embedder over candle's CUDA backend
+#      (candle's own kernels compile for CUDA_COMPUTE_CAP, default 90 = H100/H200; ~7 min cold,
+#      cached afterwards). No link: libcuda/cuBLAS are absent here. GPU FAISS (feature `faiss-gpu`)
+#      is not checked: building FAISS's CUDA sources is far beyond this budget (kernels/README.md).
 # Idempotent; reruns are fast (toolchain cached, ~2 s per file and arch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +48,6 @@ echo "== emulated kernels (CPU) =="
 "${CXX:-g++}" -std=c++20 -O2 -pthread -I"$CUDA_HOME/include" -o "$work/emu_check" kernels/emu/check.cpp
 "$work/emu_check"
 cargo check -p genai-kernels --features cuda
+echo "== cargo clippy -p genai-factory --features cuda --all-targets =="
+CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy -p genai-factory --features cuda --all-targets -- -D warnings
 echo "check-kernels: OK"

@@ -170,13 +170,29 @@ impl GpuLinear {
         })
     }
 
+    /// `[tokens, in]` in `T` → `[tokens, out]` in `T`.
     fn forward<T: GpuFloat>(&self, x: &Tensor) -> anyhow::Result<Tensor> {
+        match self {
+            Self::Quant { .. } => Ok(self.forward_f32(x)?.to_dtype(T::DTYPE)?),
+            Self::Dense { w, bias } => {
+                let y = x.matmul(&w.t()?)?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+
+    /// `[tokens, in]` in `T` → `[tokens, out]` in f32 (the LM head: quantized heads keep their f32
+    /// output, so near-tied logits are not rounded to `T` before sampling).
+    fn forward_f32(&self, x: &Tensor) -> anyhow::Result<Tensor> {
         let (y, bias) = match self {
-            Self::Quant { w, bias } => (w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(T::DTYPE)?, bias),
-            Self::Dense { w, bias } => (x.matmul(&w.t()?)?, bias),
+            Self::Quant { w, bias } => (w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?, bias),
+            Self::Dense { w, bias } => (x.matmul(&w.t()?)?.to_dtype(DType::F32)?, bias),
         };
         Ok(match bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
             None => y,
         })
     }
@@ -920,7 +936,7 @@ impl<T: GpuFloat> ModelRunner for CudaRunner<T> {
         let n = rows.len();
         let h = wrap(h, &m.cuda, t, c.hidden_size)?;
         let sel = h.index_select(&Tensor::from_slice(&rows, (n,), &m.device)?, 0)?;
-        let logits = m.lm_head.forward::<T>(&sel)?.to_dtype(DType::F32)?;
+        let logits = m.lm_head.forward_f32(&sel)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 }

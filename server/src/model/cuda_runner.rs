@@ -15,8 +15,8 @@
 //! `fused_add_rms_norm` with the next layer's (or the final) norm → LM head over the last token of
 //! each entry with `want_logits` → f32 logits copied to the host.
 //!
-//! Attention: tokens are laid out decode entries first (one token each), then prefill entries, so
-//! the decode rows are one contiguous block for `paged_attention_decode` (split-K above
+//! Attention: tokens are laid out decode entries first (one token each), then prefill entries
+//! ([`step_plan`], which also validates the batch), so the decode rows are one contiguous block for `paged_attention_decode` (split-K above
 //! [`genai_kernels::cuda::PARTITION_SIZE`] keys) and the rest one block for the varlen causal
 //! `paged_attention_prefill`. Each group gets its own [`AttentionMetadata`], uploaded once per step.
 //!
@@ -49,6 +49,7 @@ use genai_kernels::cuda::{
 use super::gguf::GgufFile;
 use super::linear::concat_qtensors;
 use super::llama::{HfModel, Llama, LlamaConfig, RopeStyle};
+use super::step_plan;
 use crate::config::EngineConfig;
 use crate::engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
 
@@ -829,71 +830,21 @@ impl<T: GpuFloat> ModelRunner for CudaRunner<T> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        // Decode entries (one token) first, then prefill entries: see the module doc.
-        let order: Vec<usize> = (0..entries.len())
-            .filter(|&i| entries[i].tokens.len() == 1)
-            .chain((0..entries.len()).filter(|&i| entries[i].tokens.len() != 1))
-            .collect();
-        let num_decode = entries.iter().filter(|e| e.tokens.len() == 1).count();
-        let total: usize = entries.iter().map(|e| e.tokens.len()).sum();
-        let mut tokens = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut slots = Vec::with_capacity(total);
-        let mut ctx_lens = Vec::with_capacity(entries.len());
-        let mut query_lens = Vec::with_capacity(entries.len());
-        let mut last_row = vec![0usize; entries.len()];
-        for &i in &order {
-            let e = &entries[i];
-            if e.tokens.is_empty() {
-                bail!("entry {i} (seq {}): no tokens", e.seq_id);
-            }
-            let end = e.start_pos + e.tokens.len();
-            if end > c.context_length {
-                bail!(
-                    "entry {i} (seq {}): position {end} beyond context length {}",
-                    e.seq_id,
-                    c.context_length
-                );
-            }
-            if e.block_table.len() < end.div_ceil(bs) {
-                bail!(
-                    "entry {i} (seq {}): block_table has {} blocks for {end} tokens of block size {bs}",
-                    e.seq_id,
-                    e.block_table.len()
-                );
-            }
-            if let Some(b) = e.block_table.iter().find(|&&b| b as usize >= num_blocks) {
-                bail!("entry {i} (seq {}): block {b} >= {num_blocks} blocks", e.seq_id);
-            }
-            if let Some(&bad) = e.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-                bail!(
-                    "entry {i} (seq {}): token id {bad} out of vocabulary ({})",
-                    e.seq_id,
-                    c.vocab_size
-                );
-            }
-            for p in e.start_pos..end {
-                positions.push(u32::try_from(p).context("position exceeds u32")?);
-                slots.push((e.block_table[p / bs] as usize * bs + p % bs) as i64);
-            }
-            tokens.extend_from_slice(&e.tokens);
-            last_row[i] = tokens.len() - 1;
-            ctx_lens.push(end);
-            query_lens.push(e.tokens.len());
-        }
-        let t = tokens.len();
+        let plan = step_plan::plan(batch, c.vocab_size, c.context_length, num_blocks, bs)?;
+        let t = plan.tokens.len();
+        let num_decode = plan.num_decode;
         let kernels = &self.model.kernels;
-        let positions = kernels.positions(&positions, c.context_length)?;
-        let slots = kernels.slot_mapping(&slots, num_blocks * bs)?;
-        let tables: Vec<&[u32]> = order.iter().map(|&i| entries[i].block_table.as_slice()).collect();
+        let positions = kernels.positions(&plan.positions, c.context_length)?;
+        let slots = kernels.slot_mapping(&plan.slots, num_blocks * bs)?;
+        let tables: Vec<&[u32]> = plan.order.iter().map(|&i| entries[i].block_table.as_slice()).collect();
         let meta = |r: std::ops::Range<usize>| -> anyhow::Result<Option<AttentionMetadata>> {
             if r.is_empty() {
                 return Ok(None);
             }
             Ok(Some(kernels.attention_metadata(
                 &tables[r.clone()],
-                &ctx_lens[r.clone()],
-                &query_lens[r],
+                &plan.context_lens[r.clone()],
+                &plan.query_lens[r],
                 num_blocks,
                 bs,
             )?))
@@ -911,7 +862,7 @@ impl<T: GpuFloat> ModelRunner for CudaRunner<T> {
 
         let m = &self.model;
         let pool = self.kv.as_mut().ok_or_else(|| anyhow!("forward before allocate_kv"))?;
-        let ids = Tensor::from_slice(&tokens, (t,), &m.device)?;
+        let ids = Tensor::from_slice(&plan.tokens, (t,), &m.device)?;
         let x0 = m.embed.index_select(&ids, 0)?;
         let mut residual = owned::<T>(&x0, &stream)?;
         drop(x0);
@@ -926,7 +877,7 @@ impl<T: GpuFloat> ModelRunner for CudaRunner<T> {
             .iter()
             .enumerate()
             .filter(|(_, e)| e.want_logits)
-            .map(|(i, _)| last_row[i] as u32)
+            .map(|(i, _)| plan.last_row[i] as u32)
             .collect();
         if rows.is_empty() {
             // Nothing to read back: still surface this step's device errors now.

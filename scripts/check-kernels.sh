@@ -54,10 +54,12 @@ cargo check -p genai-kernels --features cuda
 echo "== cargo clippy -p genai-factory --features cuda --all-targets =="
 CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy -p genai-factory --features cuda --all-targets -- -D warnings
 echo "== cargo clippy -p genai-factory --features faiss-gpu (scratch copy, faiss not static) =="
-mkdir "$work/faiss-gpu"
-git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$work/faiss-gpu"
-sed -i 's/^faiss = { version = "\([^"]*\)", features = \["static"\] }$/faiss = { version = "\1" }/' "$work/faiss-gpu/Cargo.toml"
-grep -q '^faiss = { version = "[^"]*" }$' "$work/faiss-gpu/Cargo.toml" ||
+# A fixed path (tar keeps mtimes) so reruns reuse the previous check.
+scratch="$(realpath -m "${CARGO_TARGET_DIR:-target}")/faiss-gpu-src"
+rm -rf "$scratch" && mkdir -p "$scratch"
+git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$scratch"
+sed -i 's/^faiss = { version = "\([^"]*\)", features = \["static"\] }$/faiss = { version = "\1" }/' "$scratch/Cargo.toml"
+grep -q '^faiss = { version = "[^"]*" }$' "$scratch/Cargo.toml" ||
   { echo "error: could not drop the static feature of faiss in the scratch Cargo.toml" >&2; exit 1; }
-(cd "$work/faiss-gpu" && CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy -p genai-factory --features faiss-gpu --all-targets -- -D warnings)
+(cd "$scratch" && CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy -p genai-factory --features faiss-gpu --all-targets -- -D warnings)
 echo "check-kernels: OK"

@@ -515,7 +515,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 RopeStyle::Neox => RopeLayout::Neox,
             },
         };
-        let cos_sin = stream.clone_htod(&cos_sin_table(c))?;
+        let cos_sin = stream.clone_htod(&c.rope.cos_sin_cache(c.context_length))?;
         let norm = upload(&norm)?;
         // Loading is asynchronous on the stream: surface any upload fault here, not in the first step.
         stream.synchronize()?;
@@ -574,19 +574,6 @@ pub fn activation_reserve(c: &LlamaConfig, engine: &EngineConfig) -> usize {
     let per_token = 4 * 4 * (3 * c.hidden_size + qkv + 3 * c.intermediate_size);
     let logits = engine.max_running * c.vocab_size * 4 * 3;
     engine.max_batch_tokens * per_token + logits + (512 << 20)
-}
-
-/// The kernels' RoPE table from the model's own frequencies (scaling included): f32
-/// `[context_length, dim]`, per position `dim/2` cosines then `dim/2` sines.
-fn cos_sin_table(c: &LlamaConfig) -> Vec<f32> {
-    let r = &c.rope;
-    let mut t = Vec::with_capacity(c.context_length * r.dim);
-    for p in 0..c.context_length {
-        let angles: Vec<f64> = r.inv_freq.iter().map(|f| p as f64 * r.pos_scale * f).collect();
-        t.extend(angles.iter().map(|a| a.cos() as f32));
-        t.extend(angles.iter().map(|a| a.sin() as f32));
-    }
-    t
 }
 
 /// A device buffer of ours as a `[rows, cols]` candle tensor (moves it; no copy).

@@ -87,6 +87,19 @@ impl Rope {
         (cos, sin)
     }
 
+    /// The CUDA rotary kernel's table (`genai_kernels::cuda::rotary_embedding`): f32
+    /// `[max_position, dim]`, per position the `dim/2` cosines then the `dim/2` sines of the same
+    /// angles as [`Rope::tables`] (scaling included).
+    pub fn cos_sin_cache(&self, max_position: usize) -> Vec<f32> {
+        let mut t = Vec::with_capacity(max_position * self.dim);
+        for p in 0..max_position {
+            let (cos, sin) = self.tables(&[p]);
+            t.extend(cos);
+            t.extend(sin);
+        }
+        t
+    }
+
     /// Rotates `x: [tokens, heads, head_dim]` in place.
     pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
         let half = self.dim / 2;
@@ -773,6 +786,22 @@ mod tests {
             (y[2] - 1f32.sin()).abs() < 1e-6 && (y[3] - 0.01f32.sin()).abs() < 1e-6,
             "{y:?}"
         );
+    }
+
+    #[test]
+    fn cos_sin_cache_matches_the_kernel_reference_table_and_tables() {
+        let r = Rope::new(RopeStyle::Neox, 8, 10_000.0);
+        let got = r.cos_sin_cache(5);
+        let want = genai_kernels::cpu::rotary::rope_cos_sin_cache(5, 8, 10_000.0);
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{got:?} vs {want:?}"
+        );
+        let mut scaled = r.clone();
+        scaled.pos_scale = 0.25;
+        let (cos, sin) = scaled.tables(&[3]);
+        assert_eq!(&scaled.cos_sin_cache(4)[3 * 8..], [cos, sin].concat().as_slice());
     }
 
     #[test]

@@ -69,6 +69,10 @@ make_stub libnvrtc libnvrtc.so.13 "$cudarc_src/src/nvrtc/sys/mod.rs" nvrtc
 make_stub libcublas libcublas.so.13 "$cudarc_src/src/cublas/sys/mod.rs" cublas
 make_stub libcublasLt libcublasLt.so.13 "$cudarc_src/src/cublaslt/sys/mod.rs" cublasLt
 make_stub libcurand libcurand.so.10 "$cudarc_src/src/curand/sys/mod.rs" curand
+# candle's kernels library links the CUDA runtime itself (-lcudart): the toolchain's real one, which
+# needs no driver to load (its soname libcudart.so.13 binds the GPU host's toolkit at run time).
+ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$stubs/libcudart.so"
+ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$stubs/libcudart.so.13"
 export LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 bin="$(cargo test -p genai-kernels --features cuda --test gpu --no-run --message-format=json |
   python3 -c 'import sys, json

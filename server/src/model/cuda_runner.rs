@@ -5,7 +5,8 @@
 //! quantized matmul (on f32 activations, the one input type all its paths accept); f16/f32/bf16
 //! GGUF tensors and safetensors weights become dense matrices in the activation dtype `T` (cuBLAS
 //! through candle). q/k/v and gate/up are stacked into one matmul where the weights allow, as on
-//! the CPU. `T` is f16 for GGUF (llama.cpp's KV type) and f16 safetensors, bf16 otherwise.
+//! the CPU. `T` is f16 for GGUF (llama.cpp's KV type; bf16 for Qwen2, whose activations can
+//! exceed f16's range) and f16 safetensors, bf16 otherwise.
 //!
 //! One step, mapped onto `genai_kernels::cuda` (all launches on candle's stream of this device):
 //! embeddings (candle `index_select`) → `rms_norm` → per layer: QKV matmul (candle), split into
@@ -92,9 +93,14 @@ fn open_device(ordinal: usize) -> anyhow::Result<Device> {
     Device::new_cuda_with_stream(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
 }
 
-/// Loads a Llama-family GGUF onto GPU `ordinal` (f16 activations and KV cache).
+/// Loads a Llama-family GGUF onto GPU `ordinal`: f16 activations and KV cache (llama.cpp's KV type,
+/// 3 more mantissa bits than bf16), except Qwen2, whose residual stream can exceed f16's range.
 pub fn load_gguf(g: &mut GgufFile, ordinal: usize, engine: &EngineConfig) -> anyhow::Result<CudaLoad> {
-    erase(CudaLlama::<half::f16>::from_gguf(g, ordinal)?, engine)
+    if g.str("general.architecture")? == "qwen2" {
+        erase(CudaLlama::<half::bf16>::from_gguf(g, ordinal)?, engine)
+    } else {
+        erase(CudaLlama::<half::f16>::from_gguf(g, ordinal)?, engine)
+    }
 }
 
 /// Loads an HF safetensors directory onto GPU `ordinal` (f16 if its weights are f16, else bf16).

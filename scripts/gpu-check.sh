@@ -51,6 +51,8 @@ if [ "$mode" = run ]; then
 fi
 
 [ "$mode" = build ] || { echo "usage: $0 [build|run [DIR]]" >&2; exit 2; }
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
 cd "$here/.."
 . scripts/cuda-toolchain.sh
 gf_cuda_toolchain
@@ -94,8 +96,11 @@ if [ "${GF_SKIP_BUILD_SERVER:-0}" != 1 ]; then
   cp "${CARGO_TARGET_DIR:-target}/release/genai-factory" "$out/"
   mkdir -p "$out/models"
   cp -rL models/smollm2-135m-instruct models/all-minilm-l6-v2 "$out/models/"
-  # Smoke run against the stubs: the dynamic loader must resolve every CUDA library it links.
-  LD_LIBRARY_PATH="$stubs" "$out/genai-factory" config --device auto >/dev/null ||
-    { echo "error: the server binary did not start against the link stubs" >&2; exit 1; }
+  # Smoke run against the stubs (every driver call fails): the binary must start, and
+  # `--device cuda` must stop at startup naming the reason.
+  smoke="$(cd "$work" && LD_LIBRARY_PATH="$stubs" GENAI_INDEX__DIR="$work/index" "$out/genai-factory" serve \
+    --device cuda --models-dir "$out/models" --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 2>&1 || true)"
+  grep -q 'but the CUDA driver is unavailable' <<<"$smoke" ||
+    { echo "error: the server did not refuse --device cuda against the link stubs:" >&2; echo "$smoke" >&2; exit 1; }
 fi
 echo "built $out; copy it to the GPU host and run: ./gpu-check.sh run"

@@ -17,9 +17,9 @@
 //! each entry with `want_logits` → f32 logits copied to the host.
 //!
 //! Attention: tokens are laid out decode entries first (one token each), then prefill entries
-//! ([`step_plan`], which also validates the batch), so the decode rows are one contiguous block for `paged_attention_decode` (split-K above
-//! [`genai_kernels::cuda::PARTITION_SIZE`] keys) and the rest one block for the varlen causal
-//! `paged_attention_prefill`. Each group gets its own [`AttentionMetadata`], uploaded once per step.
+//! ([`step_plan`], which also validates the batch), so the decode rows are one contiguous block
+//! for `paged_attention_decode` (split-K above [`genai_kernels::cuda::PARTITION_SIZE`] keys) and
+//! the rest one block for the varlen causal `paged_attention_prefill`. Each group gets its own [`AttentionMetadata`], uploaded once per step.
 //!
 //! Invariants: the KV pool is per layer a key and a value cache `[num_blocks, block_size,
 //! num_kv_heads, head_dim]` in `T` (the kernels' layout), allocated once by `allocate_kv`;
@@ -29,8 +29,10 @@
 //! candle owns matmul outputs, so rows a kernel updates in place (q/k for RoPE, the residual-stream
 //! input of the fused add + norm) are copied into buffers we own first.
 //!
-//! Not testable without a GPU: `cargo check --features cuda` runs in CI; greedy parity with the CPU
-//! runner on SmolLM2 is `scripts/gpu-check.sh run` (section "server parity") on a GPU host.
+//! Tests: the host-side layout is `step_plan`'s unit tests and the RoPE table
+//! `Rope::cos_sin_cache`'s; the rest needs a GPU. CI runs `cargo clippy --features cuda`
+//! (`scripts/check-kernels.sh`); greedy parity with the CPU runner on SmolLM2 (and the embedder's)
+//! is `scripts/gpu-check.sh run` (section "server parity") on a GPU host.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -91,6 +93,17 @@ fn erase<T: GpuFloat>(model: CudaLlama<T>, engine: &EngineConfig) -> anyhow::Res
 /// model is ordered on it, whichever thread issues it).
 fn open_device(ordinal: usize) -> anyhow::Result<Device> {
     Device::new_cuda_with_stream(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
+/// Refuses, before any weight is uploaded, what the kernels cannot run.
+fn check_supported(cfg: &LlamaConfig) -> anyhow::Result<()> {
+    if cfg.head_dim != 64 && cfg.head_dim != 128 {
+        bail!(
+            "model head_dim {} is not supported on CUDA (the attention kernels exist for 64 and 128); use --device cpu",
+            cfg.head_dim
+        );
+    }
+    Ok(())
 }
 
 /// Loads a Llama-family GGUF onto GPU `ordinal`: f16 activations and KV cache (llama.cpp's KV type,
@@ -340,6 +353,7 @@ struct HostLayer {
 impl<T: GpuFloat> CudaLlama<T> {
     fn from_gguf(g: &mut GgufFile, ordinal: usize) -> anyhow::Result<Self> {
         let cfg = Llama::gguf_config(g)?;
+        check_supported(&cfg)?;
         let device = open_device(ordinal)?;
         let f32_of = |q: Arc<QTensor>, name: &str| -> anyhow::Result<Vec<f32>> {
             q.dequantize(&Device::Cpu)?
@@ -389,6 +403,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             qkv_bias,
             tie_word_embeddings,
         } = HfModel::read(dir)?;
+        check_supported(&cfg)?;
         let device = open_device(ordinal)?;
         let mut take = |name: &str| -> anyhow::Result<Tensor> {
             w.remove(name)
@@ -452,12 +467,6 @@ impl<T: GpuFloat> CudaLlama<T> {
         let cuda = device.as_cuda_device()?.clone();
         let kernels = CudaKernels::new(cuda.cuda_stream()).context("loading the CUDA kernels")?;
         let stream = kernels.stream().clone();
-        if cfg.head_dim != 64 && cfg.head_dim != 128 {
-            bail!(
-                "model head_dim {} is not supported on CUDA (the attention kernels exist for 64 and 128); use --device cpu",
-                cfg.head_dim
-            );
-        }
         let want = |what: &str, got: usize, exp: usize| {
             if got != exp {
                 Err(anyhow!("model weights: {what} has {got} features, config says {exp}"))

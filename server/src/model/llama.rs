@@ -87,6 +87,19 @@ impl Rope {
         (cos, sin)
     }
 
+    /// The CUDA rotary kernel's table (`genai_kernels::cuda::rotary_embedding`): f32
+    /// `[max_position, dim]`, per position the `dim/2` cosines then the `dim/2` sines of the same
+    /// angles as [`Rope::tables`] (scaling included).
+    pub fn cos_sin_cache(&self, max_position: usize) -> Vec<f32> {
+        let mut t = Vec::with_capacity(max_position * self.dim);
+        for p in 0..max_position {
+            let (cos, sin) = self.tables(&[p]);
+            t.extend(cos);
+            t.extend(sin);
+        }
+        t
+    }
+
     /// Rotates `x: [tokens, heads, head_dim]` in place.
     pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
         let half = self.dim / 2;
@@ -299,28 +312,8 @@ fn gguf_f32(g: &mut GgufFile, name: &str) -> anyhow::Result<Vec<f32>> {
 }
 
 impl Llama {
-    /// Loads a Llama-family GGUF (architectures `llama` — incl. Mistral conversions — and `qwen2`).
-    /// `dequantize`: convert every matmul weight to f32 at load (the exact f32 path, no activation
-    /// quantization; for reference comparisons — 4-8x the memory, slower).
-    pub fn from_gguf(g: &mut GgufFile, dequantize: bool) -> anyhow::Result<Self> {
-        let q_linear = |w: Arc<QTensor>, b: Option<Tensor>| -> anyhow::Result<Linear> {
-            if dequantize {
-                Ok(Linear::from_tensor(w.dequantize(&Device::Cpu)?, b)?)
-            } else {
-                Linear::from_qtensor(w, b)
-            }
-        };
-        let q_multi = |parts: Vec<(Arc<QTensor>, Option<Tensor>)>| -> anyhow::Result<MultiLinear> {
-            if dequantize {
-                let dense = parts
-                    .into_iter()
-                    .map(|(w, b)| Ok((w.dequantize(&Device::Cpu)?, b)))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                MultiLinear::from_dense(dense)
-            } else {
-                MultiLinear::from_gguf(parts)
-            }
-        };
+    /// Reads and validates the model config of a Llama-family GGUF (shared with the CUDA loader).
+    pub(crate) fn gguf_config(g: &mut GgufFile) -> anyhow::Result<LlamaConfig> {
         let arch = g.str("general.architecture")?.to_string();
         let style = match arch.as_str() {
             "llama" => RopeStyle::Interleaved,
@@ -381,6 +374,32 @@ impl Llama {
             architecture: arch,
         };
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Loads a Llama-family GGUF (architectures `llama` — incl. Mistral conversions — and `qwen2`).
+    /// `dequantize`: convert every matmul weight to f32 at load (the exact f32 path, no activation
+    /// quantization; for reference comparisons — 4-8x the memory, slower).
+    pub fn from_gguf(g: &mut GgufFile, dequantize: bool) -> anyhow::Result<Self> {
+        let q_linear = |w: Arc<QTensor>, b: Option<Tensor>| -> anyhow::Result<Linear> {
+            if dequantize {
+                Ok(Linear::from_tensor(w.dequantize(&Device::Cpu)?, b)?)
+            } else {
+                Linear::from_qtensor(w, b)
+            }
+        };
+        let q_multi = |parts: Vec<(Arc<QTensor>, Option<Tensor>)>| -> anyhow::Result<MultiLinear> {
+            if dequantize {
+                let dense = parts
+                    .into_iter()
+                    .map(|(w, b)| Ok((w.dequantize(&Device::Cpu)?, b)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                MultiLinear::from_dense(dense)
+            } else {
+                MultiLinear::from_gguf(parts)
+            }
+        };
+        let cfg = Self::gguf_config(g)?;
         let embed_q = g.tensor("token_embd.weight")?;
         let lm_head = match g.opt_tensor("output.weight")? {
             Some(w) => q_linear(w, None)?,
@@ -426,13 +445,11 @@ impl Llama {
 
     /// Loads an HF directory: config.json + one or more *.safetensors (f32/f16/bf16 → f32).
     pub fn from_safetensors(dir: &Path) -> anyhow::Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let hf: HfConfig = serde_json::from_slice(
-            &std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", cfg_path.display()))?;
-        let cfg = hf.to_config()?;
-        cfg.validate()?;
+        let HfModel {
+            cfg,
+            qkv_bias: bias,
+            tie_word_embeddings,
+        } = HfModel::read(dir)?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -464,7 +481,6 @@ impl Llama {
                 };
                 Ok((wt, b))
             };
-            let bias = hf.attention_bias.unwrap_or(hf.model_type == "qwen2");
             let qkv = vec![
                 lin("self_attn.q_proj", bias)?,
                 lin("self_attn.k_proj", bias)?,
@@ -483,7 +499,7 @@ impl Llama {
             });
         }
         let norm = to_vec(take("model.norm.weight")?)?;
-        let lm_head = if hf.tie_word_embeddings {
+        let lm_head = if tie_word_embeddings {
             Linear::from_tensor(embed.clone(), None)?
         } else {
             Linear::from_tensor(take("lm_head.weight")?, None)?
@@ -648,6 +664,31 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// What the loaders need from an HF directory's `config.json` (shared with the CUDA loader).
+pub(crate) struct HfModel {
+    pub cfg: LlamaConfig,
+    /// q/k/v projections carry biases (Qwen2, or `attention_bias`).
+    pub qkv_bias: bool,
+    pub tie_word_embeddings: bool,
+}
+
+impl HfModel {
+    pub(crate) fn read(dir: &Path) -> anyhow::Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let hf: HfConfig = serde_json::from_slice(
+            &std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        let cfg = hf.to_config()?;
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            qkv_bias: hf.attention_bias.unwrap_or(hf.model_type == "qwen2"),
+            tie_word_embeddings: hf.tie_word_embeddings,
+        })
+    }
+}
+
 /// The fields of an HF `config.json` this model reads.
 #[derive(Debug, Deserialize)]
 struct HfConfig {
@@ -759,6 +800,22 @@ mod tests {
             (y[2] - 1f32.sin()).abs() < 1e-6 && (y[3] - 0.01f32.sin()).abs() < 1e-6,
             "{y:?}"
         );
+    }
+
+    #[test]
+    fn cos_sin_cache_matches_the_kernel_reference_table_and_tables() {
+        let r = Rope::new(RopeStyle::Neox, 8, 10_000.0);
+        let got = r.cos_sin_cache(5);
+        let want = genai_kernels::cpu::rotary::rope_cos_sin_cache(5, 8, 10_000.0);
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{got:?} vs {want:?}"
+        );
+        let mut scaled = r.clone();
+        scaled.pos_scale = 0.25;
+        let (cos, sin) = scaled.tables(&[3]);
+        assert_eq!(&scaled.cos_sin_cache(4)[3 * 8..], [cos, sin].concat().as_slice());
     }
 
     #[test]

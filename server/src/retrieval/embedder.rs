@@ -1,6 +1,13 @@
 //! Sentence embeddings: a BERT-family encoder (all-MiniLM-L6-v2 and kin) on
-//! candle CPU, pooled and normalised exactly as sentence-transformers does, and
-//! [`EmbedderHandle`], the dynamic batcher that serves concurrent callers.
+//! candle (CPU, or a CUDA device with feature `cuda`), pooled and normalised
+//! exactly as sentence-transformers does, and [`EmbedderHandle`], the dynamic
+//! batcher that serves concurrent callers.
+//!
+//! On CUDA the encoder runs in f32 on its own stream (candle's softmax and
+//! exact GELU instead of the CPU's vectorised ones) and mean pooling + L2
+//! normalisation is our fused `mean_pool` kernel, so only the pooled vectors
+//! come back to the host; CLS pooling copies the hidden states back and pools
+//! on the CPU.
 //!
 //! Invariants:
 //! - Padding never reaches the vectors: the tokenizer's own padding is switched
@@ -29,6 +36,7 @@ use tokio::sync::oneshot;
 
 use super::RetrievalError;
 use crate::config::EmbeddingConfig;
+use crate::device::ComputeDevice;
 
 type Result<T> = std::result::Result<T, RetrievalError>;
 
@@ -150,7 +158,7 @@ struct Bert {
 }
 
 impl Bert {
-    fn load(dir: &Path, cfg: &BertConfig) -> Result<Self> {
+    fn load(dir: &Path, cfg: &BertConfig, device: Device) -> Result<Self> {
         if cfg.hidden_act != "gelu" {
             return Err(model_err(format!(
                 "config.json hidden_act {:?} is not supported (only \"gelu\")",
@@ -162,7 +170,6 @@ impl Bert {
                 "config.json: hidden_size must be a multiple of num_attention_heads",
             ));
         }
-        let device = Device::Cpu;
         let path = dir.join("model.safetensors");
         // SAFETY: the file is memory-mapped read-only; the model files are not
         // modified while the server runs (the registry owns them).
@@ -211,8 +218,9 @@ impl Bert {
     }
 
     /// `ids`: `b` rows of `t` ids (right-padded); `mask`: 1 for real tokens.
-    /// Returns the last hidden states, `[b * t * hidden]` row-major.
-    fn forward(&self, ids: &[u32], mask: &[u32], b: usize, t: usize) -> candle_core::Result<Vec<f32>> {
+    /// Returns the last hidden states, `[b * t, hidden]` f32 on the model's device.
+    fn forward(&self, ids: &[u32], mask: &[u32], b: usize, t: usize) -> candle_core::Result<Tensor> {
+        let cpu = self.device.is_cpu();
         let (h, nh) = (self.hidden, self.heads);
         let hd = h / nh;
         let ids_t = Tensor::from_slice(ids, (b * t,), &self.device)?;
@@ -229,15 +237,24 @@ impl Bert {
             let head = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous();
             let (q, k, v) = (head(0)?, head(1)?, head(2)?);
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = scores.apply_op1_no_bwd(&SoftmaxLastDim)?;
+            let probs = if cpu {
+                scores.apply_op1_no_bwd(&SoftmaxLastDim)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            };
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
             let a = l.attn_out.forward(&ctx)?;
             x = l.ln_attn.forward(&(a + &x)?)?;
-            let i = l.inter.forward(&x)?.apply_op1_no_bwd(&GeluErf)?;
+            let i = l.inter.forward(&x)?;
+            let i = if cpu {
+                i.apply_op1_no_bwd(&GeluErf)?
+            } else {
+                i.gelu_erf()?
+            };
             let o = l.out.forward(&i)?;
             x = l.ln_out.forward(&(o + &x)?)?;
         }
-        x.flatten_all()?.to_vec1::<f32>()
+        Ok(x)
     }
 }
 
@@ -362,14 +379,22 @@ pub struct Embedder {
     tokenizer: Tokenizer,
     pooling: Pooling,
     max_seq_len: usize,
+    /// Our kernels on the encoder's stream (CUDA only): fused mean pooling.
+    #[cfg(feature = "cuda")]
+    kernels: Option<genai_kernels::cuda::CudaKernels>,
 }
 
 impl Embedder {
     /// Loads a sentence-transformers model directory: `model.safetensors`,
     /// `config.json`, `tokenizer.json`, `1_Pooling/config.json` and
     /// `sentence_bert_config.json` (the last two optional: mean pooling and the
-    /// model's position limit otherwise).
+    /// model's position limit otherwise). Runs on the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, ComputeDevice::Cpu)
+    }
+
+    /// [`Embedder::load`] on `device` (a CUDA device needs a `cuda` build).
+    pub fn load_on(dir: &Path, device: ComputeDevice) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
             std::fs::read_to_string(&p).map_err(|e| model_err(format!("{}: {e}", p.display())))
@@ -403,7 +428,27 @@ impl Embedder {
             cfg.max_position_embeddings
         }
         .min(cfg.max_position_embeddings);
-        let bert = Bert::load(dir, &cfg)?;
+        let candle_device = match device {
+            ComputeDevice::Cpu => Device::Cpu,
+            // Its own stream: the embedder runs beside the generation engine.
+            #[cfg(feature = "cuda")]
+            ComputeDevice::Cuda { ordinal } => Device::new_cuda_with_stream(ordinal).map_err(model_err)?,
+            #[cfg(not(feature = "cuda"))]
+            ComputeDevice::Cuda { .. } => {
+                return Err(model_err(
+                    "this binary was built without CUDA support (rebuild with `--features cuda`)",
+                ))
+            }
+        };
+        #[cfg(feature = "cuda")]
+        let kernels = match &candle_device {
+            Device::Cuda(d) => Some(
+                genai_kernels::cuda::CudaKernels::new(d.cuda_stream())
+                    .map_err(|e| model_err(format!("loading the CUDA kernels: {e}")))?,
+            ),
+            _ => None,
+        };
+        let bert = Bert::load(dir, &cfg, candle_device)?;
         let tk_path = dir.join("tokenizer.json");
         let mut tokenizer =
             Tokenizer::from_file(&tk_path).map_err(|e| model_err(format!("{}: {e}", tk_path.display())))?;
@@ -420,6 +465,8 @@ impl Embedder {
             tokenizer,
             pooling,
             max_seq_len,
+            #[cfg(feature = "cuda")]
+            kernels,
         })
     }
 
@@ -471,6 +518,14 @@ impl Embedder {
             mask[i * t..i * t + s.len()].iter_mut().for_each(|m| *m = 1);
         }
         let hidden = self.bert.forward(&ids, &mask, b, t).map_err(model_err)?;
+        #[cfg(feature = "cuda")]
+        if let (Some(k), Pooling::Mean) = (&self.kernels, self.pooling) {
+            return gpu_mean_pool(k, &hidden, &mask, t, self.dim());
+        }
+        let hidden = hidden
+            .flatten_all()
+            .and_then(|h| h.to_vec1::<f32>())
+            .map_err(model_err)?;
         pool_and_normalize(&hidden, &mask, b, t, self.dim(), self.pooling)
     }
 
@@ -503,6 +558,29 @@ impl Embedder {
         }
         Ok(out)
     }
+}
+
+/// Masked mean + L2 normalisation of `hidden` (`[b * t, dim]` f32 on the device) with our fused
+/// kernel; only the `b` pooled vectors are copied back.
+#[cfg(feature = "cuda")]
+fn gpu_mean_pool(
+    k: &genai_kernels::cuda::CudaKernels,
+    hidden: &Tensor,
+    mask: &[u32],
+    t: usize,
+    dim: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let run = || -> anyhow::Result<Vec<f32>> {
+        let stream = k.stream();
+        let mask_d = stream.clone_htod(mask)?;
+        let mut out = stream.alloc_zeros::<f32>(mask.len() / t * dim)?;
+        crate::model::cuda_runner::with_slice::<f32, _>(hidden, |h| {
+            Ok(k.mean_pool(&mut out, h, &mask_d, t, dim, true)?)
+        })?;
+        Ok(stream.clone_dtoh(&out)?)
+    };
+    let flat = run().map_err(|e| model_err(format!("pooling on the GPU: {e}")))?;
+    Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
 }
 
 struct Job {

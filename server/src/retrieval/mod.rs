@@ -8,6 +8,8 @@
 
 pub mod chunker;
 pub mod embedder;
+#[cfg(feature = "faiss-gpu")]
+pub mod gpu_index;
 pub mod index;
 pub mod ingest;
 pub mod knowledge;

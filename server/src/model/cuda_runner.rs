@@ -103,6 +103,10 @@ fn check_supported(cfg: &LlamaConfig) -> anyhow::Result<()> {
             cfg.head_dim
         );
     }
+    // The CUDA attention kernels have no window mask yet; attending past the window would be wrong.
+    if let Some(w) = cfg.sliding_window.filter(|&w| w < cfg.context_length) {
+        bail!("sliding-window attention ({w} positions) is not supported on CUDA yet; use --device cpu");
+    }
     Ok(())
 }
 

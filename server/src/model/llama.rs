@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use super::gguf::GgufFile;
 use super::linear::{concat_qtensors, Linear};
+use genai_kernels::cpu::activation::silu_mul;
 
 /// Which element pairs RoPE rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -587,11 +588,8 @@ impl Llama {
             rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut h);
             let ht = Tensor::from_slice(&h, (t, c.hidden_size), &Device::Cpu)?;
             let gu = l.gate_up.forward(&ht, t)?;
-            let act: Vec<f32> = gu[0]
-                .iter()
-                .zip(&gu[1])
-                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
+            let mut act = vec![0f32; gu[0].len()];
+            silu_mul(&mut act, &gu[0], &gu[1])?;
             let d = to_vec(
                 l.down
                     .forward(&Tensor::from_vec(act, (t, c.intermediate_size), &Device::Cpu)?)?,

@@ -8,6 +8,7 @@
 
 pub mod chunker;
 pub mod embedder;
+mod encoder;
 pub mod index;
 pub mod ingest;
 pub mod knowledge;

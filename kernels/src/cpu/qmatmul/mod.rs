@@ -400,6 +400,15 @@ pub fn qmatmul_with_isa(
     Ok(())
 }
 
+/// Runs `task(i)` for every `i < n_tasks` on up to `threads` threads of the
+/// kernels' pool (the caller included), returning when all have finished. For
+/// the row passes around the products (norms, activations, attention), so that
+/// one set of threads runs a whole forward pass. Busy pool (another caller's
+/// job in flight): the tasks run on the calling thread.
+pub fn parallel_for(threads: usize, n_tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+    pool::run(threads, n_tasks, task)
+}
+
 /// F32 weights: plain dot products, vectorized by the compiler per ISA.
 #[allow(clippy::too_many_arguments)]
 fn f32_rows(

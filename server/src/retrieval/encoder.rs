@@ -1,0 +1,638 @@
+//! The BERT encoder's forward pass, written out by hand for the CPU: the hot
+//! path of [`super::embedder::Embedder`].
+//!
+//! Layout: a batch is *packed*: the real tokens of all sequences are rows of
+//! one `[n, hidden]` matrix (no padding anywhere). Everything but attention is
+//! per token; attention runs per (sequence, head) over that sequence's rows.
+//!
+//! - Linear layers: `genai_kernels::cpu::qmatmul` (Q8_0 weights quantized once
+//!   at load, activations quantized per 32-value block per call; AVX-512 VNNI /
+//!   AVX2 / scalar picked at run time) on the kernels' persistent pool. Layers
+//!   whose input width is not a multiple of 32 stay f32.
+//! - Bias + GELU, bias + residual + LayerNorm and attention (scores, softmax,
+//!   context) are fused row passes, compiled for AVX-512F, AVX2+FMA and
+//!   baseline x86-64 (or the target's baseline) and chosen at run time.
+//!
+//! Invariants: a sequence's hidden states do not depend on the other sequences
+//! in the batch or on the thread count (every op is row-local except attention,
+//! which reads only its own sequence; qmatmul is bit-identical across threads).
+//!
+//! Tested by: the embedder's tests (parity with sentence-transformers vectors)
+//! and the tests below: each fused op against a plain scalar formula, and the
+//! whole forward pass against candle f32 reference (`embedder`'s candle BERT)
+//! on the real model.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use genai_kernels::cpu::qmatmul::{parallel_for, qmatmul, QMatrix, QType};
+
+use super::RetrievalError;
+
+type Result<T> = std::result::Result<T, RetrievalError>;
+
+fn model_err(e: impl std::fmt::Display) -> RetrievalError {
+    RetrievalError::Model(e.to_string())
+}
+
+/// Instruction set the fused row passes were compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Base,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Base
+    }
+}
+
+/// Defines `fn $name(isa: Isa, args..)` whose body is compiled three times
+/// (AVX-512F, AVX2+FMA, baseline) so the compiler vectorises it per ISA.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name(isa: Isa, $($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($arg: $ty),*) { body($($arg),*) }
+                match isa {
+                    // SAFETY: `isa` came from `Isa::detect` on this CPU.
+                    Isa::Avx512 => return unsafe { v4($($arg),*) },
+                    Isa::Avx2 => return unsafe { v3($($arg),*) },
+                    Isa::Base => {}
+                }
+            }
+            let _ = isa;
+            body($($arg),*)
+        }
+    };
+}
+
+/// BERT hyper-parameters the forward pass needs (from `config.json`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub eps: f32,
+    pub max_positions: usize,
+}
+
+/// `y = x · Wᵀ` (bias applied by the fused pass that follows).
+struct Linear {
+    w: QMatrix,
+    b: Vec<f32>,
+    residual: bool,
+}
+
+impl Linear {
+    /// Loads `name.weight` (`[out, in]`) and `name.bias` of one or more layers
+    /// stacked along `out` (Q, K and V become one product).
+    fn load(st: &MmapedSafetensors, names: &[String]) -> Result<Self> {
+        let (mut w, mut b, mut rows, mut cols) = (Vec::new(), Vec::new(), 0, 0);
+        for name in names {
+            let wt = load_f32(st, &format!("{name}.weight"))?;
+            let (r, c) = match wt.1.as_slice() {
+                &[r, c] => (r, c),
+                s => return Err(model_err(format!("{name}.weight: expected 2 dims, got {s:?}"))),
+            };
+            if cols != 0 && c != cols {
+                return Err(model_err(format!("{name}.weight: {c} columns, expected {cols}")));
+            }
+            let bias = load_f32(st, &format!("{name}.bias"))?.0;
+            if bias.len() != r {
+                return Err(model_err(format!("{name}.bias: {} values, expected {r}", bias.len())));
+            }
+            (rows, cols) = (rows + r, c);
+            w.extend_from_slice(&wt.0);
+            b.extend_from_slice(&bias);
+        }
+        let f32_env = std::env::var("GF_F32").unwrap_or_default();
+        let f32_here = f32_env.split(',').any(|k| !k.is_empty() && names[0].contains(k));
+        let w = if cols.is_multiple_of(32) && !f32_here {
+            QMatrix::new(QType::Q8_0, rows, cols, &quantize_q8_0(&w))
+        } else {
+            QMatrix::new(
+                QType::F32,
+                rows,
+                cols,
+                &w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
+            )
+        }
+        .map_err(|e| model_err(format!("{}: {e}", names.join("+"))))?;
+        let res_env = std::env::var("GF_RES").unwrap_or_default();
+        let residual = res_env.split(',').any(|k| !k.is_empty() && names[0].contains(k));
+        Ok(Self { w, b, residual })
+    }
+
+    fn out_dim(&self) -> usize {
+        self.w.rows()
+    }
+
+    fn in_dim(&self) -> usize {
+        self.w.cols()
+    }
+
+    /// `out[n, out_dim] = x[n, in_dim] · Wᵀ` (no bias).
+    fn forward(&self, x: &[f32], n: usize, out: &mut Vec<f32>, threads: usize) -> Result<()> {
+        out.resize(n * self.out_dim(), 0.0);
+        qmatmul(&self.w, x, n, out, threads).map_err(model_err)?;
+        if self.residual {
+            let r: Vec<f32> = x
+                .chunks_exact(32)
+                .flat_map(|b| {
+                    let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    b.iter()
+                        .map(move |&v| v - (v * id).round_ties_even().clamp(-127.0, 127.0) * d)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let mut o2 = vec![0f32; out.len()];
+            qmatmul(&self.w, &r, n, &mut o2, threads).map_err(model_err)?;
+            out.iter_mut().zip(&o2).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+}
+
+/// ggml Q8_0 blocks (`{f16 d; i8 q[32]}`, `d = amax / 127`, `q = round(x / d)`),
+/// as llama.cpp's `quantize_row_q8_0_ref`.
+pub(crate) fn quantize_q8_0(w: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(w.len() / 32 * 34);
+    for block in w.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+fn load_f32(st: &MmapedSafetensors, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    let t = st
+        .load(name, &Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .map_err(|e| model_err(format!("{name}: {e}")))?;
+    let dims = t.dims().to_vec();
+    let v = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(model_err)?;
+    Ok((v, dims))
+}
+
+struct Norm {
+    w: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Norm {
+    fn load(st: &MmapedSafetensors, name: &str, hidden: usize) -> Result<Self> {
+        let (w, b) = (
+            load_f32(st, &format!("{name}.weight"))?.0,
+            load_f32(st, &format!("{name}.bias"))?.0,
+        );
+        if w.len() != hidden || b.len() != hidden {
+            return Err(model_err(format!("{name}: expected {hidden} weights and biases")));
+        }
+        Ok(Self { w, b })
+    }
+}
+
+struct Layer {
+    qkv: Linear,
+    attn_out: Linear,
+    ln_attn: Norm,
+    inter: Linear,
+    out: Linear,
+    ln_out: Norm,
+}
+
+/// Reusable activation buffers (one forward pass at a time uses them; a
+/// concurrent caller allocates its own).
+#[derive(Default)]
+struct Scratch {
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    tmp: Vec<f32>,
+    inter: Vec<f32>,
+}
+
+/// A loaded BERT encoder (weights repacked for the kernels).
+pub(crate) struct Encoder {
+    dims: Dims,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type0: Vec<f32>,
+    ln_emb: Norm,
+    layers: Vec<Layer>,
+    isa: Isa,
+    threads: usize,
+    scratch: parking_lot::Mutex<Scratch>,
+}
+
+/// Raw pointer that tasks on other threads write disjoint parts of.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every task writes a range no other task touches (see each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// `len` values from element `start`.
+    ///
+    /// # Safety
+    /// In bounds of the buffer, and no other task touches them meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// Splits `0..n` into at most `4 * threads` ranges of at least `min` items.
+fn ranges(n: usize, threads: usize, min: usize) -> (usize, impl Fn(usize) -> Range<usize>) {
+    let tasks = (n / min.max(1)).clamp(1, (4 * threads).max(1));
+    (tasks, move |i| i * n / tasks..(i + 1) * n / tasks)
+}
+
+impl Encoder {
+    /// Loads the weights under `prefix` ("" or "bert.") of a BERT checkpoint.
+    pub(crate) fn load(st: &MmapedSafetensors, prefix: &str, dims: Dims, threads: usize) -> Result<Self> {
+        let p = |n: &str| format!("{prefix}{n}");
+        let h = dims.hidden;
+        let word = load_f32(st, &p("embeddings.word_embeddings.weight"))?.0;
+        let position = load_f32(st, &p("embeddings.position_embeddings.weight"))?.0;
+        let token_types = load_f32(st, &p("embeddings.token_type_embeddings.weight"))?.0;
+        if word.len() % h != 0 || position.len() < dims.max_positions * h || token_types.len() < h {
+            return Err(model_err(
+                "embedding tables do not match hidden_size / max_position_embeddings",
+            ));
+        }
+        let mut layers = Vec::with_capacity(dims.layers);
+        for i in 0..dims.layers {
+            let l = p(&format!("encoder.layer.{i}"));
+            let layer = Layer {
+                qkv: Linear::load(
+                    st,
+                    &["query", "key", "value"].map(|n| format!("{l}.attention.self.{n}")),
+                )?,
+                attn_out: Linear::load(st, &[format!("{l}.attention.output.dense")])?,
+                ln_attn: Norm::load(st, &format!("{l}.attention.output.LayerNorm"), h)?,
+                inter: Linear::load(st, &[format!("{l}.intermediate.dense")])?,
+                out: Linear::load(st, &[format!("{l}.output.dense")])?,
+                ln_out: Norm::load(st, &format!("{l}.output.LayerNorm"), h)?,
+            };
+            let ffn = layer.inter.out_dim();
+            if layer.qkv.out_dim() != 3 * h
+                || layer.qkv.in_dim() != h
+                || (layer.attn_out.in_dim(), layer.attn_out.out_dim()) != (h, h)
+                || layer.inter.in_dim() != h
+                || (layer.out.in_dim(), layer.out.out_dim()) != (ffn, h)
+            {
+                return Err(model_err(format!("{l}: weight shapes do not match hidden_size {h}")));
+            }
+            layers.push(layer);
+        }
+        Ok(Self {
+            dims,
+            word,
+            position,
+            token_type0: token_types[..h].to_vec(),
+            ln_emb: Norm::load(st, &p("embeddings.LayerNorm"), h)?,
+            layers,
+            isa: Isa::detect(),
+            threads: threads.max(1),
+            scratch: parking_lot::Mutex::new(Scratch::default()),
+        })
+    }
+
+    pub(crate) fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_isa(&mut self, isa: Isa) {
+        self.isa = isa;
+    }
+
+    /// Last hidden states of the packed batch: `[Σ len, hidden]`, sequence `i`
+    /// at rows `Σ_{j<i} len_j ..`. Every sequence must be non-empty and at most
+    /// `max_positions` long, and every id inside the vocabulary.
+    pub(crate) fn forward(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        let Dims { hidden: h, heads, .. } = self.dims;
+        let vocab = self.word.len() / h;
+        let mut offsets = Vec::with_capacity(seqs.len() + 1);
+        offsets.push(0usize);
+        for s in seqs {
+            if s.is_empty() || s.len() > self.dims.max_positions {
+                return Err(RetrievalError::invalid(
+                    "input",
+                    format!(
+                        "sequence of {} tokens (1..={} allowed)",
+                        s.len(),
+                        self.dims.max_positions
+                    ),
+                ));
+            }
+            if let Some(&id) = s.iter().find(|&&id| id as usize >= vocab) {
+                return Err(RetrievalError::invalid(
+                    "input",
+                    format!("token id {id} >= vocabulary size {vocab}"),
+                ));
+            }
+            offsets.push(offsets[offsets.len() - 1] + s.len());
+        }
+        let n = offsets[seqs.len()];
+        let mut x = vec![0f32; n * h];
+        for (s, ids) in seqs.iter().enumerate() {
+            for (pos, &id) in ids.iter().enumerate() {
+                let row = &mut x[(offsets[s] + pos) * h..][..h];
+                let (w, p) = (&self.word[id as usize * h..][..h], &self.position[pos * h..][..h]);
+                for i in 0..h {
+                    row[i] = w[i] + p[i] + self.token_type0[i];
+                }
+            }
+        }
+        let zeros = vec![0f32; h];
+        self.add_norm(&mut x, &zeros, None, &self.ln_emb, n);
+
+        let mut guard = self.scratch.try_lock();
+        let mut own = Scratch::default();
+        let sc = guard.as_deref_mut().unwrap_or(&mut own);
+        let t = self.threads;
+        for l in &self.layers {
+            l.qkv.forward(&x, n, &mut sc.qkv, t)?;
+            sc.ctx.resize(n * h, 0.0);
+            self.attention(&sc.qkv, &l.qkv.b, &offsets, &mut sc.ctx, heads);
+            l.attn_out.forward(&sc.ctx, n, &mut sc.tmp, t)?;
+            self.add_norm(&mut x, &l.attn_out.b, Some(&sc.tmp), &l.ln_attn, n);
+            l.inter.forward(&x, n, &mut sc.inter, t)?;
+            self.bias_gelu(&mut sc.inter, &l.inter.b, n);
+            l.out.forward(&sc.inter, n, &mut sc.tmp, t)?;
+            self.add_norm(&mut x, &l.out.b, Some(&sc.tmp), &l.ln_out, n);
+        }
+        Ok(x)
+    }
+
+    /// `x[r] = LayerNorm(x[r] + add[r] + bias)` for every row (`add` absent: 0).
+    fn add_norm(&self, x: &mut [f32], bias: &[f32], add: Option<&[f32]>, norm: &Norm, n: usize) {
+        let h = self.dims.hidden;
+        let (tasks, range) = ranges(n, self.threads, 16);
+        let xp = SharedMut(x.as_mut_ptr());
+        let (isa, eps) = (self.isa, self.dims.eps);
+        parallel_for(self.threads, tasks, &|i| {
+            let r = range(i);
+            // SAFETY: rows `r` of `x` belong to this task alone.
+            let x = unsafe { xp.slice(r.start * h, r.len() * h) };
+            let add = add.map(|a| &a[r.start * h..r.end * h]);
+            add_norm_rows(isa, x, add, bias, &norm.w, &norm.b, h, eps);
+        });
+    }
+
+    /// `y = gelu(y + bias)` in place over `n` rows.
+    fn bias_gelu(&self, y: &mut [f32], bias: &[f32], n: usize) {
+        let w = bias.len();
+        let (tasks, range) = ranges(n, self.threads, 8);
+        let yp = SharedMut(y.as_mut_ptr());
+        let isa = self.isa;
+        parallel_for(self.threads, tasks, &|i| {
+            let r = range(i);
+            // SAFETY: rows `r` of `y` belong to this task alone.
+            let y = unsafe { yp.slice(r.start * w, r.len() * w) };
+            bias_gelu_rows(isa, y, bias);
+        });
+    }
+
+    /// Multi-head self-attention of each sequence over its own rows of `qkv`
+    /// (`[n, 3h]`: Q | K | V before bias), context into `ctx` (`[n, h]`).
+    fn attention(&self, qkv: &[f32], bias: &[f32], offsets: &[usize], ctx: &mut [f32], heads: usize) {
+        thread_local! {
+            static BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        let h = self.dims.hidden;
+        let hd = h / heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let seqs = offsets.len() - 1;
+        let cp = SharedMut(ctx.as_mut_ptr());
+        let isa = self.isa;
+        parallel_for(self.threads, seqs * heads, &|task| {
+            let (s, head) = (task / heads, task % heads);
+            let rows = offsets[s]..offsets[s + 1];
+            BUF.with_borrow_mut(|buf| {
+                let l = rows.len();
+                let lp = padded(l);
+                buf.resize(hd * lp + l * hd + lp, 0.0);
+                let (kt, rest) = buf.split_at_mut(hd * lp);
+                let (v, scores) = rest.split_at_mut(l * hd);
+                // SAFETY: this task writes columns `head*hd..` of rows `rows` only;
+                // tasks differ in sequence or head, so their writes are disjoint.
+                attend(isa, qkv, bias, h, hd, head, rows.start, l, scale, kt, v, scores, cp);
+            });
+        });
+    }
+}
+
+/// Lanes of the explicit accumulators below: one AVX-512 register (two AVX2
+/// ones). Float sums are not reassociated by the compiler, so the vector
+/// reductions are written out as 16 independent partial sums.
+const LANES: usize = 16;
+
+/// Σ f(x) over `x` with 16 partial sums (vectorises; see [`LANES`]).
+#[inline(always)]
+fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for u in 0..LANES {
+            acc[u] += f(c[u]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+multiversion! {
+    /// LayerNorm of `x[r] + add[r] + bias` into `x[r]`, row by row.
+    fn add_norm_rows(x: &mut [f32], add: Option<&[f32]>, bias: &[f32], w: &[f32], b: &[f32], h: usize, eps: f32) {
+        let (w, b, bias) = (&w[..h], &b[..h], &bias[..h]);
+        for (r, row) in x.chunks_exact_mut(h).enumerate() {
+            match add {
+                Some(a) => {
+                    for ((v, &a), &c) in row.iter_mut().zip(&a[r * h..][..h]).zip(bias) {
+                        *v += a + c;
+                    }
+                }
+                None => {
+                    for (v, &c) in row.iter_mut().zip(bias) {
+                        *v += c;
+                    }
+                }
+            }
+            let mean = sum_by(row, |v| v) / h as f32;
+            let var = sum_by(row, |v| (v - mean) * (v - mean)) / h as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for ((v, &w), &b) in row.iter_mut().zip(w).zip(b) {
+                *v = (*v - mean) * rstd * w + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `y = gelu(y + bias)` over rows of `bias.len()` values.
+    fn bias_gelu_rows(y: &mut [f32], bias: &[f32]) {
+        for row in y.chunks_exact_mut(bias.len()) {
+            for (v, &c) in row.iter_mut().zip(bias) {
+                *v = gelu(*v + c);
+            }
+        }
+    }
+}
+
+/// Keys of one head padded to a multiple of [`LANES`] (pads score -inf).
+fn padded(l: usize) -> usize {
+    l.div_ceil(LANES) * LANES
+}
+
+multiversion! {
+    /// One head of one sequence: `softmax(q·kᵀ·scale)·v` for its `l` rows from
+    /// `row0`, with `kt` (`[hd, padded(l)]`), `v` (`[l, hd]`) and `scores`
+    /// (`[padded(l)]`) as scratch.
+    fn attend(
+        qkv: &[f32],
+        bias: &[f32],
+        h: usize,
+        hd: usize,
+        head: usize,
+        row0: usize,
+        l: usize,
+        scale: f32,
+        kt: &mut [f32],
+        v: &mut [f32],
+        scores: &mut [f32],
+        ctx: SharedMut,
+    ) {
+        let lp = padded(l);
+        let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
+        let (kt, v, scores) = (&mut kt[..hd * lp], &mut v[..l * hd], &mut scores[..lp]);
+        kt.fill(0.0);
+        for j in 0..l {
+            let row = &qkv[(row0 + j) * 3 * h..][..3 * h];
+            for d in 0..hd {
+                kt[d * lp + j] = row[kc + d] + bias[kc + d];
+            }
+            for ((o, &x), &c) in v[j * hd..][..hd].iter_mut().zip(&row[vc..][..hd]).zip(&bias[vc..][..hd]) {
+                *o = x + c;
+            }
+        }
+        let mut q = [0f32; 256];
+        let mut out = [0f32; 256];
+        let (q, out) = (&mut q[..hd], &mut out[..hd]);
+        for i in 0..l {
+            let row = &qkv[(row0 + i) * 3 * h..][..3 * h];
+            for ((o, &x), &c) in q.iter_mut().zip(&row[qc..][..hd]).zip(&bias[qc..][..hd]) {
+                *o = (x + c) * scale;
+            }
+            // Scores, LANES keys at a time, accumulated over the head dimension in registers.
+            for (c, sc) in scores.chunks_exact_mut(LANES).enumerate() {
+                let mut acc = [0f32; LANES];
+                for (d, &qd) in q.iter().enumerate() {
+                    let k = &kt[d * lp + c * LANES..][..LANES];
+                    for u in 0..LANES {
+                        acc[u] = qd.mul_add(k[u], acc[u]);
+                    }
+                }
+                sc.copy_from_slice(&acc);
+            }
+            scores[l..].fill(f32::NEG_INFINITY);
+            let mut mx = [f32::NEG_INFINITY; LANES];
+            for c in scores.chunks_exact(LANES) {
+                for u in 0..LANES {
+                    mx[u] = mx[u].max(c[u]);
+                }
+            }
+            let max = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for s in scores.iter_mut() {
+                *s = exp(*s - max);
+            }
+            scores[l..].fill(0.0);
+            let inv = 1.0 / sum_by(scores, |p| p);
+            // Context: LANES output dims at a time, accumulated over the keys in registers.
+            let mut oc = out.chunks_exact_mut(LANES);
+            for (c, o) in (&mut oc).enumerate() {
+                let mut acc = [0f32; LANES];
+                for (j, &p) in scores[..l].iter().enumerate() {
+                    let vj = &v[j * hd + c * LANES..][..LANES];
+                    for u in 0..LANES {
+                        acc[u] = p.mul_add(vj[u], acc[u]);
+                    }
+                }
+                for u in 0..LANES {
+                    o[u] = acc[u] * inv;
+                }
+            }
+            let done = hd - oc.into_remainder().len();
+            for d in done..hd {
+                let mut acc = 0f32;
+                for (j, &p) in scores[..l].iter().enumerate() {
+                    acc = p.mul_add(v[j * hd + d], acc);
+                }
+                out[d] = acc * inv;
+            }
+            // SAFETY: see `Encoder::attention`; the row and columns are in bounds of `ctx` (`[n, h]`).
+            let dst = unsafe { ctx.slice((row0 + i) * h + qc, hd) };
+            dst.copy_from_slice(out);
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), branch-free so loops vectorise.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+/// e^x for x <= 0 (what erf and softmax need; below -87 it returns ~1e-38, not 0): 2^n * e^r with a degree-6
+/// polynomial on |r| <= ln2/2; rounding by the 1.5 * 2^23 trick (no libm call).
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}

@@ -445,13 +445,10 @@ impl Encoder {
             let rows = offsets[s]..offsets[s + 1];
             BUF.with_borrow_mut(|buf| {
                 let l = rows.len();
-                let lp = padded(l);
-                buf.resize(hd * lp + l * hd + lp, 0.0);
-                let (kt, rest) = buf.split_at_mut(hd * lp);
-                let (v, scores) = rest.split_at_mut(l * hd);
+                buf.resize(attend_scratch(l, hd), 0.0);
                 // SAFETY: this task writes columns `head*hd..` of rows `rows` only;
                 // tasks differ in sequence or head, so their writes are disjoint.
-                attend(isa, qkv, bias, h, hd, head, rows.start, l, scale, kt, v, scores, cp);
+                attend(isa, qkv, bias, h, hd, head, rows.start, l, scale, buf, cp);
             });
         });
     }
@@ -519,10 +516,22 @@ fn padded(l: usize) -> usize {
     l.div_ceil(LANES) * LANES
 }
 
+/// Queries per register block in attention: 8 independent accumulator
+/// chains hide the FMA latency.
+const QB: usize = 8;
+
+/// Scratch floats `attend` needs for a sequence of `l` tokens and head size `hd`.
+fn attend_scratch(l: usize, hd: usize) -> usize {
+    let (lq, lp) = (l.div_ceil(QB) * QB, padded(l));
+    lq * hd + hd * lp + l * hd + lq * lp
+}
+
 multiversion! {
     /// One head of one sequence: `softmax(q·kᵀ·scale)·v` for its `l` rows from
-    /// `row0`, with `kt` (`[hd, padded(l)]`), `v` (`[l, hd]`) and `scores`
-    /// (`[padded(l)]`) as scratch.
+    /// `row0`; `buf` (at least `attend_scratch(l, hd)` floats) holds the
+    /// queries (`[lq, hd]`, zero rows up to a multiple of [`QB`]), the keys
+    /// transposed (`[hd, padded(l)]`, zero-padded), the values (`[l, hd]`)
+    /// and the scores (`[lq, padded(l)]`).
     fn attend(
         qkv: &[f32],
         bias: &[f32],
@@ -532,17 +541,22 @@ multiversion! {
         row0: usize,
         l: usize,
         scale: f32,
-        kt: &mut [f32],
-        v: &mut [f32],
-        scores: &mut [f32],
+        buf: &mut [f32],
         ctx: SharedMut,
     ) {
-        let lp = padded(l);
+        let (lq, lp) = (l.div_ceil(QB) * QB, padded(l));
         let (qc, kc, vc) = (head * hd, h + head * hd, 2 * h + head * hd);
-        let (kt, v, scores) = (&mut kt[..hd * lp], &mut v[..l * hd], &mut scores[..lp]);
+        let (qm, rest) = buf.split_at_mut(lq * hd);
+        let (kt, rest) = rest.split_at_mut(hd * lp);
+        let (v, rest) = rest.split_at_mut(l * hd);
+        let sm = &mut rest[..lq * lp];
+        qm[l * hd..].fill(0.0);
         kt.fill(0.0);
         for j in 0..l {
             let row = &qkv[(row0 + j) * 3 * h..][..3 * h];
+            for ((o, &x), &c) in qm[j * hd..][..hd].iter_mut().zip(&row[qc..][..hd]).zip(&bias[qc..][..hd]) {
+                *o = (x + c) * scale;
+            }
             for d in 0..hd {
                 kt[d * lp + j] = row[kc + d] + bias[kc + d];
             }
@@ -550,63 +564,76 @@ multiversion! {
                 *o = x + c;
             }
         }
-        let mut q = [0f32; 256];
-        let mut out = [0f32; 256];
-        let (q, out) = (&mut q[..hd], &mut out[..hd]);
-        for i in 0..l {
-            let row = &qkv[(row0 + i) * 3 * h..][..3 * h];
-            for ((o, &x), &c) in q.iter_mut().zip(&row[qc..][..hd]).zip(&bias[qc..][..hd]) {
-                *o = (x + c) * scale;
-            }
-            // Scores, LANES keys at a time, accumulated over the head dimension in registers.
-            for (c, sc) in scores.chunks_exact_mut(LANES).enumerate() {
-                let mut acc = [0f32; LANES];
-                for (d, &qd) in q.iter().enumerate() {
+        // Scores: QB queries x LANES keys per register block, summed over the head dimension.
+        for qb in (0..lq).step_by(QB) {
+            let q = &qm[qb * hd..][..QB * hd];
+            for c in 0..lp / LANES {
+                let mut acc = [[0f32; LANES]; QB];
+                for d in 0..hd {
                     let k = &kt[d * lp + c * LANES..][..LANES];
-                    for u in 0..LANES {
-                        acc[u] = qd.mul_add(k[u], acc[u]);
+                    for r in 0..QB {
+                        let qd = q[r * hd + d];
+                        for u in 0..LANES {
+                            acc[r][u] = qd.mul_add(k[u], acc[r][u]);
+                        }
                     }
                 }
-                sc.copy_from_slice(&acc);
+                for (r, a) in acc.iter().enumerate() {
+                    sm[(qb + r) * lp + c * LANES..][..LANES].copy_from_slice(a);
+                }
             }
-            scores[l..].fill(f32::NEG_INFINITY);
+        }
+        // Softmax per real query (padded keys -> 0); rows scaled to sum 1.
+        for row in sm.chunks_exact_mut(lp).take(l) {
+            row[l..].fill(f32::NEG_INFINITY);
             let mut mx = [f32::NEG_INFINITY; LANES];
-            for c in scores.chunks_exact(LANES) {
+            for c in row.chunks_exact(LANES) {
                 for u in 0..LANES {
                     mx[u] = mx[u].max(c[u]);
                 }
             }
             let max = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            for s in scores.iter_mut() {
+            for s in row.iter_mut() {
                 *s = exp(*s - max);
             }
-            scores[l..].fill(0.0);
-            let inv = 1.0 / sum_by(scores, |p| p);
-            // Context: LANES output dims at a time, accumulated over the keys in registers.
-            let mut oc = out.chunks_exact_mut(LANES);
-            for (c, o) in (&mut oc).enumerate() {
-                let mut acc = [0f32; LANES];
-                for (j, &p) in scores[..l].iter().enumerate() {
+            row[l..].fill(0.0);
+            let inv = 1.0 / sum_by(row, |p| p);
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
+        // Context: QB queries x LANES head dims per register block, summed over the keys.
+        let full = hd / LANES * LANES;
+        for qb in (0..lq).step_by(QB) {
+            let rows = (l - qb.min(l)).min(QB);
+            let mut out = [[0f32; 256]; QB];
+            for c in 0..hd / LANES {
+                let mut acc = [[0f32; LANES]; QB];
+                for j in 0..l {
                     let vj = &v[j * hd + c * LANES..][..LANES];
-                    for u in 0..LANES {
-                        acc[u] = p.mul_add(vj[u], acc[u]);
+                    for r in 0..QB {
+                        let p = sm[(qb + r) * lp + j];
+                        for u in 0..LANES {
+                            acc[r][u] = p.mul_add(vj[u], acc[r][u]);
+                        }
                     }
                 }
-                for u in 0..LANES {
-                    o[u] = acc[u] * inv;
+                for r in 0..QB {
+                    out[r][c * LANES..][..LANES].copy_from_slice(&acc[r]);
                 }
             }
-            let done = hd - oc.into_remainder().len();
-            for d in done..hd {
-                let mut acc = 0f32;
-                for (j, &p) in scores[..l].iter().enumerate() {
-                    acc = p.mul_add(v[j * hd + d], acc);
+            for (r, o) in out.iter_mut().enumerate().take(rows) {
+                for d in full..hd {
+                    let mut acc = 0f32;
+                    for j in 0..l {
+                        acc = sm[(qb + r) * lp + j].mul_add(v[j * hd + d], acc);
+                    }
+                    o[d] = acc;
                 }
-                out[d] = acc * inv;
+                // SAFETY: see `Encoder::attention`; row `row0 + qb + r` < n and the
+                // head's columns are in bounds of `ctx` (`[n, h]`).
+                unsafe { ctx.slice((row0 + qb + r) * h + qc, hd) }.copy_from_slice(&o[..hd]);
             }
-            // SAFETY: see `Encoder::attention`; the row and columns are in bounds of `ctx` (`[n, h]`).
-            let dst = unsafe { ctx.slice((row0 + i) * h + qc, hd) };
-            dst.copy_from_slice(out);
         }
     }
 }
@@ -626,13 +653,16 @@ fn erf(x: f32) -> f32 {
 }
 
 /// e^x for x <= 0 (what erf and softmax need; below -87 it returns ~1e-38, not 0): 2^n * e^r with a degree-6
-/// polynomial on |r| <= ln2/2; rounding by the 1.5 * 2^23 trick (no libm call).
+/// polynomial on |r| <= ln2/2. Rounding by the 1.5 * 2^23 trick, and 2^n built from that sum's low bits
+/// (integer ops only: a float-to-int `as` cast would not vectorise).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // t's mantissa holds n + 2^22 (n >= -126 here): rebias to the exponent n + 127.
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23)
 }

@@ -672,8 +672,7 @@ mod tests {
         let batched = e.embed(&refs, 8192).unwrap();
         for (i, (got, want)) in batched.iter().zip(&r.vectors).enumerate() {
             let c = cosine(got, want);
-            eprintln!("COS {i} {c}");
-            assert!(c >= 0.0, "sentence {i} {:?}: cosine {c}", r.sentences[i]);
+            assert!(c >= 0.999, "sentence {i} {:?}: cosine {c}", r.sentences[i]);
             let alone = e.embed(&refs[i..=i], 8192).unwrap();
             assert!(
                 cosine(&alone[0], got) >= 0.9999,

@@ -107,13 +107,14 @@ pub(crate) struct Dims {
 struct Linear {
     w: QMatrix,
     b: Vec<f32>,
-    residual: bool,
+    /// Second product with the activations' quantization residual (see `forward`).
+    two_pass: bool,
 }
 
 impl Linear {
     /// Loads `name.weight` (`[out, in]`) and `name.bias` of one or more layers
     /// stacked along `out` (Q, K and V become one product).
-    fn load(st: &MmapedSafetensors, names: &[String]) -> Result<Self> {
+    fn load(st: &MmapedSafetensors, names: &[String], two_pass: bool) -> Result<Self> {
         let (mut w, mut b, mut rows, mut cols) = (Vec::new(), Vec::new(), 0, 0);
         for name in names {
             let wt = load_f32(st, &format!("{name}.weight"))?;
@@ -132,9 +133,7 @@ impl Linear {
             w.extend_from_slice(&wt.0);
             b.extend_from_slice(&bias);
         }
-        let f32_env = std::env::var("GF_F32").unwrap_or_default();
-        let f32_here = f32_env.split(',').any(|k| !k.is_empty() && names[0].contains(k));
-        let w = if cols.is_multiple_of(32) && !f32_here {
+        let w = if cols.is_multiple_of(32) {
             QMatrix::new(QType::Q8_0, rows, cols, &quantize_q8_0(&w))
         } else {
             QMatrix::new(
@@ -145,9 +144,8 @@ impl Linear {
             )
         }
         .map_err(|e| model_err(format!("{}: {e}", names.join("+"))))?;
-        let res_env = std::env::var("GF_RES").unwrap_or_default();
-        let residual = res_env.split(',').any(|k| !k.is_empty() && names[0].contains(k));
-        Ok(Self { w, b, residual })
+        let two_pass = two_pass && w.qtype() == QType::Q8_0;
+        Ok(Self { w, b, two_pass })
     }
 
     fn out_dim(&self) -> usize {
@@ -158,27 +156,77 @@ impl Linear {
         self.w.cols()
     }
 
-    /// `out[n, out_dim] = x[n, in_dim] · Wᵀ` (no bias).
-    fn forward(&self, x: &[f32], n: usize, out: &mut Vec<f32>, threads: usize) -> Result<()> {
+    /// `out[n, out_dim] = x[n, in_dim] · Wᵀ` (no bias). Two-pass layers also
+    /// multiply the residual `x - Q(x)` of qmatmul's activation quantization
+    /// `Q` (rebuilt bit for bit by `quant_residual_rows`) and add it: the
+    /// activations then carry ~1/254 of their one-pass error, leaving the
+    /// weights' Q8_0 rounding. Used for Q/K/V, whose errors the softmax
+    /// amplifies (one-pass: sentence cosine to sentence-transformers down to
+    /// 0.9990; two-pass: 0.9995).
+    fn forward(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        n: usize,
+        out: &mut Vec<f32>,
+        extra: &mut Vec<f32>,
+        threads: usize,
+    ) -> Result<()> {
         out.resize(n * self.out_dim(), 0.0);
         qmatmul(&self.w, x, n, out, threads).map_err(model_err)?;
-        if self.residual {
-            let r: Vec<f32> = x
-                .chunks_exact(32)
-                .flat_map(|b| {
-                    let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
-                    let d = amax / 127.0;
-                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                    b.iter()
-                        .map(move |&v| v - (v * id).round_ties_even().clamp(-127.0, 127.0) * d)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            let mut o2 = vec![0f32; out.len()];
-            qmatmul(&self.w, &r, n, &mut o2, threads).map_err(model_err)?;
-            out.iter_mut().zip(&o2).for_each(|(a, b)| *a += b);
+        if !self.two_pass {
+            return Ok(());
         }
+        let k = self.in_dim();
+        extra.resize(n * k + n * self.out_dim(), 0.0);
+        let (res, prod) = extra.split_at_mut(n * k);
+        let (tasks, range) = ranges(n, threads, 16);
+        let rp = SharedMut(res.as_mut_ptr());
+        parallel_for(threads, tasks, &|i| {
+            let r = range(i);
+            // SAFETY: rows `r` of `res` belong to this task alone.
+            let dst = unsafe { rp.slice(r.start * k, r.len() * k) };
+            quant_residual_rows(isa, &x[r.start * k..r.end * k], dst);
+        });
+        qmatmul(&self.w, res, n, prod, threads).map_err(model_err)?;
+        let (tasks, range) = ranges(out.len(), threads, 4096);
+        let op = SharedMut(out.as_mut_ptr());
+        let prod = &*prod;
+        parallel_for(threads, tasks, &|i| {
+            let r = range(i);
+            // SAFETY: elements `r` of `out` belong to this task alone.
+            let dst = unsafe { op.slice(r.start, r.len()) };
+            add_rows(isa, dst, &prod[r]);
+        });
         Ok(())
+    }
+}
+
+multiversion! {
+    /// `r = x - d·q` per 32-value block, with `d = amax/127` and
+    /// `q = round_half_even(x/d)` clamped to ±127: qmatmul's activation
+    /// quantization (`act::quantize_block`), so `Q(x) + r == x` up to f32 rounding.
+    fn quant_residual_rows(x: &[f32], r: &mut [f32]) {
+        for (xb, rb) in x.chunks_exact(32).zip(r.chunks_exact_mut(32)) {
+            let mut amax = 0f32;
+            for &v in xb {
+                amax = amax.max(v.abs());
+            }
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (o, &v) in rb.iter_mut().zip(xb) {
+                *o = v - (v * id).round_ties_even().clamp(-127.0, 127.0) * d;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `y += x`.
+    fn add_rows(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += x;
+        }
     }
 }
 
@@ -241,6 +289,7 @@ struct Scratch {
     ctx: Vec<f32>,
     tmp: Vec<f32>,
     inter: Vec<f32>,
+    extra: Vec<f32>,
 }
 
 /// A loaded BERT encoder (weights repacked for the kernels).
@@ -300,11 +349,12 @@ impl Encoder {
                 qkv: Linear::load(
                     st,
                     &["query", "key", "value"].map(|n| format!("{l}.attention.self.{n}")),
+                    true,
                 )?,
-                attn_out: Linear::load(st, &[format!("{l}.attention.output.dense")])?,
+                attn_out: Linear::load(st, &[format!("{l}.attention.output.dense")], false)?,
                 ln_attn: Norm::load(st, &format!("{l}.attention.output.LayerNorm"), h)?,
-                inter: Linear::load(st, &[format!("{l}.intermediate.dense")])?,
-                out: Linear::load(st, &[format!("{l}.output.dense")])?,
+                inter: Linear::load(st, &[format!("{l}.intermediate.dense")], false)?,
+                out: Linear::load(st, &[format!("{l}.output.dense")], false)?,
                 ln_out: Norm::load(st, &format!("{l}.output.LayerNorm"), h)?,
             };
             let ffn = layer.inter.out_dim();
@@ -386,14 +436,15 @@ impl Encoder {
         let sc = guard.as_deref_mut().unwrap_or(&mut own);
         let t = self.threads;
         for l in &self.layers {
-            l.qkv.forward(&x, n, &mut sc.qkv, t)?;
+            l.qkv.forward(self.isa, &x, n, &mut sc.qkv, &mut sc.extra, t)?;
             sc.ctx.resize(n * h, 0.0);
             self.attention(&sc.qkv, &l.qkv.b, &offsets, &mut sc.ctx, heads);
-            l.attn_out.forward(&sc.ctx, n, &mut sc.tmp, t)?;
+            l.attn_out
+                .forward(self.isa, &sc.ctx, n, &mut sc.tmp, &mut sc.extra, t)?;
             self.add_norm(&mut x, &l.attn_out.b, Some(&sc.tmp), &l.ln_attn, n);
-            l.inter.forward(&x, n, &mut sc.inter, t)?;
+            l.inter.forward(self.isa, &x, n, &mut sc.inter, &mut sc.extra, t)?;
             self.bias_gelu(&mut sc.inter, &l.inter.b, n);
-            l.out.forward(&sc.inter, n, &mut sc.tmp, t)?;
+            l.out.forward(self.isa, &sc.inter, n, &mut sc.tmp, &mut sc.extra, t)?;
             self.add_norm(&mut x, &l.out.b, Some(&sc.tmp), &l.ln_out, n);
         }
         Ok(x)

@@ -201,8 +201,7 @@ impl Embedder {
             eps: cfg.layer_norm_eps as f32,
             max_positions: max_seq_len,
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let encoder = Encoder::load(&st, prefix, dims, threads)?;
+        let encoder = Encoder::load(&st, prefix, dims)?;
         let tk_path = dir.join("tokenizer.json");
         let mut tokenizer =
             Tokenizer::from_file(&tk_path).map_err(|e| model_err(format!("{}: {e}", tk_path.display())))?;
@@ -220,13 +219,17 @@ impl Embedder {
             tokenizer,
             pooling,
             max_seq_len,
-        })
+        }
+        .with_threads(0))
     }
 
-    /// Compute threads of a forward pass (the caller plus pool workers;
-    /// default: all cores). Set it to `models.threads` to share the cores.
+    /// Compute threads of a forward pass (the caller plus the kernels' pool
+    /// workers; default and 0: all cores), i.e. `models.threads`.
     pub fn with_threads(mut self, threads: usize) -> Self {
-        self.encoder.set_threads(threads);
+        self.encoder.set_threads(match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        });
         self
     }
 

@@ -331,7 +331,7 @@ fn ranges(n: usize, threads: usize, min: usize) -> (usize, impl Fn(usize) -> Ran
 
 impl Encoder {
     /// Loads the weights under `prefix` ("" or "bert.") of a BERT checkpoint.
-    pub(crate) fn load(st: &MmapedSafetensors, prefix: &str, dims: Dims, threads: usize) -> Result<Self> {
+    pub(crate) fn load(st: &MmapedSafetensors, prefix: &str, dims: Dims) -> Result<Self> {
         let p = |n: &str| format!("{prefix}{n}");
         let h = dims.hidden;
         let word = load_f32(st, &p("embeddings.word_embeddings.weight"))?.0;
@@ -376,7 +376,7 @@ impl Encoder {
             ln_emb: Norm::load(st, &p("embeddings.LayerNorm"), h)?,
             layers,
             isa: Isa::detect(),
-            threads: threads.max(1),
+            threads: 1,
             scratch: parking_lot::Mutex::new(Scratch::default()),
         })
     }
@@ -716,4 +716,166 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     // t's mantissa holds n + 2^22 (n >= -126 here): rebias to the exponent n + 127.
     p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Base];
+        v.extend(Some(Isa::detect()).filter(|i| *i != Isa::Base));
+        v
+    }
+
+    fn random(rng: &mut rand::rngs::StdRng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    }
+
+    #[test]
+    fn exp_is_accurate_on_its_domain() {
+        for i in 0..=86_900 {
+            let x = -(i as f32) * 0.001;
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64) - want).abs() / want;
+            assert!(rel < 2e-6, "exp({x}) = {} vs {want}", exp(x));
+        }
+        assert!(exp(-1e9) < 1e-37 && exp(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    /// Attention of one sequence against a plain f64 softmax(q·kᵀ/√hd)·v,
+    /// for lengths around the register blocks and head sizes with and without
+    /// a partial lane block.
+    #[test]
+    fn attention_matches_naive_softmax_attention() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for &(heads, hd) in &[(2usize, 32usize), (3, 20)] {
+            let h = heads * hd;
+            for &l in &[1usize, 5, 16, 17, 47] {
+                let qkv = random(&mut rng, l * 3 * h, 2.0);
+                let bias = random(&mut rng, 3 * h, 0.5);
+                let scale = 1.0 / (hd as f32).sqrt();
+                for isa in isas() {
+                    let mut ctx = vec![f32::NAN; l * h];
+                    let cp = SharedMut(ctx.as_mut_ptr());
+                    for head in 0..heads {
+                        let mut buf = vec![0f32; attend_scratch(l, hd)];
+                        attend(isa, &qkv, &bias, h, hd, head, 0, l, scale, &mut buf, cp);
+                    }
+                    let at = |i: usize, c: usize| f64::from(qkv[i * 3 * h + c] + bias[c]);
+                    for head in 0..heads {
+                        for i in 0..l {
+                            let s: Vec<f64> = (0..l)
+                                .map(|j| {
+                                    (0..hd)
+                                        .map(|d| at(i, head * hd + d) * at(j, h + head * hd + d))
+                                        .sum::<f64>()
+                                        * f64::from(scale)
+                                })
+                                .collect();
+                            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                            for d in 0..hd {
+                                let want: f64 = (0..l)
+                                    .map(|j| (s[j] - m).exp() / z * at(j, 2 * h + head * hd + d))
+                                    .sum();
+                                let got = f64::from(ctx[i * h + head * hd + d]);
+                                assert!(
+                                    (got - want).abs() < 1e-4,
+                                    "{isa:?} heads {heads} hd {hd} l {l}: ({i}, {head}, {d}) {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_passes_match_scalar_formulas() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (rows, h) = (3, 40);
+        let x0 = random(&mut rng, rows * h, 3.0);
+        let add = random(&mut rng, rows * h, 1.0);
+        let (bias, w, b) = (
+            random(&mut rng, h, 1.0),
+            random(&mut rng, h, 2.0),
+            random(&mut rng, h, 1.0),
+        );
+        for isa in isas() {
+            let mut x = x0.clone();
+            add_norm_rows(isa, &mut x, Some(&add), &bias, &w, &b, h, 1e-12);
+            for r in 0..rows {
+                let v: Vec<f64> = (0..h)
+                    .map(|i| f64::from(x0[r * h + i] + add[r * h + i] + bias[i]))
+                    .collect();
+                let mean = v.iter().sum::<f64>() / h as f64;
+                let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / h as f64;
+                for i in 0..h {
+                    let want = (v[i] - mean) / var.sqrt() * f64::from(w[i]) + f64::from(b[i]);
+                    assert!(
+                        (f64::from(x[r * h + i]) - want).abs() < 1e-4,
+                        "{isa:?} layernorm ({r}, {i})"
+                    );
+                }
+            }
+            let mut y = x0.clone();
+            bias_gelu_rows(isa, &mut y, &bias);
+            for (i, (&got, &x)) in y.iter().zip(&x0).enumerate() {
+                let want = gelu(x + bias[i % h]);
+                assert!((got - want).abs() < 1e-6, "{isa:?} gelu {i}");
+            }
+        }
+    }
+
+    /// Weights exactly representable in Q8_0 (integers with a 127 in every
+    /// block, so d = 1): the one-pass product carries only the activation
+    /// rounding, the two-pass product almost none of it.
+    #[test]
+    fn two_pass_products_remove_the_activation_rounding() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (rows, cols, n) = (48, 96, 5);
+        let mut w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-127i32..=127) as f32)
+            .collect();
+        w.chunks_exact_mut(32).for_each(|b| b[0] = 127.0);
+        let x = random(&mut rng, n * cols, 4.0);
+        let exact: Vec<f64> = (0..n * rows)
+            .map(|i| {
+                let (b, r) = (i / rows, i % rows);
+                (0..cols)
+                    .map(|k| f64::from(x[b * cols + k]) * f64::from(w[r * cols + k]))
+                    .sum()
+            })
+            .collect();
+        let scale = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for isa in isas() {
+            let mut worst = [0f64; 2];
+            for (p, two_pass) in [false, true].into_iter().enumerate() {
+                let lin = Linear {
+                    w: QMatrix::new(QType::Q8_0, rows, cols, &quantize_q8_0(&w)).unwrap(),
+                    b: vec![0.0; rows],
+                    two_pass,
+                };
+                let (mut out, mut extra) = (Vec::new(), Vec::new());
+                lin.forward(isa, &x, n, &mut out, &mut extra, 2).unwrap();
+                worst[p] = out
+                    .iter()
+                    .zip(&exact)
+                    .map(|(&o, e)| (f64::from(o) - e).abs())
+                    .fold(0.0, f64::max)
+                    / scale;
+            }
+            assert!(worst[1] < 2e-5, "{isa:?}: two-pass relative error {}", worst[1]);
+            assert!(
+                worst[0] > 20.0 * worst[1],
+                "{isa:?}: one-pass {} vs two-pass {}",
+                worst[0],
+                worst[1]
+            );
+        }
+    }
 }

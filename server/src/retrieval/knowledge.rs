@@ -95,7 +95,9 @@ impl KnowledgeService {
     pub fn load(config: &Config, autosave: bool) -> anyhow::Result<Self> {
         let dir = config.models.resolve(&config.models.embedding);
         let embedder = Arc::new(
-            Embedder::load(&dir).map_err(|e| anyhow::anyhow!("loading the embedding model {}: {e}", dir.display()))?,
+            Embedder::load(&dir)
+                .map_err(|e| anyhow::anyhow!("loading the embedding model {}: {e}", dir.display()))?
+                .with_threads(config.models.threads),
         );
         let handle = EmbedderHandle::spawn(embedder.clone(), &config.embedding)?;
         let store = VectorStore::open(&config.index, embedder.dim())

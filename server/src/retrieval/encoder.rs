@@ -491,15 +491,22 @@ impl Encoder {
         let seqs = offsets.len() - 1;
         let cp = SharedMut(ctx.as_mut_ptr());
         let isa = self.isa;
-        parallel_for(self.threads, seqs * heads, &|task| {
-            let (s, head) = (task / heads, task % heads);
+        // One task per sequence walks all its heads over rows that stay in
+        // cache after the first head; split by head only when there are too
+        // few sequences to keep every thread busy.
+        let per_task = if seqs >= 4 * self.threads { heads } else { 1 };
+        let groups = heads / per_task;
+        parallel_for(self.threads, seqs * groups, &|task| {
+            let (s, g) = (task / groups, task % groups);
             let rows = offsets[s]..offsets[s + 1];
             BUF.with_borrow_mut(|buf| {
                 let l = rows.len();
                 buf.resize(attend_scratch(l, hd), 0.0);
-                // SAFETY: this task writes columns `head*hd..` of rows `rows` only;
-                // tasks differ in sequence or head, so their writes are disjoint.
-                attend(isa, qkv, bias, h, hd, head, rows.start, l, scale, buf, cp);
+                for head in g * per_task..(g + 1) * per_task {
+                    // SAFETY: this call writes columns `head*hd..` of rows `rows`
+                    // only; tasks differ in sequence or heads, so writes are disjoint.
+                    attend(isa, qkv, bias, h, hd, head, rows.start, l, scale, buf, cp);
+                }
             });
         });
     }

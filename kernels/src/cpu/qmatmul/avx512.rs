@@ -14,7 +14,7 @@ use super::pack::GROUP;
 use super::Job;
 
 /// Batch rows per register tile (weights of a block stay in 8 registers).
-const NB_MAX: usize = 8;
+const NB_MAX: usize = 4;
 
 /// Computes output rows of groups `g0..g1` for the whole batch.
 ///

@@ -24,7 +24,7 @@
 //!    rows; a portable scalar kernel otherwise. Chosen at run time
 //!    ([`Isa::detect`]); [`qmatmul_with_isa`] forces one (tests use it).
 //! 3. The weights of one block of a group are unpacked into registers once
-//!    and used against a tile of up to 8 (AVX2: 4) batch rows; the group's
+//!    and used against a tile of up to 4 batch rows; the group's
 //!    weights (≤ 16 KiB for 1536 columns) stay in L1 across the batch tiles.
 //!
 //! # Error bound

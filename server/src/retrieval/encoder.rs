@@ -664,7 +664,6 @@ multiversion! {
         let full = hd / LANES * LANES;
         for qb in (0..lq).step_by(QB) {
             let rows = (l - qb.min(l)).min(QB);
-            let mut out = [[0f32; 256]; QB];
             for c in 0..hd / LANES {
                 let mut acc = [[0f32; LANES]; QB];
                 for j in 0..l {
@@ -676,21 +675,22 @@ multiversion! {
                         }
                     }
                 }
-                for r in 0..QB {
-                    out[r][c * LANES..][..LANES].copy_from_slice(&acc[r]);
+                for (r, a) in acc.iter().enumerate().take(rows) {
+                    // SAFETY: see `Encoder::attention`; row `row0 + qb + r` < n and
+                    // these head columns are in bounds of `ctx` (`[n, h]`).
+                    unsafe { ctx.slice((row0 + qb + r) * h + qc + c * LANES, LANES) }.copy_from_slice(a);
                 }
             }
-            for (r, o) in out.iter_mut().enumerate().take(rows) {
-                for d in full..hd {
+            for r in 0..rows {
+                // SAFETY: as above.
+                let dst = unsafe { ctx.slice((row0 + qb + r) * h + qc, hd) };
+                for (d, o) in dst.iter_mut().enumerate().skip(full) {
                     let mut acc = 0f32;
                     for j in 0..l {
                         acc = sm[(qb + r) * lp + j].mul_add(v[j * hd + d], acc);
                     }
-                    o[d] = acc;
+                    *o = acc;
                 }
-                // SAFETY: see `Encoder::attention`; row `row0 + qb + r` < n and the
-                // head's columns are in bounds of `ctx` (`[n, h]`).
-                unsafe { ctx.slice((row0 + qb + r) * h + qc, hd) }.copy_from_slice(&o[..hd]);
             }
         }
     }

@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# GPU tests of genai-kernels, built on a machine without a GPU and run on one that has it.
+# GPU tests of genai-kernels and the server's CUDA engine, built on a machine without a GPU and run
+# on one that has it.
 #
-#   scripts/gpu-check.sh build   # here: builds the test binary into target/gpu-check/
+#   scripts/gpu-check.sh build   # here: kernel test binary + `genai-factory` built with `--features cuda`
+#                                # + the models, into $CARGO_TARGET_DIR/gpu-check/
 #   scripts/gpu-check.sh run     # on the GPU host, from the copied directory (no Rust needed)
 #
-# build: cudarc links libcuda (and libnvrtc) dynamically, as candle does. A CPU machine has
+# run: 1. the kernel tests (every kernel vs its CPU reference);
+#      2. server parity: the same binary serves SmolLM2 + MiniLM twice, `--device cpu` and
+#         `--device cuda`, and the same greedy completions and embeddings are compared
+#         (gpu-parity.py: identical first tokens on every prompt, identical full greedy completions on
+#         most, embedding cosine >= 0.999). GF_SKIP_SERVER=1 skips it; GF_SKIP_BUILD_SERVER=1 skips
+#         building the server in `build`.
+#
+# build: cudarc links libcuda (and libnvrtc; the server also cuBLAS/cuBLASLt/cuRAND) dynamically, as candle does. A CPU machine has
 # neither, so link-time stubs are generated from the symbol names of cudarc's own bindings (every
 # function returns an error; the sonames are the real ones, libcuda.so.1 / libnvrtc.so.13, so on the
 # GPU host the dynamic loader binds the real driver). The stubs are only on the link path
@@ -26,11 +35,24 @@ if [ "$mode" = run ]; then
     echo "SKIP: libcuda.so.1 (NVIDIA driver) not found on this host"
     exit 0
   fi
+  # cuBLAS/cuRAND for the server: the pip wheels (nvidia-cublas, nvidia-curand) if installed.
+  for d in $(python3 -c 'import nvidia, os, glob; print(" ".join(sorted(set(os.path.dirname(p) for p in glob.glob(os.path.join(nvidia.__path__[0], "*", "lib", "libcublas*.so*")) + glob.glob(os.path.join(nvidia.__path__[0], "*", "lib", "libcurand*.so*"))))))' 2>/dev/null || true); do
+    LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
+  done
+  export LD_LIBRARY_PATH
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  exec "$dir/genai-kernels-gpu-tests" --test-threads=1 --nocapture
+  "$dir/genai-kernels-gpu-tests" --test-threads=1 --nocapture
+  if [ "${GF_SKIP_SERVER:-0}" = 1 ] || [ ! -x "$dir/genai-factory" ]; then
+    echo "server parity: skipped (GF_SKIP_SERVER=1 or no $dir/genai-factory)"
+    exit 0
+  fi
+  echo "== server parity: --device cpu vs --device cuda =="
+  exec python3 "$dir/gpu-parity.py" "$dir/genai-factory" "$dir/models"
 fi
 
 [ "$mode" = build ] || { echo "usage: $0 [build|run [DIR]]" >&2; exit 2; }
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
 cd "$here/.."
 . scripts/cuda-toolchain.sh
 gf_cuda_toolchain
@@ -46,6 +68,13 @@ make_stub() { # lib soname bindings.rs prefix
 }
 make_stub libcuda libcuda.so.1 "$cudarc_src/src/driver/sys/mod.rs" cu
 make_stub libnvrtc libnvrtc.so.13 "$cudarc_src/src/nvrtc/sys/mod.rs" nvrtc
+make_stub libcublas libcublas.so.13 "$cudarc_src/src/cublas/sys/mod.rs" cublas
+make_stub libcublasLt libcublasLt.so.13 "$cudarc_src/src/cublaslt/sys/mod.rs" cublasLt
+make_stub libcurand libcurand.so.10 "$cudarc_src/src/curand/sys/mod.rs" curand
+# candle's kernels library links the CUDA runtime itself (-lcudart): the toolchain's real one, which
+# needs no driver to load (its soname libcudart.so.13 binds the GPU host's toolkit at run time).
+ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$stubs/libcudart.so"
+ln -sf "$CUDA_HOME/lib/libcudart.so.13" "$stubs/libcudart.so.13"
 export LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 bin="$(cargo test -p genai-kernels --features cuda --test gpu --no-run --message-format=json |
   python3 -c 'import sys, json
@@ -60,4 +89,18 @@ cp scripts/gpu-check.sh "$out/"
 smoke="$(LD_LIBRARY_PATH="$stubs" "$out/genai-kernels-gpu-tests" --test-threads=1 --nocapture 2>&1 || true)"
 grep -q 'SKIP: CUDA driver unavailable' <<<"$smoke" ||
   { echo "error: the test binary did not start and skip against the link stubs" >&2; exit 1; }
-echo "built $out/genai-kernels-gpu-tests; copy $out to the GPU host and run: ./gpu-check.sh run"
+cp scripts/gpu-parity.py "$out/"
+if [ "${GF_SKIP_BUILD_SERVER:-0}" != 1 ]; then
+  # The server with the CUDA engine (H100/H200: sm_90 for candle's kernels), plus the two models.
+  CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo build --release -p genai-factory --features cuda
+  cp "${CARGO_TARGET_DIR:-target}/release/genai-factory" "$out/"
+  mkdir -p "$out/models"
+  cp -rL models/smollm2-135m-instruct models/all-minilm-l6-v2 "$out/models/"
+  # Smoke run against the stubs (every driver call fails): the binary must start, and
+  # `--device cuda` must stop at startup naming the reason.
+  smoke="$(cd "$work" && LD_LIBRARY_PATH="$stubs" GENAI_INDEX__DIR="$work/index" "$out/genai-factory" serve \
+    --device cuda --models-dir "$out/models" --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 2>&1 || true)"
+  grep -q 'but the CUDA driver is unavailable' <<<"$smoke" ||
+    { echo "error: the server did not refuse --device cuda against the link stubs:" >&2; echo "$smoke" >&2; exit 1; }
+fi
+echo "built $out; copy it to the GPU host and run: ./gpu-check.sh run"

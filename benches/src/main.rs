@@ -5,7 +5,9 @@
 //! N concurrent workers pull from a fixed number of requests (or run until a
 //! duration passes), each streaming one Generate call; the report gives
 //! requests/s, output tokens/s, TTFT / inter-token / end-to-end percentiles and
-//! error counts, as text and optionally JSON.
+//! error counts, as text and optionally JSON. With `--metrics-url` it also
+//! samples the server's KV-cache gauges during the run and reports the paging
+//! waste (slots of held blocks that hold no token) at the peak of KV use.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,6 +50,9 @@ struct Args {
     /// Use the Chat RPC (chat template) instead of Generate.
     #[arg(long)]
     chat: bool,
+    /// The server's Prometheus endpoint (e.g. http://127.0.0.1:8080/metrics): sample KV-cache use.
+    #[arg(long)]
+    metrics_url: Option<String>,
     /// Write the report as JSON here too.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -63,6 +68,43 @@ const PROMPTS: &[&str] = &[
     "Compare cats and dogs as pets for a family living in a small apartment in a big city. Consider space, exercise, cost, time commitment and allergies in your answer.",
     "Give a step by step explanation of how to plant a small vegetable garden on a balcony, including choosing containers, soil, seeds, watering schedules and sunlight needs.",
 ];
+
+/// KV-cache gauges at the sample with the most blocks in use.
+#[derive(Default, Debug, Clone, Copy)]
+struct KvPeak {
+    samples: usize,
+    blocks_used: f64,
+    blocks_total: f64,
+    live_tokens: f64,
+    waste_ratio: f64,
+}
+
+/// Polls `url` every 100 ms until `stop`, keeping the sample with the most KV blocks in use.
+async fn sample_kv(url: String, stop: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<KvPeak> {
+    let client = reqwest::Client::new();
+    let mut peak = KvPeak::default();
+    while !stop.load(Ordering::Relaxed) {
+        let text = client.get(&url).send().await?.error_for_status()?.text().await?;
+        let gauge = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let used = gauge("genai_kv_cache_blocks_used");
+        peak.samples += 1;
+        if used >= peak.blocks_used {
+            peak = KvPeak {
+                samples: peak.samples,
+                blocks_used: used,
+                blocks_total: used + gauge("genai_kv_cache_blocks_free"),
+                live_tokens: gauge("genai_kv_cache_live_tokens"),
+                waste_ratio: gauge("genai_kv_cache_waste_ratio"),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(peak)
+}
 
 #[derive(Default)]
 struct Sample {
@@ -162,6 +204,11 @@ async fn main() -> anyhow::Result<()> {
     let channel = Endpoint::from_shared(args.addr.clone())?.connect().await?;
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = args
+        .metrics_url
+        .clone()
+        .map(|url| tokio::spawn(sample_kv(url, stop_sampling.clone())));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
@@ -189,6 +236,11 @@ async fn main() -> anyhow::Result<()> {
         samples.extend(w.await?);
     }
     let wall = started.elapsed().as_secs_f64();
+    stop_sampling.store(true, Ordering::Relaxed);
+    let kv = match sampler {
+        Some(h) => Some(h.await??),
+        None => None,
+    };
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.error.is_none()).collect();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for s in samples.iter().filter_map(|s| s.error.clone()) {
@@ -199,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
     let mut ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft.as_ref().map(ms)).collect();
     let mut itl: Vec<f64> = ok.iter().flat_map(|s| s.itl.iter().map(ms)).collect();
     let mut e2e: Vec<f64> = ok.iter().map(|s| ms(&s.e2e)).collect();
-    let report = json!({
+    let mut report = json!({
         "concurrency": args.concurrency,
         "requests": samples.len(),
         "ok": ok.len(),
@@ -228,6 +280,20 @@ async fn main() -> anyhow::Result<()> {
             report[format!("{k}_ms_p90")].as_f64().unwrap_or(f64::NAN),
             report[format!("{k}_ms_p99")].as_f64().unwrap_or(f64::NAN)
         );
+    }
+    if let Some(kv) = kv {
+        println!(
+            "  kv peak: {} of {} blocks held, {} live tokens, waste {:.1}% ({} samples)",
+            kv.blocks_used,
+            kv.blocks_total,
+            kv.live_tokens,
+            kv.waste_ratio * 100.0,
+            kv.samples
+        );
+        report["kv_peak"] = json!({
+            "blocks_used": kv.blocks_used, "blocks_total": kv.blocks_total,
+            "live_tokens": kv.live_tokens, "waste_ratio": kv.waste_ratio, "samples": kv.samples,
+        });
     }
     if let Some(p) = &args.json_out {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;

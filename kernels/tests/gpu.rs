@@ -269,9 +269,10 @@ fn check_decode<T: CudaDtype>(k: &CudaKernels) {
             num_kv_heads: nkv,
             head_dim: hd,
             block_size: bs,
+            window: None,
         };
         let mut want = vec![0.0; q.len()];
-        cpu::attention::paged_attention_decode(&mut want, &q, nh, &kv, scale, &l.tables, &ctx).unwrap();
+        cpu::attention::paged_attention_decode(&mut want, &q, nh, &kv, scale, &l.tables, &ctx, 1).unwrap();
         let meta = k
             .attention_metadata(&l.tables, &ctx, &vec![1; ctx.len()], l.num_blocks, bs)
             .unwrap();
@@ -329,13 +330,14 @@ fn check_prefill<T: CudaDtype>(k: &CudaKernels) {
             num_kv_heads: nkv,
             head_dim: hd,
             block_size: bs,
+            window: None,
         };
         let mut cu = vec![0];
         for ql in &qlens {
             cu.push(cu.last().unwrap() + ql);
         }
         let mut want = vec![0.0; q.len()];
-        cpu::attention::paged_attention_prefill(&mut want, &q, nh, &kv, scale, &l.tables, &ctx, &cu).unwrap();
+        cpu::attention::paged_attention_prefill(&mut want, &q, nh, &kv, scale, &l.tables, &ctx, &cu, 1).unwrap();
         let meta = k.attention_metadata(&l.tables, &ctx, &qlens, l.num_blocks, bs).unwrap();
         let (kc, vc) = (up::<T>(k, &l.key_cache), up::<T>(k, &l.value_cache));
         let cache = PagedCache {

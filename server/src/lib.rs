@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod model;
 pub mod ops;

@@ -118,11 +118,16 @@ fn load_models(state: &Arc<AppState>, files: registry::ModelFiles) -> anyhow::Re
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
-    let model = model::load(&files.generation, threads)?;
-    let engine = EngineHandle::start(model.runner, model.tokenizer.clone(), &cfg.engine)?;
+    let device = crate::device::resolve(cfg.models.device)?;
+    let model = model::load_on(&files.generation, threads, device, &cfg.engine)?;
+    let mut engine_cfg = cfg.engine.clone();
+    // A GPU sizes its KV pool from free device memory instead of engine.kv_cache_mib.
+    engine_cfg.kv_cache_mib = model.kv_cache_mib.unwrap_or(engine_cfg.kv_cache_mib);
+    let engine = EngineHandle::start(model.runner, model.tokenizer.clone(), &engine_cfg)?;
     tracing::info!(
         model = %files.generation.name,
         context = engine.info().context_length,
+        %device,
         threads,
         "generation engine started"
     );

@@ -128,6 +128,22 @@ impl BlockManager {
         }
     }
 
+    /// KV slots holding a computed token, given `(sequence, computed length)` pairs: a block shared by
+    /// several sequences counts once, as filled as the furthest of them. With [`Self::usage`] this
+    /// gives the pool's internal waste (held slots not holding a token).
+    pub fn live_tokens(&self, computed: impl IntoIterator<Item = (SeqId, usize)>) -> usize {
+        let bs = self.block_size;
+        let mut fill: HashMap<u32, usize> = HashMap::new();
+        for (seq, n) in computed {
+            let Some(table) = self.seqs.get(&seq) else { continue };
+            for (i, &b) in table.blocks.iter().enumerate().take(n.div_ceil(bs)) {
+                let f = fill.entry(b).or_default();
+                *f = (*f).max(bs.min(n - i * bs));
+            }
+        }
+        fill.values().sum()
+    }
+
     /// Prompt tokens looked up in the prefix cache / found there, since start.
     pub fn prefix_counters(&self) -> (u64, u64) {
         (self.prefix_queries, self.prefix_hits)
@@ -379,6 +395,23 @@ mod tests {
         // Diverging in the first block: no hit at all.
         assert_eq!(m.admit(3, &[5, 1, 2, 3, 4, 5], 6), Ok(0));
         assert_eq!(m.block_table(3).unwrap(), &[4, 5]);
+    }
+
+    #[test]
+    fn live_tokens_count_shared_blocks_once_and_partial_blocks_by_fill() {
+        let mut m = BlockManager::new(8, 4);
+        let prompt = toks(0..10);
+        m.admit(1, &prompt, 10).unwrap();
+        m.cache_computed(1, &prompt, 10);
+        let mut other = toks(0..8);
+        other.extend([99, 98, 97]);
+        m.admit(2, &other, 11).unwrap(); // shares blocks 0 and 1
+                                         // Seq 1: 10 computed (4 + 4 + 2); seq 2: 11 (shared 8 + 3 in its own block).
+        assert_eq!(m.live_tokens([(1, 10), (2, 11)]), 8 + 2 + 3);
+        // Only what is computed counts: seq 2 has computed its cached prefix only.
+        assert_eq!(m.live_tokens([(1, 10), (2, 8)]), 10);
+        assert_eq!(m.live_tokens([(1, 0), (7, 5)]), 0);
+        assert_eq!(m.usage().used * 4 - m.live_tokens([(1, 10), (2, 11)]), 3);
     }
 
     #[test]

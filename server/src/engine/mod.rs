@@ -218,6 +218,9 @@ pub struct EngineStats {
     pub kv_blocks_used: usize,
     /// Free but holding reusable prefix blocks.
     pub kv_blocks_cached: usize,
+    /// Slots of the used blocks that hold a computed token (shared blocks counted once); the rest of
+    /// `kv_blocks_used * block_size` is the paging waste.
+    pub kv_tokens_live: usize,
     /// In tokens.
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
@@ -669,6 +672,7 @@ impl Engine {
             kv_blocks_total: kv.total,
             kv_blocks_used: kv.used,
             kv_blocks_cached: kv.cached,
+            kv_tokens_live: self.scheduler.kv_live_tokens(),
             prefix_cache_queries: queries,
             prefix_cache_hits: hits,
             preemptions: self.scheduler.preemptions(),
@@ -684,6 +688,14 @@ impl Engine {
         metrics::gauge!("genai_kv_cache_blocks_used").set(kv.used as f64);
         metrics::gauge!("genai_kv_cache_blocks_free").set((kv.cached + kv.free) as f64);
         metrics::gauge!("genai_kv_cache_usage_ratio").set(kv.used as f64 / kv.total.max(1) as f64);
+        metrics::gauge!("genai_kv_cache_live_tokens").set(stats.kv_tokens_live as f64);
+        let held_slots = kv.used * self.scheduler.block_size();
+        let waste = if held_slots == 0 {
+            0.0
+        } else {
+            1.0 - stats.kv_tokens_live as f64 / held_slots as f64
+        };
+        metrics::gauge!("genai_kv_cache_waste_ratio").set(waste);
     }
 }
 

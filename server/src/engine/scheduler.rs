@@ -78,6 +78,15 @@ impl Scheduler {
         self.kv.usage()
     }
 
+    pub fn block_size(&self) -> usize {
+        self.kv.block_size()
+    }
+
+    /// Distinct KV slots holding a running sequence's computed token.
+    pub fn kv_live_tokens(&self) -> usize {
+        self.kv.live_tokens(self.running.iter().map(|s| (s.id, s.num_computed)))
+    }
+
     pub fn prefix_counters(&self) -> (u64, u64) {
         self.kv.prefix_counters()
     }

@@ -16,15 +16,15 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use genai_kernels::cpu::qmatmul::{qmatmul, QMatrix, QType};
 
-/// Threads the qmatmul kernel uses; set once by `model::load`.
+/// Threads the CPU kernels (qmatmul here, paged attention in `paged`) use; set once by `model::load`.
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Sets the qmatmul kernel's thread count (0 = all cores).
+/// Sets the CPU kernels' thread count (0 = all cores).
 pub fn set_threads(threads: usize) {
     THREADS.store(threads, Ordering::Relaxed);
 }
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use super::gguf::GgufFile;
 use super::linear::{concat_qtensors, Linear};
+use genai_kernels::cpu::activation::silu_mul;
 
 /// Which element pairs RoPE rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,19 @@ impl Rope {
         (cos, sin)
     }
 
+    /// The CUDA rotary kernel's table (`genai_kernels::cuda::rotary_embedding`): f32
+    /// `[max_position, dim]`, per position the `dim/2` cosines then the `dim/2` sines of the same
+    /// angles as [`Rope::tables`] (scaling included).
+    pub fn cos_sin_cache(&self, max_position: usize) -> Vec<f32> {
+        let mut t = Vec::with_capacity(max_position * self.dim);
+        for p in 0..max_position {
+            let (cos, sin) = self.tables(&[p]);
+            t.extend(cos);
+            t.extend(sin);
+        }
+        t
+    }
+
     /// Rotates `x: [tokens, heads, head_dim]` in place.
     pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
         let half = self.dim / 2;
@@ -120,6 +134,8 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     pub context_length: usize,
     pub rope: Rope,
+    /// Sliding-window attention (Mistral v0.1): each token sees only this many latest positions.
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -137,6 +153,9 @@ impl LlamaConfig {
         pos(self.num_heads, "num_heads")?;
         pos(self.num_kv_heads, "num_kv_heads")?;
         pos(self.head_dim, "head_dim")?;
+        if self.sliding_window == Some(0) {
+            bail!("model config: sliding_window must be > 0");
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "model config: num_heads {} not a multiple of num_kv_heads {}",
@@ -294,28 +313,8 @@ fn gguf_f32(g: &mut GgufFile, name: &str) -> anyhow::Result<Vec<f32>> {
 }
 
 impl Llama {
-    /// Loads a Llama-family GGUF (architectures `llama` — incl. Mistral conversions — and `qwen2`).
-    /// `dequantize`: convert every matmul weight to f32 at load (the exact f32 path, no activation
-    /// quantization; for reference comparisons — 4-8x the memory, slower).
-    pub fn from_gguf(g: &mut GgufFile, dequantize: bool) -> anyhow::Result<Self> {
-        let q_linear = |w: Arc<QTensor>, b: Option<Tensor>| -> anyhow::Result<Linear> {
-            if dequantize {
-                Ok(Linear::from_tensor(w.dequantize(&Device::Cpu)?, b)?)
-            } else {
-                Linear::from_qtensor(w, b)
-            }
-        };
-        let q_multi = |parts: Vec<(Arc<QTensor>, Option<Tensor>)>| -> anyhow::Result<MultiLinear> {
-            if dequantize {
-                let dense = parts
-                    .into_iter()
-                    .map(|(w, b)| Ok((w.dequantize(&Device::Cpu)?, b)))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                MultiLinear::from_dense(dense)
-            } else {
-                MultiLinear::from_gguf(parts)
-            }
-        };
+    /// Reads and validates the model config of a Llama-family GGUF (shared with the CUDA loader).
+    pub(crate) fn gguf_config(g: &mut GgufFile) -> anyhow::Result<LlamaConfig> {
         let arch = g.str("general.architecture")?.to_string();
         let style = match arch.as_str() {
             "llama" => RopeStyle::Interleaved,
@@ -369,9 +368,39 @@ impl Llama {
             rms_eps: g.f32_or(&k("attention.layer_norm_rms_epsilon"), 1e-5)?,
             context_length: g.usize_or(&k("context_length"), 4096)?,
             rope,
+            sliding_window: match g.usize_or(&k("attention.sliding_window"), 0)? {
+                0 => None,
+                w => Some(w),
+            },
             architecture: arch,
         };
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Loads a Llama-family GGUF (architectures `llama` — incl. Mistral conversions — and `qwen2`).
+    /// `dequantize`: convert every matmul weight to f32 at load (the exact f32 path, no activation
+    /// quantization; for reference comparisons — 4-8x the memory, slower).
+    pub fn from_gguf(g: &mut GgufFile, dequantize: bool) -> anyhow::Result<Self> {
+        let q_linear = |w: Arc<QTensor>, b: Option<Tensor>| -> anyhow::Result<Linear> {
+            if dequantize {
+                Ok(Linear::from_tensor(w.dequantize(&Device::Cpu)?, b)?)
+            } else {
+                Linear::from_qtensor(w, b)
+            }
+        };
+        let q_multi = |parts: Vec<(Arc<QTensor>, Option<Tensor>)>| -> anyhow::Result<MultiLinear> {
+            if dequantize {
+                let dense = parts
+                    .into_iter()
+                    .map(|(w, b)| Ok((w.dequantize(&Device::Cpu)?, b)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                MultiLinear::from_dense(dense)
+            } else {
+                MultiLinear::from_gguf(parts)
+            }
+        };
+        let cfg = Self::gguf_config(g)?;
         let embed_q = g.tensor("token_embd.weight")?;
         let lm_head = match g.opt_tensor("output.weight")? {
             Some(w) => q_linear(w, None)?,
@@ -417,13 +446,11 @@ impl Llama {
 
     /// Loads an HF directory: config.json + one or more *.safetensors (f32/f16/bf16 → f32).
     pub fn from_safetensors(dir: &Path) -> anyhow::Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let hf: HfConfig = serde_json::from_slice(
-            &std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", cfg_path.display()))?;
-        let cfg = hf.to_config()?;
-        cfg.validate()?;
+        let HfModel {
+            cfg,
+            qkv_bias: bias,
+            tie_word_embeddings,
+        } = HfModel::read(dir)?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -455,7 +482,6 @@ impl Llama {
                 };
                 Ok((wt, b))
             };
-            let bias = hf.attention_bias.unwrap_or(hf.model_type == "qwen2");
             let qkv = vec![
                 lin("self_attn.q_proj", bias)?,
                 lin("self_attn.k_proj", bias)?,
@@ -474,7 +500,7 @@ impl Llama {
             });
         }
         let norm = to_vec(take("model.norm.weight")?)?;
-        let lm_head = if hf.tie_word_embeddings {
+        let lm_head = if tie_word_embeddings {
             Linear::from_tensor(embed.clone(), None)?
         } else {
             Linear::from_tensor(take("lm_head.weight")?, None)?
@@ -562,11 +588,8 @@ impl Llama {
             rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut h);
             let ht = Tensor::from_slice(&h, (t, c.hidden_size), &Device::Cpu)?;
             let gu = l.gate_up.forward(&ht, t)?;
-            let act: Vec<f32> = gu[0]
-                .iter()
-                .zip(&gu[1])
-                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
+            let mut act = vec![0f32; gu[0].len()];
+            silu_mul(&mut act, &gu[0], &gu[1])?;
             let d = to_vec(
                 l.down
                     .forward(&Tensor::from_vec(act, (t, c.intermediate_size), &Device::Cpu)?)?,
@@ -605,7 +628,8 @@ impl Llama {
                 for h in 0..nh {
                     let g = h / (nh / nkv);
                     let qr = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
-                    let scores: Vec<f32> = (0..=i)
+                    let first = c.sliding_window.map_or(0, |w| (i + 1).saturating_sub(w));
+                    let scores: Vec<f32> = (first..=i)
                         .map(|j| {
                             let kr = &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd];
                             qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
@@ -615,7 +639,7 @@ impl Llama {
                     let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
                     let z: f32 = e.iter().sum();
                     let o = &mut out[(i * nh + h) * hd..(i * nh + h + 1) * hd];
-                    for (j, p) in e.iter().enumerate() {
+                    for (j, p) in (first..).zip(&e) {
                         let vr = &v[(j * nkv + g) * hd..(j * nkv + g + 1) * hd];
                         o.iter_mut().zip(vr).for_each(|(o, v)| *o += p / z * v);
                     }
@@ -635,6 +659,31 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         or.iter_mut().zip(xr).zip(w).for_each(|((o, x), w)| *o = x * inv * w);
+    }
+}
+
+/// What the loaders need from an HF directory's `config.json` (shared with the CUDA loader).
+pub(crate) struct HfModel {
+    pub cfg: LlamaConfig,
+    /// q/k/v projections carry biases (Qwen2, or `attention_bias`).
+    pub qkv_bias: bool,
+    pub tie_word_embeddings: bool,
+}
+
+impl HfModel {
+    pub(crate) fn read(dir: &Path) -> anyhow::Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let hf: HfConfig = serde_json::from_slice(
+            &std::fs::read(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        let cfg = hf.to_config()?;
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            qkv_bias: hf.attention_bias.unwrap_or(hf.model_type == "qwen2"),
+            tie_word_embeddings: hf.tie_word_embeddings,
+        })
     }
 }
 
@@ -660,6 +709,9 @@ struct HfConfig {
     tie_word_embeddings: bool,
     attention_bias: Option<bool>,
     rope_scaling: Option<HfRopeScaling>,
+    /// Mistral v0.1 sets it; Qwen2 sets it too but gates it with `use_sliding_window`.
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -718,6 +770,7 @@ impl HfConfig {
             rms_eps: self.rms_norm_eps,
             context_length: self.max_position_embeddings,
             rope,
+            sliding_window: self.sliding_window.filter(|_| self.use_sliding_window.unwrap_or(true)),
         })
     }
 }
@@ -745,6 +798,22 @@ mod tests {
             (y[2] - 1f32.sin()).abs() < 1e-6 && (y[3] - 0.01f32.sin()).abs() < 1e-6,
             "{y:?}"
         );
+    }
+
+    #[test]
+    fn cos_sin_cache_matches_the_kernel_reference_table_and_tables() {
+        let r = Rope::new(RopeStyle::Neox, 8, 10_000.0);
+        let got = r.cos_sin_cache(5);
+        let want = genai_kernels::cpu::rotary::rope_cos_sin_cache(5, 8, 10_000.0);
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{got:?} vs {want:?}"
+        );
+        let mut scaled = r.clone();
+        scaled.pos_scale = 0.25;
+        let (cos, sin) = scaled.tables(&[3]);
+        assert_eq!(&scaled.cos_sin_cache(4)[3 * 8..], [cos, sin].concat().as_slice());
     }
 
     #[test]

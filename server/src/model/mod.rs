@@ -1,15 +1,21 @@
 //! Model families and their loaders (GGUF, safetensors), tokenizers and chat templates.
 //!
-//! [`load`] turns a located [`GenerationModel`] into a [`LoadedModel`]: the CPU paged
-//! [`ModelRunner`](crate::engine::runner::ModelRunner) ([`paged::LlamaRunner`] over [`llama::Llama`]),
+//! [`load`] / [`load_on`] turn a located [`GenerationModel`] into a [`LoadedModel`]: the paged
+//! [`ModelRunner`](crate::engine::runner::ModelRunner) of the resolved device (CPU:
+//! [`paged::LlamaRunner`] over [`llama::Llama`]; CUDA, feature `cuda`: `cuda_runner::CudaRunner`),
 //! the tokenizer rebuilt from the same file, the chat template, and the [`ModelInfo`] the engine
 //! sizes its KV cache from. See `README.md` in this directory for the data flow and the tests.
 
 pub mod chat_template;
+#[cfg(feature = "cuda")]
+pub mod cuda_runner;
 pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod paged;
+// Only the CUDA runner lays steps out this way; its tests run in every build.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub mod step_plan;
 pub mod tokenizer;
 
 #[cfg(test)]
@@ -19,6 +25,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::config::EngineConfig;
+use crate::device::ComputeDevice;
 use crate::engine::runner::{ModelInfo, ModelRunner};
 use crate::registry::{GenerationModel, WeightsFormat};
 use chat_template::ChatTemplate;
@@ -34,6 +42,39 @@ pub struct LoadedModel {
     pub chat_template: ChatTemplate,
     pub tokenizer_info: TokenizerInfo,
     pub info: ModelInfo,
+    /// KV-cache budget chosen by the device (CUDA: free GPU memory × `engine.gpu_memory_fraction`);
+    /// `None` = `engine.kv_cache_mib`.
+    pub kv_cache_mib: Option<usize>,
+}
+
+/// The weights on their device, before the runner is built.
+enum Weights {
+    Cpu(llama::Llama),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda_runner::CudaLoad),
+}
+
+impl Weights {
+    fn cfg(&self) -> &llama::LlamaConfig {
+        match self {
+            Self::Cpu(m) => &m.cfg,
+            #[cfg(feature = "cuda")]
+            Self::Cuda(l) => &l.cfg,
+        }
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        match self {
+            Self::Cpu(m) => paged::kv_bytes_per_token(m),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(l) => l.kv_bytes_per_token,
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> anyhow::Error {
+    anyhow::anyhow!("this binary was built without CUDA support (rebuild with `--features cuda`)")
 }
 
 /// Sets the CPU thread count for candle's matmuls and our rayon kernels. Must run before the first
@@ -59,19 +100,44 @@ fn configure_threads(threads: usize) {
     }
 }
 
-/// Loads the generation model with `threads` CPU threads (0 = all cores).
+/// Loads the generation model on the CPU with `threads` CPU threads (0 = all cores).
 pub fn load(files: &GenerationModel, threads: usize) -> anyhow::Result<LoadedModel> {
+    load_on(files, threads, ComputeDevice::Cpu, &EngineConfig::default())
+}
+
+/// Loads the generation model on `device`. `threads`: CPU threads (0 = all cores); `engine`: the
+/// GPU memory fraction and step sizes a CUDA KV budget is derived from.
+pub fn load_on(
+    files: &GenerationModel,
+    threads: usize,
+    device: ComputeDevice,
+    engine: &EngineConfig,
+) -> anyhow::Result<LoadedModel> {
     configure_threads(threads);
-    let (model, tok, tinfo, template_src) = match &files.weights {
+    #[cfg(not(feature = "cuda"))]
+    let _ = engine;
+    let (weights, tok, tinfo, template_src) = match &files.weights {
         WeightsFormat::Gguf(path) => {
             let mut g = gguf::GgufFile::open(path)?;
-            let model = llama::Llama::from_gguf(&mut g, false)?;
+            let weights = match device {
+                ComputeDevice::Cpu => Weights::Cpu(llama::Llama::from_gguf(&mut g, false)?),
+                #[cfg(feature = "cuda")]
+                ComputeDevice::Cuda { ordinal } => Weights::Cuda(cuda_runner::load_gguf(&mut g, ordinal, engine)?),
+                #[cfg(not(feature = "cuda"))]
+                ComputeDevice::Cuda { .. } => return Err(no_cuda()),
+            };
             let (tok, tinfo) = tokenizer::from_gguf(&g)?;
             let src = g.opt_str("tokenizer.chat_template")?.map(str::to_string);
-            (model, tok, tinfo, src)
+            (weights, tok, tinfo, src)
         }
         WeightsFormat::Safetensors(dir) => {
-            let model = llama::Llama::from_safetensors(dir)?;
+            let weights = match device {
+                ComputeDevice::Cpu => Weights::Cpu(llama::Llama::from_safetensors(dir)?),
+                #[cfg(feature = "cuda")]
+                ComputeDevice::Cuda { ordinal } => Weights::Cuda(cuda_runner::load_safetensors(dir, ordinal, engine)?),
+                #[cfg(not(feature = "cuda"))]
+                ComputeDevice::Cuda { .. } => return Err(no_cuda()),
+            };
             let (tok, tinfo, tcfg) = tokenizer::from_hf_dir(dir)?;
             let src = match tcfg.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -82,7 +148,7 @@ pub fn load(files: &GenerationModel, threads: usize) -> anyhow::Result<LoadedMod
                     .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
                 _ => None,
             };
-            (model, tok, tinfo, src)
+            (weights, tok, tinfo, src)
         }
     };
     let template_src = template_src.unwrap_or_else(|| {
@@ -92,7 +158,7 @@ pub fn load(files: &GenerationModel, threads: usize) -> anyhow::Result<LoadedMod
     let name_of = |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
     let chat_template = ChatTemplate::new(&template_src, &name_of(&tinfo.bos), &name_of(&tinfo.eos))
         .with_context(|| format!("model {}", files.name))?;
-    let c = &model.cfg;
+    let c = weights.cfg();
     let info = ModelInfo {
         name: files.name.clone(),
         vocab_size: c.vocab_size,
@@ -101,13 +167,22 @@ pub fn load(files: &GenerationModel, threads: usize) -> anyhow::Result<LoadedMod
         num_layers: c.num_layers,
         num_kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
-        kv_bytes_per_token: paged::kv_bytes_per_token(&model),
+        kv_bytes_per_token: weights.kv_bytes_per_token(),
+    };
+    let (runner, kv_cache_mib): (Box<dyn ModelRunner>, _) = match weights {
+        Weights::Cpu(model) => (Box::new(paged::LlamaRunner::new(model, info.clone())), None),
+        #[cfg(feature = "cuda")]
+        Weights::Cuda(load) => {
+            let mib = load.kv_cache_mib;
+            (load.into_runner(info.clone()), Some(mib))
+        }
     };
     Ok(LoadedModel {
-        runner: Box::new(paged::LlamaRunner::new(model, info.clone())),
+        runner,
         tokenizer: Arc::new(tok),
         chat_template,
         tokenizer_info: tinfo,
         info,
+        kv_cache_mib,
     })
 }

@@ -132,6 +132,7 @@ impl ModelRunner for LlamaRunner {
         let tables: Vec<&[u32]> = batch.entries.iter().map(|e| e.block_table.as_slice()).collect();
         let nh = c.num_heads;
         let scale = 1.0 / (hd as f32).sqrt();
+        let threads = super::linear::threads();
         let layers = &mut pool.layers;
         let mut attention = |layer: usize, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]| -> anyhow::Result<()> {
             let (kc, vc) = &mut layers[layer];
@@ -142,8 +143,9 @@ impl ModelRunner for LlamaRunner {
                 num_kv_heads: nkv,
                 head_dim: hd,
                 block_size: bs,
+                window: c.sliding_window,
             };
-            paged_attention_prefill(out, q, nh, &kv, scale, &tables, &ctx_lens, &cu)?;
+            paged_attention_prefill(out, q, nh, &kv, scale, &tables, &ctx_lens, &cu, threads)?;
             Ok(())
         };
         let hidden = self.model.forward_hidden(&tokens, &positions, &mut attention)?;

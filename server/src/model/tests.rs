@@ -1,11 +1,15 @@
 //! Model tests on the real SmolLM2 GGUF and on a random tiny safetensors Llama:
 //! (a) the batched paged forward equals the dense reference forward (mixed batch, chunked prefill,
 //! decode, shuffled block tables, a copy-on-write block copy); tokenizer ids; (e) the chat template;
-//! greedy generation answers a factual question.
+//! greedy generation answers a factual question; K-quant (Q4_K/Q6_K) GGUF files load and compute
+//! what their weights say.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -237,6 +241,39 @@ fn tiny_safetensors_llama_paged_matches_dense() {
     }
 }
 
+/// Mistral's sliding window: the paged runner and the dense reference mask the same positions, and
+/// the mask matters (the logits differ from full attention once the context exceeds the window).
+#[test]
+fn sliding_window_mistral_paged_matches_dense() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_llama(dir.path(), DType::F32);
+    let cfg_path = dir.path().join("config.json");
+    let full = Llama::from_safetensors(dir.path()).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = "mistral".into();
+    cfg["sliding_window"] = 6.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let windowed = Llama::from_safetensors(dir.path()).unwrap();
+    assert_eq!(windowed.cfg.sliding_window, Some(6));
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 11 + 5) % 97).collect();
+    assert_eq!(
+        windowed.forward_dense(&tokens[..6]).unwrap(),
+        full.forward_dense(&tokens[..6]).unwrap()
+    );
+    assert!(
+        rel_err(
+            &windowed.forward_dense(&tokens).unwrap(),
+            &full.forward_dense(&tokens).unwrap()
+        ) > 1e-3
+    );
+    let worst = paged_vs_dense(windowed, 97);
+    assert!(worst < 1e-4, "relative error {worst}");
+    // Qwen2 configs carry a window but switch it off.
+    cfg["use_sliding_window"] = false.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_eq!(Llama::from_safetensors(dir.path()).unwrap().cfg.sliding_window, None);
+}
+
 #[test]
 fn runner_rejects_bad_batches() {
     let dir = tempfile::tempdir().unwrap();
@@ -431,4 +468,135 @@ fn load_hf_directory() {
     std::fs::write(dir.path().join("config.json"), r#"{"model_type":"llama","vocab_size":97,"hidden_size":32,"intermediate_size":48,"num_hidden_layers":3,"num_attention_heads":4}"#).unwrap();
     let e = load(&files, 0).err().unwrap().to_string();
     assert!(e.contains("model.layers.2.self_attn.q_proj.weight"), "{e}");
+}
+
+/// Writes `tensors` and `metadata` as a GGUF file.
+fn write_gguf(path: &std::path::Path, metadata: &[(&str, Value)], tensors: &[(String, QTensor)]) {
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+/// A random tiny Llama GGUF whose attention / FFN matmul weights are quantized to `attn` / `ffn`.
+/// 256 wide: K-quants pack 256 values per block along the input dimension.
+fn tiny_k_quant_gguf(path: &std::path::Path, attn: GgmlDType, ffn: GgmlDType) {
+    let (vocab, hidden, inter, layers, heads, kv_heads) = (97usize, 256usize, 512usize, 2u32, 4usize, 2usize);
+    let hd = hidden / heads;
+    let dev = Device::Cpu;
+    let mut tensors = Vec::new();
+    let mut put = |name: String, shape: &[usize], mean: f32, std: f32, dtype: GgmlDType| {
+        let t = Tensor::randn(mean, std, shape, &dev).unwrap();
+        tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
+    };
+    put("token_embd.weight".into(), &[vocab, hidden], 0.0, 1.0, GgmlDType::F32);
+    put("output.weight".into(), &[vocab, hidden], 0.0, 0.1, GgmlDType::Q8_0);
+    put("output_norm.weight".into(), &[hidden], 1.0, 0.1, GgmlDType::F32);
+    for l in 0..layers {
+        let p = |s: &str| format!("blk.{l}.{s}.weight");
+        put(p("attn_norm"), &[hidden], 1.0, 0.1, GgmlDType::F32);
+        put(p("ffn_norm"), &[hidden], 1.0, 0.1, GgmlDType::F32);
+        put(p("attn_q"), &[heads * hd, hidden], 0.0, 0.08, attn);
+        put(p("attn_k"), &[kv_heads * hd, hidden], 0.0, 0.08, attn);
+        put(p("attn_v"), &[kv_heads * hd, hidden], 0.0, 0.08, attn);
+        put(p("attn_output"), &[hidden, heads * hd], 0.0, 0.08, attn);
+        put(p("ffn_gate"), &[inter, hidden], 0.0, 0.08, ffn);
+        put(p("ffn_up"), &[inter, hidden], 0.0, 0.08, ffn);
+        put(p("ffn_down"), &[hidden, inter], 0.0, 0.06, ffn);
+    }
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.vocab_size", Value::U32(vocab as u32)),
+        ("llama.embedding_length", Value::U32(hidden as u32)),
+        ("llama.feed_forward_length", Value::U32(inter as u32)),
+        ("llama.block_count", Value::U32(layers)),
+        ("llama.attention.head_count", Value::U32(heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(kv_heads as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.context_length", Value::U32(256)),
+        ("llama.rope.freq_base", Value::F32(10_000.0)),
+    ];
+    write_gguf(path, &metadata, &tensors);
+}
+
+/// Q4_K and Q6_K weights (candle's `QMatMul` path) give the forward of their own dequantized weights
+/// up to the 8-bit activation rounding, through the dense and the batched paged forward alike.
+#[test]
+fn k_quant_gguf_matches_its_dequantized_weights() {
+    for (attn, ffn) in [(GgmlDType::Q4K, GgmlDType::Q6K), (GgmlDType::Q6K, GgmlDType::Q4K)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny_k_quant_gguf(&path, attn, ffn);
+        let mut g = GgufFile::open(&path).unwrap();
+        assert_eq!(g.tensor("blk.1.attn_q.weight").unwrap().dtype(), attn);
+        let quantized = Llama::from_gguf(&mut g, false).unwrap();
+        let exact = Llama::from_gguf(&mut g, true).unwrap();
+        let tokens: Vec<u32> = (0..23).map(|i| (i * 7 + 3) % 97).collect();
+        let (q, d) = (
+            quantized.forward_dense(&tokens).unwrap(),
+            exact.forward_dense(&tokens).unwrap(),
+        );
+        let err = rel_err(&q, &d);
+        // A misread block layout gives errors of order 1; 8-bit activations give a few percent.
+        assert!(err > 0.0 && err < 0.05, "{attn:?}/{ffn:?}: dense relative error {err}");
+        let worst = paged_vs_dense(quantized, 97);
+        assert!(worst < 0.05, "{attn:?}/{ffn:?}: paged relative error {worst}");
+    }
+}
+
+/// The real model with its FFN down projections re-quantized to Q6_K (even layers) and Q4_K (odd
+/// layers; SmolLM2's other projections are 576 wide, not a multiple of the K-quants' 256) still
+/// predicts like the original Q4_1 file.
+#[test]
+fn smollm2_with_k_quant_layers_predicts_like_the_original() {
+    let mut g = GgufFile::open(&smollm_path()).unwrap();
+    let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
+    let mut tensors = Vec::new();
+    for name in names {
+        let t = g.tensor(&name).unwrap();
+        let requant = name.strip_prefix("blk.").and_then(|r| {
+            let (layer, rest) = r.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            (rest == "ffn_down.weight").then_some(if layer.is_multiple_of(2) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            })
+        });
+        let t = match requant {
+            Some(dtype) => QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), dtype).unwrap(),
+            None => Arc::try_unwrap(t).unwrap(),
+        };
+        tensors.push((name, t));
+    }
+    let metadata: Vec<(&str, Value)> = g
+        .content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smollm2-k.gguf");
+    write_gguf(&path, &metadata, &tensors);
+
+    let mut k = GgufFile::open(&path).unwrap();
+    assert_eq!(k.tensor("blk.3.ffn_down.weight").unwrap().dtype(), GgmlDType::Q4K);
+    assert_eq!(k.tensor("blk.4.ffn_down.weight").unwrap().dtype(), GgmlDType::Q6K);
+    let requantized = Llama::from_gguf(&mut k, false).unwrap();
+    let original = Llama::from_gguf(&mut GgufFile::open(&smollm_path()).unwrap(), false).unwrap();
+    let loaded = load(&smollm(), 0).unwrap();
+    let tokens = loaded
+        .tokenizer
+        .encode("The capital of France is", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let (a, b) = (
+        requantized.forward_dense(&tokens).unwrap(),
+        original.forward_dense(&tokens).unwrap(),
+    );
+    assert_eq!(argmax(&a), argmax(&b));
+    let cos = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+        / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|y| y * y).sum::<f32>().sqrt());
+    assert!(cos > 0.99, "logits cosine {cos}");
 }

@@ -50,6 +50,8 @@ pub const REQUESTS_WAITING: &str = "genai_num_requests_waiting";
 pub const KV_BLOCKS_USED: &str = "genai_kv_cache_blocks_used";
 pub const KV_BLOCKS_FREE: &str = "genai_kv_cache_blocks_free";
 pub const KV_USAGE_RATIO: &str = "genai_kv_cache_usage_ratio";
+pub const KV_LIVE_TOKENS: &str = "genai_kv_cache_live_tokens";
+pub const KV_WASTE_RATIO: &str = "genai_kv_cache_waste_ratio";
 // Recorded by the API layer and by `ops`.
 pub const REQUESTS: &str = "genai_requests_total";
 pub const REQUEST_DURATION: &str = "genai_request_duration_seconds";
@@ -296,6 +298,20 @@ pub const CATALOGUE: &[MetricDef] = &[
         &[],
         None,
         "Fraction of KV-cache blocks in use, 0 to 1.",
+    ),
+    def(
+        KV_LIVE_TOKENS,
+        Kind::Gauge,
+        &[],
+        N,
+        "KV-cache slots holding a running sequence's token (shared prefix blocks counted once).",
+    ),
+    def(
+        KV_WASTE_RATIO,
+        Kind::Gauge,
+        &[],
+        None,
+        "Fraction of the slots in used KV-cache blocks that hold no token (paging waste), 0 to 1.",
     ),
     def(
         REQUESTS,

@@ -1,8 +1,13 @@
-//! Sentence embeddings: a BERT-family encoder (all-MiniLM-L6-v2 and kin) on
-//! the CPU, pooled and normalised exactly as sentence-transformers does, and
+//! Sentence embeddings: a BERT-family encoder (all-MiniLM-L6-v2 and kin),
+//! pooled and normalised exactly as sentence-transformers does, and
 //! [`EmbedderHandle`], the dynamic batcher that serves concurrent callers.
-//! The forward pass itself is [`super::encoder`] (hand-written, Q8_0 VNNI
-//! products); a plain candle f32 BERT is kept as the tests' reference.
+//!
+//! On the CPU the forward pass is [`super::encoder`] (hand-written, Q8_0 VNNI
+//! products). On CUDA (feature `cuda`) it is a plain candle f32 BERT on its own
+//! stream (candle's softmax and exact GELU) whose mean pooling + L2
+//! normalisation is our fused `mean_pool` kernel, so only the pooled vectors
+//! come back to the host; CLS pooling copies the hidden states back and pools
+//! on the CPU. That candle BERT is also the CPU encoder's test reference.
 //!
 //! Invariants:
 //! - Padding never reaches the vectors: the tokenizer's own padding is switched
@@ -31,6 +36,7 @@ use tokio::sync::oneshot;
 use super::encoder::{Dims, Encoder};
 use super::RetrievalError;
 use crate::config::EmbeddingConfig;
+use crate::device::ComputeDevice;
 
 type Result<T> = std::result::Result<T, RetrievalError>;
 
@@ -120,10 +126,21 @@ pub fn normalize(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= norm);
 }
 
+/// Where the forward pass runs.
+enum Backend {
+    Cpu(Encoder),
+    #[cfg(feature = "cuda")]
+    Cuda {
+        bert: candle_bert::Bert,
+        /// Our kernels on the encoder's stream: fused mean pooling.
+        kernels: genai_kernels::cuda::CudaKernels,
+    },
+}
+
 /// The encoder plus its tokenizer, pooling and sequence limit. Synchronous and
 /// `Sync`: one forward pass per call; callers batch (see [`EmbedderHandle`]).
 pub struct Embedder {
-    encoder: Encoder,
+    backend: Backend,
     hidden: usize,
     tokenizer: Tokenizer,
     pooling: Pooling,
@@ -134,8 +151,13 @@ impl Embedder {
     /// Loads a sentence-transformers model directory: `model.safetensors`,
     /// `config.json`, `tokenizer.json`, `1_Pooling/config.json` and
     /// `sentence_bert_config.json` (the last two optional: mean pooling and the
-    /// model's position limit otherwise).
+    /// model's position limit otherwise). Runs on the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, ComputeDevice::Cpu)
+    }
+
+    /// [`Embedder::load`] on `device` (a CUDA device needs a `cuda` build).
+    pub fn load_on(dir: &Path, device: ComputeDevice) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
             std::fs::read_to_string(&p).map_err(|e| model_err(format!("{}: {e}", p.display())))
@@ -183,6 +205,52 @@ impl Embedder {
                 "config.json: hidden_size must be a multiple of num_attention_heads, with heads of at most 256",
             ));
         }
+        let backend = match device {
+            ComputeDevice::Cpu => Backend::Cpu(Self::load_cpu(dir, &cfg, max_seq_len)?),
+            #[cfg(feature = "cuda")]
+            ComputeDevice::Cuda { ordinal } => {
+                // Its own stream: the embedder runs beside the generation engine.
+                let dev = candle_core::Device::new_cuda_with_stream(ordinal).map_err(model_err)?;
+                let kernels = match &dev {
+                    candle_core::Device::Cuda(d) => genai_kernels::cuda::CudaKernels::new(d.cuda_stream())
+                        .map_err(|e| model_err(format!("loading the CUDA kernels: {e}")))?,
+                    _ => return Err(model_err("a CUDA device was asked for, candle made another")),
+                };
+                Backend::Cuda {
+                    bert: candle_bert::Bert::load(dir, &cfg, dev)?,
+                    kernels,
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            ComputeDevice::Cuda { .. } => {
+                return Err(model_err(
+                    "this binary was built without CUDA support (rebuild with `--features cuda`)",
+                ))
+            }
+        };
+        let tk_path = dir.join("tokenizer.json");
+        let mut tokenizer =
+            Tokenizer::from_file(&tk_path).map_err(|e| model_err(format!("{}: {e}", tk_path.display())))?;
+        // The shipped tokenizer.json pads every input to 128: we pad per batch instead.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_len,
+                ..Default::default()
+            }))
+            .map_err(model_err)?;
+        Ok(Self {
+            backend,
+            hidden: cfg.hidden_size,
+            tokenizer,
+            pooling,
+            max_seq_len,
+        }
+        .with_threads(0))
+    }
+
+    /// The hand-written CPU encoder from `model.safetensors`.
+    fn load_cpu(dir: &Path, cfg: &BertConfig, max_seq_len: usize) -> Result<Encoder> {
         let path = dir.join("model.safetensors");
         // SAFETY: the file is memory-mapped read-only and only while loading;
         // the weights are copied (repacked) into the encoder.
@@ -201,35 +269,21 @@ impl Embedder {
             eps: cfg.layer_norm_eps as f32,
             max_positions: max_seq_len,
         };
-        let encoder = Encoder::load(&st, prefix, dims)?;
-        let tk_path = dir.join("tokenizer.json");
-        let mut tokenizer =
-            Tokenizer::from_file(&tk_path).map_err(|e| model_err(format!("{}: {e}", tk_path.display())))?;
-        // The shipped tokenizer.json pads every input to 128: we pad per batch instead.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_seq_len,
-                ..Default::default()
-            }))
-            .map_err(model_err)?;
-        Ok(Self {
-            encoder,
-            hidden: cfg.hidden_size,
-            tokenizer,
-            pooling,
-            max_seq_len,
-        }
-        .with_threads(0))
+        Encoder::load(&st, prefix, dims)
     }
 
     /// Compute threads of a forward pass (the caller plus the kernels' pool
     /// workers; default and 0: all cores), i.e. `models.threads`.
+    /// No effect on CUDA.
+    // Only a `cuda` build has a second backend.
+    #[cfg_attr(not(feature = "cuda"), allow(irrefutable_let_patterns))]
     pub fn with_threads(mut self, threads: usize) -> Self {
-        self.encoder.set_threads(match threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        });
+        if let Backend::Cpu(e) = &mut self.backend {
+            e.set_threads(match threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            });
+        }
         self
     }
 
@@ -282,9 +336,16 @@ impl Embedder {
         if real.is_empty() {
             return Ok(vec![vec![0f32; self.dim()]; seqs.len()]);
         }
-        let hidden = self.encoder.forward(&real)?;
-        let lens: Vec<usize> = real.iter().map(|s| s.len()).collect();
-        let mut pooled = pool_and_normalize(&hidden, &lens, self.dim(), self.pooling)?.into_iter();
+        let mut pooled = match &self.backend {
+            Backend::Cpu(encoder) => {
+                let hidden = encoder.forward(&real)?;
+                let lens: Vec<usize> = real.iter().map(|s| s.len()).collect();
+                pool_and_normalize(&hidden, &lens, self.dim(), self.pooling)?
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda { bert, kernels } => self.embed_cuda(bert, kernels, &real)?,
+        }
+        .into_iter();
         Ok(seqs
             .iter()
             .map(|s| match s.is_empty() {
@@ -292,6 +353,37 @@ impl Embedder {
                 false => pooled.next().unwrap_or_default(),
             })
             .collect())
+    }
+
+    /// One padded forward pass of the candle BERT on the GPU, then pooling.
+    #[cfg(feature = "cuda")]
+    fn embed_cuda(
+        &self,
+        bert: &candle_bert::Bert,
+        kernels: &genai_kernels::cuda::CudaKernels,
+        seqs: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        let (b, t, dim) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(1), self.dim());
+        let mut ids = vec![0u32; b * t];
+        let mut mask = vec![0u32; b * t];
+        for (i, s) in seqs.iter().enumerate() {
+            ids[i * t..i * t + s.len()].copy_from_slice(s);
+            mask[i * t..i * t + s.len()].fill(1);
+        }
+        let hidden = bert.forward(&ids, &mask, b, t).map_err(model_err)?;
+        if self.pooling == Pooling::Mean {
+            return gpu_mean_pool(kernels, &hidden, &mask, t, dim);
+        }
+        let hidden = hidden
+            .flatten_all()
+            .and_then(|h| h.to_vec1::<f32>())
+            .map_err(model_err)?;
+        let mut packed = Vec::with_capacity(seqs.iter().map(|s| s.len()).sum::<usize>() * dim);
+        for (i, s) in seqs.iter().enumerate() {
+            packed.extend_from_slice(&hidden[i * t * dim..(i * t + s.len()) * dim]);
+        }
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        pool_and_normalize(&packed, &lens, dim, self.pooling)
     }
 
     /// Tokenises and embeds `texts` in one call, sorted by length and split so
@@ -325,6 +417,28 @@ impl Embedder {
     }
 }
 
+/// Masked mean + L2 normalisation of `hidden` (`[b * t, dim]` f32 on the device) with our fused
+/// kernel; only the `b` pooled vectors are copied back.
+#[cfg(feature = "cuda")]
+fn gpu_mean_pool(
+    k: &genai_kernels::cuda::CudaKernels,
+    hidden: &candle_core::Tensor,
+    mask: &[u32],
+    t: usize,
+    dim: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let run = || -> anyhow::Result<Vec<f32>> {
+        let stream = k.stream();
+        let mask_d = stream.clone_htod(mask)?;
+        let mut out = stream.alloc_zeros::<f32>(mask.len() / t * dim)?;
+        crate::model::cuda_runner::with_slice::<f32, _>(hidden, |h| {
+            Ok(k.mean_pool(&mut out, h, &mask_d, t, dim, true)?)
+        })?;
+        Ok(stream.clone_dtoh(&out)?)
+    };
+    let flat = run().map_err(|e| model_err(format!("pooling on the GPU: {e}")))?;
+    Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
+}
 struct Job {
     seqs: Vec<Vec<u32>>,
     tokens: usize,
@@ -420,10 +534,9 @@ fn batch_loop(embedder: &Embedder, rx: &mpsc::Receiver<Job>, max_tokens: usize, 
         }
     }
 }
-
-/// The plain candle f32 BERT the encoder replaced: the tests' reference.
-#[cfg(test)]
-mod candle_ref {
+/// A plain candle f32 BERT: the CUDA forward pass and the CPU encoder's test reference.
+#[cfg(any(test, feature = "cuda"))]
+mod candle_bert {
     use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
     use rayon::prelude::*;
 
@@ -505,7 +618,7 @@ mod candle_ref {
     }
 
     impl Bert {
-        pub(crate) fn load(dir: &Path, cfg: &BertConfig) -> Result<Self> {
+        pub(crate) fn load(dir: &Path, cfg: &BertConfig, device: Device) -> Result<Self> {
             if cfg.hidden_act != "gelu" {
                 return Err(model_err(format!(
                     "config.json hidden_act {:?} is not supported (only \"gelu\")",
@@ -517,7 +630,6 @@ mod candle_ref {
                     "config.json: hidden_size must be a multiple of num_attention_heads",
                 ));
             }
-            let device = Device::Cpu;
             let path = dir.join("model.safetensors");
             // SAFETY: the file is memory-mapped read-only; the model files are not
             // modified while the server runs (the registry owns them).
@@ -566,8 +678,9 @@ mod candle_ref {
         }
 
         /// `ids`: `b` rows of `t` ids (right-padded); `mask`: 1 for real tokens.
-        /// Returns the last hidden states, `[b * t * hidden]` row-major.
-        pub(crate) fn forward(&self, ids: &[u32], mask: &[u32], b: usize, t: usize) -> candle_core::Result<Vec<f32>> {
+        /// Returns the last hidden states, `[b * t, hidden]` f32 on the model's device.
+        pub(crate) fn forward(&self, ids: &[u32], mask: &[u32], b: usize, t: usize) -> candle_core::Result<Tensor> {
+            let cpu = self.device.is_cpu();
             let (h, nh) = (self.hidden, self.heads);
             let hd = h / nh;
             let ids_t = Tensor::from_slice(ids, (b * t,), &self.device)?;
@@ -584,15 +697,24 @@ mod candle_ref {
                 let head = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous();
                 let (q, k, v) = (head(0)?, head(1)?, head(2)?);
                 let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-                let probs = scores.apply_op1_no_bwd(&SoftmaxLastDim)?;
+                let probs = if cpu {
+                    scores.apply_op1_no_bwd(&SoftmaxLastDim)?
+                } else {
+                    candle_nn::ops::softmax_last_dim(&scores)?
+                };
                 let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
                 let a = l.attn_out.forward(&ctx)?;
                 x = l.ln_attn.forward(&(a + &x)?)?;
-                let i = l.inter.forward(&x)?.apply_op1_no_bwd(&GeluErf)?;
+                let i = l.inter.forward(&x)?;
+                let i = if cpu {
+                    i.apply_op1_no_bwd(&GeluErf)?
+                } else {
+                    i.gelu_erf()?
+                };
                 let o = l.out.forward(&i)?;
                 x = l.ln_out.forward(&(o + &x)?)?;
             }
-            x.flatten_all()?.to_vec1::<f32>()
+            Ok(x)
         }
     }
 
@@ -721,7 +843,7 @@ mod tests {
         let t = Tensor::new(&[[-3.0f32, -0.5], [0.0, 2.0]], &Device::Cpu).unwrap();
         let want = t.gelu_erf().unwrap().to_vec2::<f32>().unwrap();
         let got = t
-            .apply_op1_no_bwd(&candle_ref::GeluErf)
+            .apply_op1_no_bwd(&candle_bert::GeluErf)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -735,7 +857,7 @@ mod tests {
         let t = Tensor::new(&[[1.0f32, 2.0, -1e9, 0.5], [-3.0, 40.0, 39.5, -1e9]], &Device::Cpu).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&t).unwrap().to_vec2::<f32>().unwrap();
         let got = t
-            .apply_op1_no_bwd(&candle_ref::SoftmaxLastDim)
+            .apply_op1_no_bwd(&candle_bert::SoftmaxLastDim)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -778,10 +900,11 @@ mod tests {
     /// candle f32 reference on real sentences: Q8_0 products keep each
     /// sentence vector within cosine 0.999 and token states close.
     #[test]
+    #[cfg_attr(not(feature = "cuda"), allow(irrefutable_let_patterns))]
     fn encoder_matches_candle_reference() {
         let dir = repo_path("models/all-minilm-l6-v2");
         let cfg: BertConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-        let reference = candle_ref::Bert::load(&dir, &cfg).unwrap();
+        let reference = candle_bert::Bert::load(&dir, &cfg, Device::Cpu).unwrap();
         let mut e = Embedder::load(&dir).unwrap();
         let texts = [
             "A short one.",
@@ -797,7 +920,13 @@ mod tests {
             ids[i * t..i * t + s.len()].copy_from_slice(s);
             mask[i * t..i * t + s.len()].fill(1);
         }
-        let want = reference.forward(&ids, &mask, b, t).unwrap();
+        let want = reference
+            .forward(&ids, &mask, b, t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let mut isas = vec![encoder::Isa::Base];
         isas.extend(
             [encoder::Isa::detect()]
@@ -806,8 +935,11 @@ mod tests {
         );
         let mut first: Option<Vec<f32>> = None;
         for isa in isas {
-            e.encoder.set_isa(isa);
-            let got = e.encoder.forward(&refs).unwrap();
+            let Backend::Cpu(enc) = &mut e.backend else {
+                unreachable!("loaded on the CPU")
+            };
+            enc.set_isa(isa);
+            let got = enc.forward(&refs).unwrap();
             let mut row = 0;
             for (i, s) in seqs.iter().enumerate() {
                 for p in 0..s.len() {

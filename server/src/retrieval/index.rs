@@ -154,6 +154,9 @@ struct State {
     docs: HashMap<(String, String), DocEntry>,
     next_id: u64,
     tombstones: u64,
+    /// Writes (upserts that change something, deletes) since start: tells a GPU copy it is stale.
+    #[cfg_attr(not(feature = "faiss-gpu"), allow(dead_code))]
+    writes: u64,
 }
 
 /// The thread-safe vector store.
@@ -165,6 +168,9 @@ pub struct VectorStore {
     state: RwLock<State>,
     /// Serialises saves (which hold only a read lock on `state`).
     save: Mutex<u64>,
+    /// GPU copy for search (feature `faiss-gpu`, set by [`VectorStore::use_gpu`]).
+    #[cfg(feature = "faiss-gpu")]
+    gpu: Option<super::gpu_index::GpuSearch>,
     #[cfg(test)]
     fail_save_after_index: std::sync::atomic::AtomicBool,
 }
@@ -194,6 +200,8 @@ impl VectorStore {
             dir,
             state: RwLock::new(state),
             save: Mutex::new(generation),
+            #[cfg(feature = "faiss-gpu")]
+            gpu: None,
             #[cfg(test)]
             fail_save_after_index: Default::default(),
         };
@@ -222,6 +230,26 @@ impl VectorStore {
         self.dim
     }
 
+    /// Searches through a GPU copy of the index on CUDA device `ordinal` from now on (the CPU
+    /// index stays the one written and persisted).
+    #[cfg(feature = "faiss-gpu")]
+    pub fn use_gpu(&mut self, ordinal: usize) -> Result<()> {
+        self.gpu = Some(super::gpu_index::GpuSearch::new(ordinal)?);
+        Ok(())
+    }
+
+    /// One FAISS search of `k` neighbours: on the GPU copy when there is one that supports the
+    /// index type, else on the CPU index.
+    fn search_index(&self, st: &State, query: &[f32], k: usize) -> Result<(Vec<f32>, Vec<i64>)> {
+        #[cfg(feature = "faiss-gpu")]
+        if let Some(gpu) = &self.gpu {
+            if let Some(found) = gpu.search(&st.index, st.writes, query, k)? {
+                return Ok(found);
+            }
+        }
+        concurrent_search(&st.index, query, k)
+    }
+
     /// Content hash of a stored document, if any.
     pub fn doc_hash(&self, tenant: &str, document_id: &str) -> Option<String> {
         self.state
@@ -248,6 +276,7 @@ impl VectorStore {
             Some(_) => Upsert::Replaced,
             None => Upsert::Added,
         };
+        st.writes += 1;
         let flat: Vec<f32> = doc.chunks.iter().flat_map(|(_, v)| v.iter().copied()).collect();
         if !st.index.is_trained() && !flat.is_empty() {
             st.index.train(&flat).map_err(|e| {
@@ -308,6 +337,7 @@ impl VectorStore {
                 "document {document_id:?} (tenant {tenant:?})"
             )));
         };
+        st.writes += 1;
         remove_ids(&mut st, &old.ids)?;
         Ok(old.ids.len())
     }
@@ -330,7 +360,7 @@ impl VectorStore {
         }
         let mut fetch = (k * self.cfg.overfetch).min(total);
         loop {
-            let (scores, labels) = concurrent_search(&st.index, query, fetch)?;
+            let (scores, labels) = self.search_index(&st, query, fetch)?;
             let hits: Vec<Hit> = labels
                 .iter()
                 .zip(&scores)
@@ -428,6 +458,7 @@ fn new_state(cfg: &IndexConfig, dim: usize) -> Result<State> {
         docs: HashMap::new(),
         next_id: 0,
         tombstones: 0,
+        writes: 0,
     })
 }
 
@@ -540,6 +571,7 @@ fn load_generation(dir: &Path, generation: u64, cfg: &IndexConfig, dim: usize) -
             .collect(),
         next_id: meta.next_id,
         tombstones: meta.tombstones,
+        writes: 0,
     })
 }
 

@@ -94,14 +94,22 @@ impl KnowledgeService {
     /// batching worker and opens (or creates) the persisted index.
     pub fn load(config: &Config, autosave: bool) -> anyhow::Result<Self> {
         let dir = config.models.resolve(&config.models.embedding);
+        let device = crate::device::resolve(config.models.device)?;
         let embedder = Arc::new(
-            Embedder::load(&dir)
+            Embedder::load_on(&dir, device)
                 .map_err(|e| anyhow::anyhow!("loading the embedding model {}: {e}", dir.display()))?
                 .with_threads(config.models.threads),
         );
         let handle = EmbedderHandle::spawn(embedder.clone(), &config.embedding)?;
-        let store = VectorStore::open(&config.index, embedder.dim())
+        #[cfg_attr(not(feature = "faiss-gpu"), allow(unused_mut))]
+        let mut store = VectorStore::open(&config.index, embedder.dim())
             .map_err(|e| anyhow::anyhow!("opening the index at {}: {e}", config.index.dir.display()))?;
+        #[cfg(feature = "faiss-gpu")]
+        if let crate::device::ComputeDevice::Cuda { ordinal } = device {
+            store
+                .use_gpu(ordinal)
+                .map_err(|e| anyhow::anyhow!("vector search on GPU {ordinal}: {e}"))?;
+        }
         Ok(Self::new(handle, Arc::new(store), config, autosave))
     }
 

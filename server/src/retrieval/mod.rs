@@ -9,6 +9,8 @@
 pub mod chunker;
 pub mod embedder;
 mod encoder;
+#[cfg(feature = "faiss-gpu")]
+pub mod gpu_index;
 pub mod index;
 pub mod ingest;
 pub mod knowledge;

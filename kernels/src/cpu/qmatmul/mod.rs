@@ -59,12 +59,13 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod pack;
-mod pool;
 mod scalar;
 #[cfg(test)]
 mod tests;
 
 use std::cell::RefCell;
+
+use super::pool::{self, OutPtr};
 
 use act::{Acts, QActs};
 use pack::{AlignedBytes, Layout, Quant, QK};
@@ -281,27 +282,6 @@ impl QMatrix {
     }
 }
 
-/// Output pointer shared by the tasks; each writes a disjoint set of rows.
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (distinct groups) and the owner waits for all of them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `i` is inside the output slice and owned by the calling task.
-    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
-        self.0.add(i)
-    }
-
-    /// # Safety
-    /// As for [`OutPtr::at`].
-    pub(crate) unsafe fn write(self, i: usize, v: f32) {
-        self.0.add(i).write(v)
-    }
-}
-
 /// One validated product for the packed kernels: `acts` holds `batch` rows of
 /// `lay.nb` blocks, `packed` holds `lay.groups` groups, `out` `batch × rows`.
 pub(crate) struct Job<'a> {
@@ -360,7 +340,7 @@ pub fn qmatmul_with_isa(
         units.min(threads * TASKS_PER_THREAD).min(macs / MIN_TASK_MACS)
     };
     let range = |i: usize| (i * units / n_tasks, (i + 1) * units / n_tasks);
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(out);
     match &w.store {
         Store::F32(v) => {
             let task = |i: usize| {

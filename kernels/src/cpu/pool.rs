@@ -195,6 +195,31 @@ fn worker(sh: &'static Shared, id: usize) {
     }
 }
 
+/// Output pointer shared by a job's tasks; each writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (distinct groups) and the owner waits for all of them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    /// # Safety
+    /// `i` is inside the output slice and owned by the calling task.
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+
+    /// # Safety
+    /// As for [`OutPtr::at`].
+    pub(crate) unsafe fn write(self, i: usize, v: f32) {
+        self.0.add(i).write(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

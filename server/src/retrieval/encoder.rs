@@ -305,6 +305,9 @@ pub(crate) struct Encoder {
     scratch: parking_lot::Mutex<Scratch>,
 }
 
+/// Token rows per feed-forward chunk (256 x 1536 f32 intermediate = 1.5 MiB).
+const FFN_ROWS: usize = 256;
+
 /// Raw pointer that tasks on other threads write disjoint parts of.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -442,10 +445,16 @@ impl Encoder {
             l.attn_out
                 .forward(self.isa, &sc.ctx, n, &mut sc.tmp, &mut sc.extra, t)?;
             self.add_norm(&mut x, &l.attn_out.b, Some(&sc.tmp), &l.ln_attn, n);
-            l.inter.forward(self.isa, &x, n, &mut sc.inter, &mut sc.extra, t)?;
-            self.bias_gelu(&mut sc.inter, &l.inter.b, n);
-            l.out.forward(self.isa, &sc.inter, n, &mut sc.tmp, &mut sc.extra, t)?;
-            self.add_norm(&mut x, &l.out.b, Some(&sc.tmp), &l.ln_out, n);
+            // The feed-forward block in row chunks: its 4x-wide activations stay
+            // in L2, and qmatmul's activation quantization (on the calling
+            // thread) stays short enough that the pool's workers do not park.
+            for rows in x.chunks_mut(FFN_ROWS * h) {
+                let m = rows.len() / h;
+                l.inter.forward(self.isa, rows, m, &mut sc.inter, &mut sc.extra, t)?;
+                self.bias_gelu(&mut sc.inter, &l.inter.b, m);
+                l.out.forward(self.isa, &sc.inter, m, &mut sc.tmp, &mut sc.extra, t)?;
+                self.add_norm(rows, &l.out.b, Some(&sc.tmp), &l.ln_out, m);
+            }
         }
         Ok(x)
     }

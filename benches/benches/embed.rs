@@ -3,8 +3,9 @@
 //! Sentences are ~43 words (~47 tokens), like the onnxruntime anchor in
 //! shared/perf/anchors.md (178 sentences/s at batch 32 on 2 threads).
 //!
-//! Run: `cargo bench -p genai-benches --bench embed` (set RAYON_NUM_THREADS=2
-//! to match the anchor).
+//! Run: `cargo bench -p genai-benches --bench embed`. The encoder uses every
+//! core (2 here, as the anchor); set RAYON_NUM_THREADS=2 too (the tokenizer's
+//! batch encoding runs on rayon).
 
 use std::path::PathBuf;
 

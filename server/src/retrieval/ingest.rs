@@ -1,13 +1,18 @@
-//! `genai-factory ingest PATH...`: walks files and directories (txt, md, html),
-//! ingests them straight into the configured index (no server needed) with a
-//! progress bar, then saves the index atomically once.
+//! `genai-factory ingest PATH...`: walks files and directories (txt, md, html,
+//! pdf), ingests them straight into the configured index (no server needed)
+//! with a progress bar, then saves the index atomically once. PDF text comes
+//! from `pdf-extract` (text layer only: scanned pages without one yield
+//! nothing and are skipped as empty).
 //!
 //! Invariants: a file's document id and source are its canonical path, so
 //! re-running the command skips unchanged files and replaces edited ones; the
-//! index on disk changes only at the final save.
+//! index on disk changes only at the final save. A file that cannot be read
+//! or parsed is reported by name and skipped; the others are still ingested
+//! and saved, and the command then fails listing the skipped files.
 //!
-//! Tested by a unit test that ingests `tests/data/corpus` twice into a
-//! temporary index (second run: everything unchanged) and searches it.
+//! Tested by unit tests that ingest `tests/data/corpus` twice into a temporary
+//! index (second run: everything unchanged) and search it, and that ingest a
+//! PDF written by lopdf next to a corrupt one.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +26,7 @@ use crate::config::Config;
 /// Arguments of the `ingest` subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestArgs {
-    /// Files or directories (searched recursively for .txt, .md, .html).
+    /// Files or directories (searched recursively for .txt, .md, .html, .pdf).
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
     /// Tenant the documents belong to (searches only see their own tenant's).
@@ -48,7 +53,7 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
     }
     let files = collect_files(&args.paths)?;
     if files.is_empty() {
-        bail!("no .txt, .md or .html files under the given paths");
+        bail!("no .txt, .md, .html or .pdf files under the given paths");
     }
     let svc = KnowledgeService::load(&config, false)?;
     let bar = if args.quiet {
@@ -61,10 +66,19 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
             .context("progress bar template")?,
     );
     let mut results: Vec<IngestResult> = Vec::with_capacity(files.len());
+    let mut failed: Vec<String> = Vec::new();
     for group in files.chunks(FILES_PER_CALL) {
         let mut docs = Vec::with_capacity(group.len());
-        for (path, format) in group {
-            let content = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (path, kind) in group {
+            let (content, format) = match read_document(path, *kind) {
+                Ok(read) => read,
+                Err(e) => {
+                    bar.println(format!("skipping {}: {e:#}", path.display()));
+                    failed.push(format!("{}: {e:#}", path.display()));
+                    bar.inc(1);
+                    continue;
+                }
+            };
             if content.trim().is_empty() {
                 bar.println(format!("skipping empty file {}", path.display()));
                 bar.inc(1);
@@ -76,7 +90,7 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
                 tenant: args.tenant.clone(),
                 source: id,
                 tags: args.tags.clone(),
-                format: *format,
+                format,
                 content,
             });
         }
@@ -99,19 +113,70 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
         stats.documents,
         stats.chunks
     );
+    if !failed.is_empty() {
+        bail!(
+            "{} file(s) could not be ingested:\n  {}",
+            failed.len(),
+            failed.join("\n  ")
+        );
+    }
     Ok(())
 }
 
+/// How a file's text is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// Read as UTF-8 and chunked in this format.
+    Doc(DocFormat),
+    /// Text layer extracted from a PDF, chunked as plain text.
+    Pdf,
+}
+
+impl FileKind {
+    /// From a file name's extension (`DocFormat`'s, plus `pdf`).
+    pub fn from_path(path: &Path) -> Option<Self> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("pdf") => Some(Self::Pdf),
+            _ => DocFormat::from_path(path).map(Self::Doc),
+        }
+    }
+}
+
+/// A file's text and the format to chunk it as; the error names what failed.
+pub fn read_document(path: &Path, kind: FileKind) -> anyhow::Result<(String, DocFormat)> {
+    match kind {
+        FileKind::Doc(format) => Ok((std::fs::read_to_string(path).context("reading")?, format)),
+        FileKind::Pdf => {
+            let bytes = std::fs::read(path).context("reading")?;
+            Ok((pdf_text(&bytes)?, DocFormat::Text))
+        }
+    }
+}
+
+/// The text layer of a PDF. pdf-extract panics on some malformed inputs
+/// (unwraps inside its font and content-stream parsing): caught here and
+/// reported as an error, so one bad file never stops an ingest.
+pub fn pdf_text(bytes: &[u8]) -> anyhow::Result<String> {
+    match std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(bytes)) {
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(e)) => bail!("not a readable PDF: {e}"),
+        Err(_) => bail!("not a readable PDF: the PDF parser failed on this file"),
+    }
+}
+
 /// Files to ingest with their format, sorted, each once (canonical paths).
-pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, DocFormat)>> {
+pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, FileKind)>> {
     let mut out = Vec::new();
     for p in paths {
         let meta = std::fs::metadata(p).with_context(|| format!("{} does not exist", p.display()))?;
         if meta.is_dir() {
             walk(p, &mut out)?;
         } else {
-            let Some(f) = DocFormat::from_path(p) else {
-                bail!("{}: unsupported file type (expected .txt, .md or .html)", p.display());
+            let Some(f) = FileKind::from_path(p) else {
+                bail!(
+                    "{}: unsupported file type (expected .txt, .md, .html or .pdf)",
+                    p.display()
+                );
             };
             out.push((canonical(p)?, f));
         }
@@ -121,7 +186,7 @@ pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, DocForma
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<(PathBuf, DocFormat)>) -> anyhow::Result<()> {
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, FileKind)>) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let path = entry.path();
@@ -132,7 +197,7 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, DocFormat)>) -> anyhow::Result<()> {
         let ft = entry.file_type()?;
         if ft.is_dir() {
             walk(&path, out)?;
-        } else if let Some(f) = DocFormat::from_path(&path) {
+        } else if let Some(f) = FileKind::from_path(&path) {
             out.push((canonical(&path)?, f));
         }
     }
@@ -219,5 +284,104 @@ mod tests {
         .unwrap();
         assert_eq!(again.stats().chunks, s.chunks);
         assert!(again.stats().generation > generation);
+    }
+
+    /// A one-page PDF with `lines` in Helvetica, written with lopdf.
+    fn write_pdf(path: &Path, lines: &[&str]) {
+        use lopdf::content::{Content, Operation};
+        use lopdf::{dictionary, Document, Object, Stream};
+        let mut doc = Document::with_version("1.5");
+        let pages_id = doc.new_object_id();
+        let font_id = doc.add_object(dictionary! {
+            "Type" => "Font",
+            "Subtype" => "Type1",
+            "BaseFont" => "Helvetica",
+            "Encoding" => "WinAnsiEncoding",
+        });
+        let resources_id = doc.add_object(dictionary! { "Font" => dictionary! { "F1" => font_id } });
+        let mut ops = vec![
+            Operation::new("BT", vec![]),
+            Operation::new("Tf", vec!["F1".into(), 12.into()]),
+            Operation::new("TL", vec![16.into()]),
+            Operation::new("Td", vec![72.into(), 720.into()]),
+        ];
+        for l in lines {
+            ops.push(Operation::new("Tj", vec![Object::string_literal(*l)]));
+            ops.push(Operation::new("T*", vec![]));
+        }
+        ops.push(Operation::new("ET", vec![]));
+        let content = Content { operations: ops }.encode().unwrap();
+        let content_id = doc.add_object(Stream::new(dictionary! {}, content));
+        let page_id = doc.add_object(dictionary! {
+            "Type" => "Page",
+            "Parent" => pages_id,
+            "Contents" => content_id,
+        });
+        doc.objects.insert(
+            pages_id,
+            Object::Dictionary(dictionary! {
+                "Type" => "Pages",
+                "Kids" => vec![page_id.into()],
+                "Count" => 1,
+                "Resources" => resources_id,
+                "MediaBox" => vec![0.into(), 0.into(), 595.into(), 842.into()],
+            }),
+        );
+        let catalog_id = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages_id });
+        doc.trailer.set("Root", catalog_id);
+        doc.save(path).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ingests_pdf_text_and_reports_a_corrupt_pdf_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let docs = tmp.path().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        write_pdf(
+            &docs.join("geology.pdf"),
+            &[
+                "Basalt columns form when a thick lava flow cools slowly",
+                "and contracts, cracking into hexagonal pillars.",
+            ],
+        );
+        std::fs::write(docs.join("broken.pdf"), b"%PDF-1.4\nthis is not really a pdf\n%%EOF").unwrap();
+        std::fs::write(docs.join("tides.txt"), "Tides follow the moon.").unwrap();
+        let text = pdf_text(&std::fs::read(docs.join("geology.pdf")).unwrap()).unwrap();
+        assert!(text.contains("Basalt columns form"), "{text:?}");
+        let err = pdf_text(&std::fs::read(docs.join("broken.pdf")).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("not a readable PDF"), "{err}");
+
+        let files = collect_files(std::slice::from_ref(&docs)).unwrap();
+        assert_eq!(files.iter().filter(|f| f.1 == FileKind::Pdf).count(), 2, "{files:?}");
+        let mut config = Config::default();
+        config.models.dir = repo_path("models");
+        let args = IngestArgs {
+            paths: vec![docs.clone()],
+            tenant: "docs".into(),
+            tags: vec![],
+            index_dir: Some(tmp.path().join("index")),
+            quiet: true,
+        };
+        let err = run(args, config).await.unwrap_err().to_string();
+        assert!(err.contains("1 file(s)") && err.contains("broken.pdf"), "{err}");
+        assert!(!err.contains("geology.pdf"), "{err}");
+
+        // The good files were ingested and saved; the PDF's text is searchable.
+        let store = VectorStore::open(
+            &crate::config::IndexConfig {
+                dir: tmp.path().join("index"),
+                ..Default::default()
+            },
+            384,
+        )
+        .unwrap();
+        assert_eq!(store.stats().documents, 2);
+        let q = crate::retrieval::test_support::embedder()
+            .embed(&["how do hexagonal basalt columns form?"], 8192)
+            .unwrap();
+        let hits = store.search(&q[0], 1, &Filter::tenant("docs")).unwrap();
+        let pdf_id = docs.join("geology.pdf").canonicalize().unwrap().display().to_string();
+        assert_eq!(hits[0].chunk.document_id, pdf_id, "{hits:?}");
+        assert!(hits[0].chunk.text.contains("hexagonal pillars"), "{hits:?}");
     }
 }

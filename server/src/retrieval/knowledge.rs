@@ -97,7 +97,8 @@ impl KnowledgeService {
         let device = crate::device::resolve(config.models.device)?;
         let embedder = Arc::new(
             Embedder::load_on(&dir, device)
-                .map_err(|e| anyhow::anyhow!("loading the embedding model {}: {e}", dir.display()))?,
+                .map_err(|e| anyhow::anyhow!("loading the embedding model {}: {e}", dir.display()))?
+                .with_threads(config.models.threads),
         );
         let handle = EmbedderHandle::spawn(embedder.clone(), &config.embedding)?;
         #[cfg_attr(not(feature = "faiss-gpu"), allow(unused_mut))]

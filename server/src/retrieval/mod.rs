@@ -8,6 +8,7 @@
 
 pub mod chunker;
 pub mod embedder;
+mod encoder;
 #[cfg(feature = "faiss-gpu")]
 pub mod gpu_index;
 pub mod index;

@@ -24,7 +24,7 @@
 //!    rows; a portable scalar kernel otherwise. Chosen at run time
 //!    ([`Isa::detect`]); [`qmatmul_with_isa`] forces one (tests use it).
 //! 3. The weights of one block of a group are unpacked into registers once
-//!    and used against a tile of up to 8 (AVX2: 4) batch rows; the group's
+//!    and used against a tile of up to 4 batch rows; the group's
 //!    weights (≤ 16 KiB for 1536 columns) stay in L1 across the batch tiles.
 //!
 //! # Error bound
@@ -378,6 +378,15 @@ pub fn qmatmul_with_isa(
         }),
     }
     Ok(())
+}
+
+/// Runs `task(i)` for every `i < n_tasks` on up to `threads` threads of the
+/// kernels' pool (the caller included), returning when all have finished. For
+/// the row passes around the products (norms, activations, attention), so that
+/// one set of threads runs a whole forward pass. Busy pool (another caller's
+/// job in flight): the tasks run on the calling thread.
+pub fn parallel_for(threads: usize, n_tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+    pool::run(threads, n_tasks, task)
 }
 
 /// F32 weights: plain dot products, vectorized by the compiler per ISA.

@@ -27,18 +27,18 @@ pub fn silu_and_mul(out: &mut [f32], x: &[f32], d: usize) -> Result<(), ShapeErr
 
 /// `e^x` within 2e-7 relative error for x in [-87, 88] (0 below, +inf above), with no branches or
 /// calls so that loops over it vectorize (libm's `expf` is a scalar call per element): Cody–Waite
-/// reduction `x = k·ln2 + r`, |r| ≤ ln2/2, then a degree-7 Taylor polynomial for `e^r`, scaled by
-/// `2^k` through the exponent bits.
+/// reduction `x = n·ln2 + r`, |r| ≤ ln2/2, a degree-7 Taylor polynomial for `e^r`, scaled by `2^n`.
+/// `n` is rounded by adding 1.5·2^23, whose sum then holds `n + 2^22` in its low mantissa bits: `2^n`
+/// is built from those with integer ops (a float-to-int `as` cast would not vectorize).
 #[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a call.
-    const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    let k = (xc * LOG2E + ROUND) - ROUND;
-    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 / 5040.0;
     let p = p * r + 1.0 / 720.0;
     let p = p * r + 1.0 / 120.0;
@@ -47,7 +47,8 @@ pub fn exp_fast(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let scaled = p * f32::from_bits(((k as i32 + 127) << 23) as u32);
+    // n is in [-126, 127] after the clamp: rebias to the exponent n + 127.
+    let scaled = p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else if x > 88.0 {

@@ -540,8 +540,9 @@ mod candle_bert {
     use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
     use rayon::prelude::*;
 
-    use super::super::encoder::{exp, gelu};
+    use super::super::encoder::gelu;
     use super::{model_err, BertConfig, Path, Result};
+    use genai_kernels::cpu::activation::exp_fast;
 
     /// A dense layer with its weight stored transposed (`[in, out]`, contiguous) so
     /// the forward pass is one plain row-major matmul.
@@ -762,7 +763,7 @@ mod candle_bert {
                 let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for (o, &v) in o.iter_mut().zip(x) {
-                    *o = exp(v - max);
+                    *o = exp_fast(v - max);
                     sum += *o;
                 }
                 let inv = 1.0 / sum;

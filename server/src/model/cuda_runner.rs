@@ -51,7 +51,7 @@ use genai_kernels::cuda::{
 
 use super::gguf::GgufFile;
 use super::linear::concat_qtensors;
-use super::llama::{HfModel, Llama, LlamaConfig, RopeStyle};
+use super::llama::{HfLayerTensors, HfModel, Llama, LlamaConfig, RopeStyle};
 use super::step_plan;
 use crate::config::EngineConfig;
 use crate::engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
@@ -418,31 +418,14 @@ impl<T: GpuFloat> CudaLlama<T> {
         let embed = to_dev::<T>(&embed_host, &device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, bias: bool| -> anyhow::Result<(Tensor, Option<Tensor>)> {
-                let wt = take(&format!("{p}.{name}.weight"))?;
-                let b = if bias {
-                    Some(take(&format!("{p}.{name}.bias"))?)
-                } else {
-                    None
-                };
-                Ok((wt, b))
-            };
-            let qkv = vec![
-                lin("self_attn.q_proj", qkv_bias)?,
-                lin("self_attn.k_proj", qkv_bias)?,
-                lin("self_attn.v_proj", qkv_bias)?,
-            ];
-            let (o, o_b) = lin("self_attn.o_proj", false)?;
-            let gate_up = vec![lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?];
-            let (down, down_b) = lin("mlp.down_proj", false)?;
+            let l = HfLayerTensors::take(&mut take, i, qkv_bias)?;
             layers.push(HostLayer {
-                attn_norm: f32_vec(take(&format!("{p}.input_layernorm.weight"))?)?,
-                qkv: Proj::from_dense::<T>(qkv, &device)?,
-                wo: GpuLinear::from_dense::<T>(&o, o_b, &device)?,
-                ffn_norm: f32_vec(take(&format!("{p}.post_attention_layernorm.weight"))?)?,
-                gate_up: Proj::from_dense::<T>(gate_up, &device)?,
-                down: GpuLinear::from_dense::<T>(&down, down_b, &device)?,
+                attn_norm: f32_vec(l.attn_norm)?,
+                qkv: Proj::from_dense::<T>(l.qkv, &device)?,
+                wo: GpuLinear::from_dense::<T>(&l.o.0, l.o.1, &device)?,
+                ffn_norm: f32_vec(l.ffn_norm)?,
+                gate_up: Proj::from_dense::<T>(l.gate_up, &device)?,
+                down: GpuLinear::from_dense::<T>(&l.down.0, l.down.1, &device)?,
             });
         }
         let norm = f32_vec(take("model.norm.weight")?)?;

@@ -472,31 +472,14 @@ impl Llama {
         let embed = take("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, bias: bool| -> anyhow::Result<(Tensor, Option<Tensor>)> {
-                let wt = take(&format!("{p}.{name}.weight"))?;
-                let b = if bias {
-                    Some(take(&format!("{p}.{name}.bias"))?)
-                } else {
-                    None
-                };
-                Ok((wt, b))
-            };
-            let qkv = vec![
-                lin("self_attn.q_proj", bias)?,
-                lin("self_attn.k_proj", bias)?,
-                lin("self_attn.v_proj", bias)?,
-            ];
-            let (o, o_b) = lin("self_attn.o_proj", false)?;
-            let gate_up = vec![lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?];
-            let (down, down_b) = lin("mlp.down_proj", false)?;
+            let l = HfLayerTensors::take(&mut take, i, bias)?;
             layers.push(Layer {
-                attn_norm: to_vec(take(&format!("{p}.input_layernorm.weight"))?)?,
-                qkv: MultiLinear::from_dense(qkv)?,
-                wo: Linear::from_tensor(o, o_b)?,
-                ffn_norm: to_vec(take(&format!("{p}.post_attention_layernorm.weight"))?)?,
-                gate_up: MultiLinear::from_dense(gate_up)?,
-                down: Linear::from_tensor(down, down_b)?,
+                attn_norm: to_vec(l.attn_norm)?,
+                qkv: MultiLinear::from_dense(l.qkv)?,
+                wo: Linear::from_tensor(l.o.0, l.o.1)?,
+                ffn_norm: to_vec(l.ffn_norm)?,
+                gate_up: MultiLinear::from_dense(l.gate_up)?,
+                down: Linear::from_tensor(l.down.0, l.down.1)?,
             });
         }
         let norm = to_vec(take("model.norm.weight")?)?;
@@ -683,6 +666,58 @@ impl HfModel {
             cfg,
             qkv_bias: hf.attention_bias.unwrap_or(hf.model_type == "qwen2"),
             tie_word_embeddings: hf.tie_word_embeddings,
+        })
+    }
+}
+
+/// A weight and its optional bias.
+pub(crate) type WeightBias = (Tensor, Option<Tensor>);
+
+/// One decoder layer's tensors as an HF checkpoint names them, as stored (the CPU and CUDA loaders
+/// convert them their own way).
+pub(crate) struct HfLayerTensors {
+    pub attn_norm: Tensor,
+    /// q, k, v projections.
+    pub qkv: Vec<WeightBias>,
+    pub o: WeightBias,
+    pub ffn_norm: Tensor,
+    /// gate, up projections.
+    pub gate_up: Vec<WeightBias>,
+    pub down: WeightBias,
+}
+
+impl HfLayerTensors {
+    /// Takes layer `i`'s tensors through `take`, which fails naming a missing tensor.
+    pub(crate) fn take(
+        take: &mut impl FnMut(&str) -> anyhow::Result<Tensor>,
+        i: usize,
+        qkv_bias: bool,
+    ) -> anyhow::Result<Self> {
+        let p = format!("model.layers.{i}");
+        let mut lin = |name: &str, bias: bool| -> anyhow::Result<WeightBias> {
+            let w = take(&format!("{p}.{name}.weight"))?;
+            let b = if bias {
+                Some(take(&format!("{p}.{name}.bias"))?)
+            } else {
+                None
+            };
+            Ok((w, b))
+        };
+        let qkv = vec![
+            lin("self_attn.q_proj", qkv_bias)?,
+            lin("self_attn.k_proj", qkv_bias)?,
+            lin("self_attn.v_proj", qkv_bias)?,
+        ];
+        let o = lin("self_attn.o_proj", false)?;
+        let gate_up = vec![lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?];
+        let down = lin("mlp.down_proj", false)?;
+        Ok(Self {
+            attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
+            qkv,
+            o,
+            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            gate_up,
+            down,
         })
     }
 }

@@ -51,7 +51,8 @@ use genai_kernels::cuda::{
 
 use super::gguf::GgufFile;
 use super::linear::concat_qtensors;
-use super::llama::{HfLayerTensors, HfModel, Llama, LlamaConfig, RopeStyle};
+use super::llama::{gguf_f32, HfModel, LayerTensors, Llama, LlamaConfig, RopeStyle};
+use super::paged::kv_layer_elems;
 use super::step_plan;
 use crate::config::EngineConfig;
 use crate::engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
@@ -359,12 +360,6 @@ impl<T: GpuFloat> CudaLlama<T> {
         let cfg = Llama::gguf_config(g)?;
         check_supported(&cfg)?;
         let device = open_device(ordinal)?;
-        let f32_of = |q: Arc<QTensor>, name: &str| -> anyhow::Result<Vec<f32>> {
-            q.dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-                .with_context(|| format!("tensor {name}"))
-        };
         let embed_q = g.tensor("token_embd.weight")?;
         let embed = to_dev::<T>(&embed_q.dequantize(&Device::Cpu)?, &device)?;
         let lm_head = match g.opt_tensor("output.weight")? {
@@ -373,31 +368,17 @@ impl<T: GpuFloat> CudaLlama<T> {
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
-            let mut lin = |name: &str| -> anyhow::Result<(Arc<QTensor>, Option<Tensor>)> {
-                let w = g.tensor(&p(&format!("{name}.weight")))?;
-                let b = match g.opt_tensor(&p(&format!("{name}.bias")))? {
-                    Some(b) => Some(b.dequantize(&Device::Cpu)?),
-                    None => None,
-                };
-                Ok((w, b))
-            };
-            let qkv = vec![lin("attn_q")?, lin("attn_k")?, lin("attn_v")?];
-            let gate_up = vec![lin("ffn_gate")?, lin("ffn_up")?];
-            let (o, o_b) = lin("attn_output")?;
-            let (down, down_b) = lin("ffn_down")?;
-            let attn_norm = f32_of(g.tensor(&p("attn_norm.weight"))?, &p("attn_norm.weight"))?;
-            let ffn_norm = f32_of(g.tensor(&p("ffn_norm.weight"))?, &p("ffn_norm.weight"))?;
+            let l = LayerTensors::from_gguf(g, i)?;
             layers.push(HostLayer {
-                attn_norm,
-                qkv: Proj::from_gguf::<T>(qkv, &device)?,
-                wo: GpuLinear::from_qtensor::<T>(&o, o_b, &device)?,
-                ffn_norm,
-                gate_up: Proj::from_gguf::<T>(gate_up, &device)?,
-                down: GpuLinear::from_qtensor::<T>(&down, down_b, &device)?,
+                attn_norm: l.attn_norm,
+                qkv: Proj::from_gguf::<T>(l.qkv, &device)?,
+                wo: GpuLinear::from_qtensor::<T>(&l.o.0, l.o.1, &device)?,
+                ffn_norm: l.ffn_norm,
+                gate_up: Proj::from_gguf::<T>(l.gate_up, &device)?,
+                down: GpuLinear::from_qtensor::<T>(&l.down.0, l.down.1, &device)?,
             });
         }
-        let norm = f32_of(g.tensor("output_norm.weight")?, "output_norm.weight")?;
+        let norm = gguf_f32(g, "output_norm.weight")?;
         Self::assemble(cfg, device, embed, layers, norm, lm_head)
     }
 
@@ -418,12 +399,12 @@ impl<T: GpuFloat> CudaLlama<T> {
         let embed = to_dev::<T>(&embed_host, &device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let l = HfLayerTensors::take(&mut take, i, qkv_bias)?;
+            let l = LayerTensors::from_hf(&mut take, i, qkv_bias)?;
             layers.push(HostLayer {
-                attn_norm: f32_vec(l.attn_norm)?,
+                attn_norm: l.attn_norm,
                 qkv: Proj::from_dense::<T>(l.qkv, &device)?,
                 wo: GpuLinear::from_dense::<T>(&l.o.0, l.o.1, &device)?,
-                ffn_norm: f32_vec(l.ffn_norm)?,
+                ffn_norm: l.ffn_norm,
                 gate_up: Proj::from_dense::<T>(l.gate_up, &device)?,
                 down: GpuLinear::from_dense::<T>(&l.down.0, l.down.1, &device)?,
             });
@@ -765,14 +746,8 @@ impl<T: GpuFloat> ModelRunner for CudaRunner<T> {
     }
 
     fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> anyhow::Result<()> {
-        if num_blocks == 0 || block_size == 0 {
-            bail!("allocate_kv: num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0");
-        }
         let c = &self.model.cfg;
-        let per_layer = num_blocks
-            .checked_mul(block_size)
-            .and_then(|n| n.checked_mul(c.num_kv_heads * c.head_dim))
-            .ok_or_else(|| anyhow!("allocate_kv: {num_blocks} blocks of {block_size} tokens overflow"))?;
+        let per_layer = kv_layer_elems(c, num_blocks, block_size)?;
         // Free the old pool first so a re-allocation does not briefly need twice the memory.
         self.kv = None;
         let stream = self.model.kernels.stream();

@@ -307,7 +307,7 @@ fn to_vec(t: Tensor) -> anyhow::Result<Vec<f32>> {
 }
 
 /// Reads a small GGUF tensor (norm weights, rope factors) as f32.
-fn gguf_f32(g: &mut GgufFile, name: &str) -> anyhow::Result<Vec<f32>> {
+pub(crate) fn gguf_f32(g: &mut GgufFile, name: &str) -> anyhow::Result<Vec<f32>> {
     let q = g.tensor(name)?;
     to_vec(q.dequantize(&Device::Cpu)?).with_context(|| format!("tensor {name}"))
 }
@@ -408,28 +408,14 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
-            let mut lin = |name: &str| -> anyhow::Result<(Arc<QTensor>, Option<Tensor>)> {
-                let w = g.tensor(&p(&format!("{name}.weight")))?;
-                let b = match g.opt_tensor(&p(&format!("{name}.bias")))? {
-                    Some(b) => Some(b.dequantize(&Device::Cpu)?),
-                    None => None,
-                };
-                Ok((w, b))
-            };
-            let qkv = vec![lin("attn_q")?, lin("attn_k")?, lin("attn_v")?];
-            let gate_up = vec![lin("ffn_gate")?, lin("ffn_up")?];
-            let (o, o_b) = lin("attn_output")?;
-            let (down, down_b) = lin("ffn_down")?;
-            let attn_norm = gguf_f32(g, &p("attn_norm.weight"))?;
-            let ffn_norm = gguf_f32(g, &p("ffn_norm.weight"))?;
+            let l = LayerTensors::from_gguf(g, i)?;
             layers.push(Layer {
-                attn_norm,
-                qkv: q_multi(qkv)?,
-                wo: q_linear(o, o_b)?,
-                ffn_norm,
-                gate_up: q_multi(gate_up)?,
-                down: q_linear(down, down_b)?,
+                attn_norm: l.attn_norm,
+                qkv: q_multi(l.qkv)?,
+                wo: q_linear(l.o.0, l.o.1)?,
+                ffn_norm: l.ffn_norm,
+                gate_up: q_multi(l.gate_up)?,
+                down: q_linear(l.down.0, l.down.1)?,
             });
         }
         let norm = gguf_f32(g, "output_norm.weight")?;
@@ -472,12 +458,12 @@ impl Llama {
         let embed = take("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let l = HfLayerTensors::take(&mut take, i, bias)?;
+            let l = LayerTensors::from_hf(&mut take, i, bias)?;
             layers.push(Layer {
-                attn_norm: to_vec(l.attn_norm)?,
+                attn_norm: l.attn_norm,
                 qkv: MultiLinear::from_dense(l.qkv)?,
                 wo: Linear::from_tensor(l.o.0, l.o.1)?,
-                ffn_norm: to_vec(l.ffn_norm)?,
+                ffn_norm: l.ffn_norm,
                 gate_up: MultiLinear::from_dense(l.gate_up)?,
                 down: Linear::from_tensor(l.down.0, l.down.1)?,
             });
@@ -671,30 +657,30 @@ impl HfModel {
 }
 
 /// A weight and its optional bias.
-pub(crate) type WeightBias = (Tensor, Option<Tensor>);
+pub(crate) type WeightBias<W> = (W, Option<Tensor>);
 
-/// One decoder layer's tensors as an HF checkpoint names them, as stored (the CPU and CUDA loaders
-/// convert them their own way).
-pub(crate) struct HfLayerTensors {
-    pub attn_norm: Tensor,
+/// One decoder layer's tensors read from a checkpoint: matmul weights as stored (`W`: a dense
+/// `Tensor` or a GGUF `QTensor`; each loader converts them its own way), norms as f32.
+pub(crate) struct LayerTensors<W> {
+    pub attn_norm: Vec<f32>,
     /// q, k, v projections.
-    pub qkv: Vec<WeightBias>,
-    pub o: WeightBias,
-    pub ffn_norm: Tensor,
+    pub qkv: Vec<WeightBias<W>>,
+    pub o: WeightBias<W>,
+    pub ffn_norm: Vec<f32>,
     /// gate, up projections.
-    pub gate_up: Vec<WeightBias>,
-    pub down: WeightBias,
+    pub gate_up: Vec<WeightBias<W>>,
+    pub down: WeightBias<W>,
 }
 
-impl HfLayerTensors {
-    /// Takes layer `i`'s tensors through `take`, which fails naming a missing tensor.
-    pub(crate) fn take(
+impl LayerTensors<Tensor> {
+    /// Layer `i` of an HF checkpoint, through `take`, which fails naming a missing tensor.
+    pub(crate) fn from_hf(
         take: &mut impl FnMut(&str) -> anyhow::Result<Tensor>,
         i: usize,
         qkv_bias: bool,
     ) -> anyhow::Result<Self> {
         let p = format!("model.layers.{i}");
-        let mut lin = |name: &str, bias: bool| -> anyhow::Result<WeightBias> {
+        let mut lin = |name: &str, bias: bool| -> anyhow::Result<WeightBias<Tensor>> {
             let w = take(&format!("{p}.{name}.weight"))?;
             let b = if bias {
                 Some(take(&format!("{p}.{name}.bias"))?)
@@ -711,11 +697,41 @@ impl HfLayerTensors {
         let o = lin("self_attn.o_proj", false)?;
         let gate_up = vec![lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?];
         let down = lin("mlp.down_proj", false)?;
+        let mut norm = |name: &str| -> anyhow::Result<Vec<f32>> {
+            to_vec(take(&format!("{p}.{name}.weight"))?.to_dtype(DType::F32)?)
+        };
         Ok(Self {
-            attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
+            attn_norm: norm("input_layernorm")?,
             qkv,
             o,
-            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            ffn_norm: norm("post_attention_layernorm")?,
+            gate_up,
+            down,
+        })
+    }
+}
+
+impl LayerTensors<Arc<QTensor>> {
+    /// Layer `i` (`blk.{i}.*`) of a Llama-family GGUF; biases (Qwen2's q/k/v) dequantized.
+    pub(crate) fn from_gguf(g: &mut GgufFile, i: usize) -> anyhow::Result<Self> {
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let mut lin = |name: &str| -> anyhow::Result<WeightBias<Arc<QTensor>>> {
+            let w = g.tensor(&p(&format!("{name}.weight")))?;
+            let b = match g.opt_tensor(&p(&format!("{name}.bias")))? {
+                Some(b) => Some(b.dequantize(&Device::Cpu)?),
+                None => None,
+            };
+            Ok((w, b))
+        };
+        let qkv = vec![lin("attn_q")?, lin("attn_k")?, lin("attn_v")?];
+        let gate_up = vec![lin("ffn_gate")?, lin("ffn_up")?];
+        let o = lin("attn_output")?;
+        let down = lin("ffn_down")?;
+        Ok(Self {
+            attn_norm: gguf_f32(g, &p("attn_norm.weight"))?,
+            qkv,
+            o,
+            ffn_norm: gguf_f32(g, &p("ffn_norm.weight"))?,
             gate_up,
             down,
         })

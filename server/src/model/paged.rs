@@ -15,7 +15,7 @@
 use anyhow::{anyhow, bail};
 use genai_kernels::cpu::attention::{copy_blocks, paged_attention_prefill, reshape_and_cache, PagedKv};
 
-use super::llama::Llama;
+use super::llama::{Llama, LlamaConfig};
 use crate::engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
 
 struct KvPool {
@@ -41,6 +41,18 @@ impl LlamaRunner {
     }
 }
 
+/// Elements of one layer's key (or value) cache holding `num_blocks` blocks of `block_size` tokens,
+/// after the checks every runner's `allocate_kv` makes.
+pub(crate) fn kv_layer_elems(cfg: &LlamaConfig, num_blocks: usize, block_size: usize) -> anyhow::Result<usize> {
+    if num_blocks == 0 || block_size == 0 {
+        bail!("allocate_kv: num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0");
+    }
+    num_blocks
+        .checked_mul(block_size)
+        .and_then(|n| n.checked_mul(cfg.num_kv_heads * cfg.head_dim))
+        .ok_or_else(|| anyhow!("allocate_kv: {num_blocks} blocks of {block_size} tokens overflow"))
+}
+
 /// Bytes of KV cache one token takes across all layers (f32 K and V).
 pub fn kv_bytes_per_token(model: &Llama) -> usize {
     let c = &model.cfg;
@@ -53,14 +65,8 @@ impl ModelRunner for LlamaRunner {
     }
 
     fn allocate_kv(&mut self, num_blocks: usize, block_size: usize) -> anyhow::Result<()> {
-        if num_blocks == 0 || block_size == 0 {
-            bail!("allocate_kv: num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0");
-        }
         let c = &self.model.cfg;
-        let per_layer = num_blocks
-            .checked_mul(block_size)
-            .and_then(|n| n.checked_mul(c.num_kv_heads * c.head_dim))
-            .ok_or_else(|| anyhow!("allocate_kv: {num_blocks} blocks of {block_size} tokens overflow"))?;
+        let per_layer = kv_layer_elems(c, num_blocks, block_size)?;
         // Drop the old pool first so a re-allocation does not briefly need twice the memory.
         self.kv = None;
         // Zeroed allocations are committed lazily by the OS, so untouched blocks cost no RAM.

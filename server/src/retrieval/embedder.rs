@@ -719,6 +719,14 @@ mod candle_bert {
         }
     }
 
+    /// The f32 elements a custom op reads: its input must be contiguous.
+    fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
+        Ok(&storage.as_slice::<f32>()?[start..end])
+    }
+
     /// Exact-form GELU, `0.5 x (1 + erf(x / sqrt 2))`, in f32 with a vectorisable
     /// erf (max abs error ~2e-7) split across rayon threads. candle's `gelu_erf`
     /// evaluates erf through scalar f64 `exp` and took ~15% of the forward pass.
@@ -730,10 +738,7 @@ mod candle_bert {
         }
 
         fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            let (start, end) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("gelu: input must be contiguous".into()))?;
-            let x = &storage.as_slice::<f32>()?[start..end];
+            let x = contiguous_f32(storage, layout, "gelu")?;
             let mut out = vec![0f32; x.len()];
             out.par_chunks_mut(4096)
                 .zip(x.par_chunks(4096))
@@ -742,7 +747,7 @@ mod candle_bert {
         }
     }
 
-    /// Row softmax over the last dimension with the polynomial `exp` below.
+    /// Row softmax over the last dimension with the polynomial `exp_fast`.
     /// Padded keys carry a -1e9 bias, and libm's `expf` takes a slow underflow path
     /// for each of them (~15% of the forward pass with candle's softmax).
     pub(crate) struct SoftmaxLastDim;
@@ -753,10 +758,7 @@ mod candle_bert {
         }
 
         fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            let (start, end) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("softmax: input must be contiguous".into()))?;
-            let x = &storage.as_slice::<f32>()?[start..end];
+            let x = contiguous_f32(storage, layout, "softmax")?;
             let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
             let mut out = vec![0f32; x.len()];
             out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {

@@ -376,16 +376,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn prefix_hit_reuses_full_blocks_and_counts_tokens() {
+    /// Block size 4: sequence 1 (10 tokens, computed and cached) and sequence 2, whose 11 tokens share
+    /// the first 8 (blocks 0 and 1) and continue in a private block. Returns sequence 2's admission.
+    fn shared_prefix_pair() -> (BlockManager, Result<usize, OutOfBlocks>) {
         let mut m = BlockManager::new(8, 4);
         let prompt = toks(0..10);
         m.admit(1, &prompt, 10).unwrap();
         m.cache_computed(1, &prompt, 10);
-        // Shares blocks 0 and 1 (8 tokens); the partial third block is private.
         let mut other = toks(0..8);
         other.extend([99, 98, 97]);
-        assert_eq!(m.admit(2, &other, 11), Ok(8));
+        let admitted = m.admit(2, &other, 11);
+        (m, admitted)
+    }
+
+    #[test]
+    fn prefix_hit_reuses_full_blocks_and_counts_tokens() {
+        let (mut m, admitted) = shared_prefix_pair();
+        // Shares blocks 0 and 1 (8 tokens); the partial third block is private.
+        assert_eq!(admitted, Ok(8));
         assert_eq!(m.block_table(2).unwrap(), &[0, 1, 3]);
         assert_eq!(
             (m.ref_count(0), m.ref_count(1), m.ref_count(2), m.ref_count(3)),
@@ -399,14 +407,9 @@ mod tests {
 
     #[test]
     fn live_tokens_count_shared_blocks_once_and_partial_blocks_by_fill() {
-        let mut m = BlockManager::new(8, 4);
-        let prompt = toks(0..10);
-        m.admit(1, &prompt, 10).unwrap();
-        m.cache_computed(1, &prompt, 10);
-        let mut other = toks(0..8);
-        other.extend([99, 98, 97]);
-        m.admit(2, &other, 11).unwrap(); // shares blocks 0 and 1
-                                         // Seq 1: 10 computed (4 + 4 + 2); seq 2: 11 (shared 8 + 3 in its own block).
+        let (m, admitted) = shared_prefix_pair();
+        admitted.unwrap();
+        // Seq 1: 10 computed (4 + 4 + 2); seq 2: 11 (shared 8 + 3 in its own block).
         assert_eq!(m.live_tokens([(1, 10), (2, 11)]), 8 + 2 + 3);
         // Only what is computed counts: seq 2 has computed its cached prefix only.
         assert_eq!(m.live_tokens([(1, 10), (2, 8)]), 10);

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use genai_factory::retrieval::embedder::Embedder;
+use genai_models::embedder::Embedder;
 
 const WORDS: [&str; 24] = [
     "the",

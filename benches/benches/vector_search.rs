@@ -10,9 +10,9 @@
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use genai_factory::config::IndexConfig;
-use genai_factory::retrieval::embedder::normalize;
-use genai_factory::retrieval::index::{Filter, NewDocument, VectorStore};
+use genai_models::embedder::normalize;
+use genai_retrieval::config::IndexConfig;
+use genai_retrieval::index::{Filter, NewDocument, VectorStore};
 use rand::{Rng, SeedableRng};
 
 const DIM: usize = 384;

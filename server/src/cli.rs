@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::config::{Device, Overrides};
+
 #[derive(Parser, Debug)]
 #[command(name = "genai-factory", version, about = "Self-hosted LLM inference server")]
 pub struct Cli {
@@ -17,7 +19,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve gRPC and OpenAI-compatible HTTP on the configured models.
     Serve(ServeArgs),
-    /// Add files (txt, md, html) to the knowledge base used by RAG: chunk, embed, index.
+    /// Add files (txt, md, html, pdf) to the knowledge base used by RAG: chunk, embed, index.
     Ingest(IngestCommand),
     /// Print the effective configuration (file + environment + flags) as TOML.
     Config(ServeArgs),
@@ -52,12 +54,19 @@ pub enum DeviceArg {
     Cuda,
 }
 
-impl DeviceArg {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceArg::Auto => "auto",
-            DeviceArg::Cpu => "cpu",
-            DeviceArg::Cuda => "cuda",
+impl ServeArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
+            models_dir: self.models_dir.clone(),
+            device: self.device.map(|d| match d {
+                DeviceArg::Auto => Device::Auto,
+                DeviceArg::Cpu => Device::Cpu,
+                DeviceArg::Cuda => Device::Cuda,
+            }),
+            threads: self.threads,
         }
     }
 }
@@ -71,5 +80,25 @@ pub struct IngestCommand {
     #[arg(long, value_name = "DIR")]
     pub models_dir: Option<PathBuf>,
     #[command(flatten)]
-    pub args: crate::retrieval::ingest::IngestArgs,
+    pub args: IngestArgs,
+}
+
+/// Arguments of the `ingest` subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    /// Files or directories (searched recursively for .txt, .md, .html, .pdf).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Tenant the documents belong to (searches only see their own tenant's).
+    #[arg(long, default_value = "")]
+    pub tenant: String,
+    /// Tag added to every document (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Index directory (overrides `index.dir`).
+    #[arg(long)]
+    pub index_dir: Option<PathBuf>,
+    /// No progress bar (logs and CI).
+    #[arg(long)]
+    pub quiet: bool,
 }

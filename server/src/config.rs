@@ -13,7 +13,20 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::ServeArgs;
+pub use genai_engine::EngineConfig;
+pub use genai_models::config::{Device, EmbeddingConfig, ModelsConfig};
+pub use genai_retrieval::config::{IndexConfig, RagConfig};
+
+/// What the command line sets on top of the file and the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub models_dir: Option<PathBuf>,
+    pub device: Option<Device>,
+    pub threads: Option<usize>,
+}
 
 /// Default config file looked up in the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "genai-factory.toml";
@@ -34,91 +47,48 @@ pub struct Config {
     pub index: IndexConfig,
     #[serde(default)]
     pub rag: RagConfig,
+    /// Hard per-request limits, checked before any tokenization.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
-/// `[embedding]`: the sentence-embedding worker (dynamic batching).
+/// `[limits]`: what one request may ask for. Checked on the raw request, before tokenization,
+/// template rendering or any queueing; a violation is a 400 / INVALID_ARGUMENT naming the field
+/// and the limit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct EmbeddingConfig {
-    /// Padded tokens (batch size x longest sequence) in one encoder forward pass.
-    pub max_batch_tokens: usize,
-    /// How long the worker waits for more requests after the first one arrives, in ms.
-    pub max_wait_ms: u64,
-    /// Most queued embed requests; beyond it `embed` fails with "overloaded".
-    pub max_queue: usize,
+pub struct LimitsConfig {
+    /// Bytes of a completion prompt, or of all chat message contents together.
+    pub max_prompt_bytes: usize,
+    /// Chat messages in one request.
+    pub max_messages: usize,
+    /// Inputs in one embeddings call (TEI's client batch cap is 32; 256 suits this server).
+    pub max_embedding_inputs: usize,
+    /// Characters of one embeddings input.
+    pub max_input_chars: usize,
+    /// Stop strings per request, and bytes per stop string.
+    pub max_stop: usize,
+    pub max_stop_bytes: usize,
+    /// `stop_token_ids` per request.
+    pub max_stop_token_ids: usize,
+    /// Most `top_logprobs` alternatives per token (the engine's own cap is 20).
+    pub max_logprobs: usize,
+    /// Largest HTTP request body, in bytes (gRPC: `server.max_message_bytes`).
+    pub max_body_bytes: usize,
 }
 
-impl Default for EmbeddingConfig {
+impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            max_batch_tokens: 8192,
-            max_wait_ms: 2,
-            max_queue: 1024,
-        }
-    }
-}
-
-/// `[index]`: the FAISS vector store and the chunker that feeds it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IndexConfig {
-    /// Directory holding the persisted index (created on first save).
-    pub dir: PathBuf,
-    /// FAISS index factory string: "Flat", "IVF{nlist},Flat" or "HNSW{M}".
-    pub factory: String,
-    /// IVF: inverted lists probed per query.
-    pub nprobe: usize,
-    /// HNSW: candidate list size at search time.
-    pub ef_search: usize,
-    /// With metadata filters, fetch this many times k from FAISS first (doubled until k match).
-    pub overfetch: usize,
-    /// Token budget of one chunk (embedder tokens, special tokens excluded); at most 254.
-    pub chunk_tokens: usize,
-    /// Tokens of trailing sentences repeated at the start of the next chunk.
-    pub chunk_overlap_tokens: usize,
-}
-
-impl Default for IndexConfig {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from("data/index"),
-            factory: "Flat".into(),
-            nprobe: 16,
-            ef_search: 64,
-            overfetch: 4,
-            chunk_tokens: 200,
-            chunk_overlap_tokens: 40,
-        }
-    }
-}
-
-/// `[rag]`: retrieval-augmented chat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RagConfig {
-    /// Sources put in the prompt.
-    pub top_k: usize,
-    /// Re-rank with maximal marginal relevance (diversity) before taking top_k.
-    pub mmr: bool,
-    /// MMR trade-off: 1 = relevance only, 0 = diversity only.
-    pub mmr_lambda: f32,
-    /// MMR candidate pool: this many times top_k.
-    pub mmr_fetch_factor: usize,
-    /// Sources scoring below this cosine similarity are dropped.
-    pub min_score: f32,
-    /// minijinja template file for the system prompt; empty = the built-in one.
-    pub template: PathBuf,
-}
-
-impl Default for RagConfig {
-    fn default() -> Self {
-        Self {
-            top_k: 4,
-            mmr: false,
-            mmr_lambda: 0.7,
-            mmr_fetch_factor: 4,
-            min_score: 0.0,
-            template: PathBuf::new(),
+            max_prompt_bytes: 1 << 20,
+            max_messages: 1024,
+            max_embedding_inputs: 256,
+            max_input_chars: 32_768,
+            max_stop: 16,
+            max_stop_bytes: 256,
+            max_stop_token_ids: 64,
+            max_logprobs: genai_engine::MAX_LOGPROBS,
+            max_body_bytes: 16 << 20,
         }
     }
 }
@@ -147,101 +117,6 @@ impl Default for ServerConfig {
             drain_timeout_secs: 30,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 10,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// CUDA when built with it and a GPU is present, else CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelsConfig {
-    /// Directory the model paths below are relative to.
-    pub dir: PathBuf,
-    pub device: Device,
-    /// CPU threads for model compute; 0 = all cores.
-    pub threads: usize,
-    pub generation: ModelEntry,
-    pub embedding: ModelEntry,
-}
-
-/// One served model: the name clients use and where its files are.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelEntry {
-    pub name: String,
-    /// A file or directory, relative to `models.dir` unless absolute.
-    pub path: PathBuf,
-}
-
-impl Default for ModelsConfig {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from("models"),
-            device: Device::Auto,
-            threads: 0,
-            generation: ModelEntry {
-                name: "smollm2-135m-instruct".into(),
-                path: PathBuf::from("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            },
-            embedding: ModelEntry {
-                name: "all-minilm-l6-v2".into(),
-                path: PathBuf::from("all-minilm-l6-v2"),
-            },
-        }
-    }
-}
-
-impl ModelsConfig {
-    pub fn resolve(&self, entry: &ModelEntry) -> PathBuf {
-        if entry.path.is_absolute() {
-            entry.path.clone()
-        } else {
-            self.dir.join(&entry.path)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EngineConfig {
-    /// Tokens per KV-cache block.
-    pub block_size: usize,
-    /// Memory for the paged KV cache, in MiB (CPU). The pool is preallocated.
-    pub kv_cache_mib: usize,
-    /// Fraction of free GPU memory for the KV cache (CUDA).
-    pub gpu_memory_fraction: f32,
-    /// Token budget of one engine step (prefill chunks + decodes).
-    pub max_batch_tokens: usize,
-    /// Most sequences running at once.
-    pub max_running: usize,
-    /// Most requests waiting for admission; beyond it submissions are refused.
-    pub max_waiting: usize,
-    /// Context length cap (0 = the model's own).
-    pub max_context: usize,
-    /// Default `max_tokens` when a request sets none.
-    pub default_max_tokens: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            block_size: 16,
-            kv_cache_mib: 512,
-            gpu_memory_fraction: 0.9,
-            max_batch_tokens: 512,
-            max_running: 128,
-            max_waiting: 1024,
-            max_context: 0,
-            default_max_tokens: 256,
         }
     }
 }
@@ -432,8 +307,13 @@ impl OpsConfig {
 }
 
 impl Config {
-    /// Merges defaults, the config file, the environment and the flags.
-    pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
+    /// Merges defaults, the config file, the `GENAI_*` environment and the flags.
+    pub fn load(args: &Overrides) -> anyhow::Result<Self> {
+        Self::load_from(args, true)
+    }
+
+    /// As [`Config::load`]; `with_env = false` ignores the process environment (tests).
+    fn load_from(args: &Overrides, with_env: bool) -> anyhow::Result<Self> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         match &args.config {
             Some(path) => {
@@ -450,7 +330,9 @@ impl Config {
             }
             None => {}
         }
-        fig = fig.merge(Env::prefixed("GENAI_").split("__"));
+        if with_env {
+            fig = fig.merge(Env::prefixed("GENAI_").split("__"));
+        }
         if let Some(a) = args.grpc_addr {
             fig = fig.merge(("server.grpc_addr", a));
         }
@@ -461,7 +343,7 @@ impl Config {
             fig = fig.merge(("models.dir", d));
         }
         if let Some(d) = args.device {
-            fig = fig.merge(("models.device", d.as_str()));
+            fig = fig.merge(("models.device", d));
         }
         if let Some(t) = args.threads {
             fig = fig.merge(("models.threads", t));
@@ -490,6 +372,31 @@ impl Config {
         }
         if e.max_running == 0 || e.default_max_tokens == 0 {
             bail!("invalid config: engine.max_running and engine.default_max_tokens must be > 0");
+        }
+        let l = &self.limits;
+        if l.max_logprobs > genai_engine::MAX_LOGPROBS {
+            bail!(
+                "invalid config: limits.max_logprobs must be <= {} (the engine's cap)",
+                genai_engine::MAX_LOGPROBS
+            );
+        }
+        if [
+            l.max_prompt_bytes,
+            l.max_messages,
+            l.max_embedding_inputs,
+            l.max_input_chars,
+            l.max_stop_bytes,
+        ]
+        .contains(&0)
+            || l.max_body_bytes < 1024
+        {
+            bail!("invalid config: limits.max_* must be > 0 (limits.max_body_bytes >= 1024)");
+        }
+        if e.max_waiting == 0 {
+            bail!("invalid config: engine.max_waiting must be > 0");
+        }
+        if e.max_batch_tokens < e.max_running {
+            bail!("invalid config: engine.max_batch_tokens must be >= engine.max_running (every running sequence decodes each step)");
         }
         self.ops.validate()?;
         self.validate_retrieval()
@@ -556,10 +463,13 @@ mod tests {
     fn load_with(toml: &str) -> anyhow::Result<Config> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(toml.as_bytes()).unwrap();
-        Config::load(&ServeArgs {
-            config: Some(f.path().to_path_buf()),
-            ..Default::default()
-        })
+        Config::load_from(
+            &Overrides {
+                config: Some(f.path().to_path_buf()),
+                ..Default::default()
+            },
+            false,
+        )
     }
 
     #[test]
@@ -576,12 +486,12 @@ mod tests {
         assert_eq!(c.server.grpc_addr.port(), 1234);
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"[server]\ngrpc_addr = \"127.0.0.1:1234\"\n").unwrap();
-        let args = ServeArgs {
+        let args = Overrides {
             config: Some(f.path().into()),
             grpc_addr: Some("127.0.0.1:4321".parse().unwrap()),
             ..Default::default()
         };
-        assert_eq!(Config::load(&args).unwrap().server.grpc_addr.port(), 4321);
+        assert_eq!(Config::load_from(&args, false).unwrap().server.grpc_addr.port(), 4321);
     }
 
     #[test]

@@ -1,16 +1,26 @@
 //! `genai-factory`: the one command users run.
 //!
-//! Data flow, top down: `cli` → `config` → `registry` (model files) →
-//! `serve` (binds listeners, loads models, runs `api::grpc` and `api::http`
-//! until SIGTERM).
+//! Data flow, top down: `cli` → `config` → `serve` (locates the model files, binds
+//! listeners, loads models, runs `api::grpc` and `api::http` until SIGTERM).
+//! One request, from socket to SSE frame: `ARCHITECTURE.md` at the repository root.
 
 use std::process::ExitCode;
 
+mod api;
+mod cli;
+mod config;
+mod error;
+mod ingest;
+mod ops;
+mod pipeline;
+mod serve;
+mod state;
+mod telemetry;
+
 use clap::Parser;
-use genai_factory::cli::{Cli, Command, ServeArgs};
-use genai_factory::config::Config;
-use genai_factory::retrieval::ingest;
-use genai_factory::{serve, telemetry};
+use cli::{Cli, Command};
+use config::Config;
+use config::Overrides;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,24 +37,24 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let config = Config::load(&args)?;
+            let config = Config::load(&args.overrides())?;
             let _telemetry = telemetry::init(&config.log, &config.ops)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(serve::run(config))
         }
         Command::Ingest(cmd) => {
-            let serve_args = ServeArgs {
+            let overrides = Overrides {
                 config: cmd.config,
                 models_dir: cmd.models_dir,
                 ..Default::default()
             };
-            let config = Config::load(&serve_args)?;
+            let config = Config::load(&overrides)?;
             let _telemetry = telemetry::init(&config.log, &config.ops)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(ingest::run(cmd.args, config))
         }
         Command::Config(args) => {
-            print!("{}", Config::load(&args)?.to_toml()?);
+            print!("{}", Config::load(&args.overrides())?.to_toml()?);
             Ok(())
         }
     }

@@ -12,15 +12,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api;
-use crate::api::observe::Ops;
 use crate::config::Config;
-use crate::engine::EngineHandle;
-use crate::model;
 use crate::ops;
-use crate::registry;
-use crate::retrieval::knowledge::KnowledgeService;
-use crate::retrieval::rag::RagPipeline;
+use crate::ops::observe::Ops;
 use crate::state::{AppState, Loaded};
+use genai_engine::EngineHandle;
+use genai_models as model;
+use genai_models::registry;
+use genai_retrieval::knowledge::KnowledgeService;
+use genai_retrieval::rag::RagPipeline;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_listener = bind(config.server.grpc_addr, "server.grpc_addr", "--grpc-addr").await?;
@@ -31,7 +31,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ops = start_ops(&config)?;
     let latency = ops.latency.clone();
     let cfg = config.clone();
-    let knowledge = Arc::new(tokio::task::spawn_blocking(move || KnowledgeService::load(&cfg, true)).await??);
+    let knowledge = Arc::new(
+        tokio::task::spawn_blocking(move || KnowledgeService::load(&cfg.models, &cfg.embedding, &cfg.index, true))
+            .await??,
+    );
     let rag = RagPipeline::new(knowledge.clone(), &config.rag)?;
     let state = AppState::new(config, ops, knowledge, rag);
     tokio::spawn(latency.run(Duration::from_secs(5)));
@@ -118,7 +121,7 @@ fn load_models(state: &Arc<AppState>, files: registry::ModelFiles) -> anyhow::Re
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
-    let device = crate::device::resolve(cfg.models.device)?;
+    let device = genai_models::device::resolve(cfg.models.device)?;
     let model = model::load_on(&files.generation, threads, device, &cfg.engine)?;
     let mut engine_cfg = cfg.engine.clone();
     // A GPU sizes its KV pool from free device memory instead of engine.kv_cache_mib.

@@ -4,13 +4,13 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 
-use crate::api::observe::Ops;
 use crate::config::Config;
-use crate::engine::EngineHandle;
-use crate::model::chat_template::ChatTemplate;
-use crate::registry::ModelFiles;
-use crate::retrieval::knowledge::KnowledgeService;
-use crate::retrieval::rag::RagPipeline;
+use crate::ops::observe::Ops;
+use genai_engine::EngineHandle;
+use genai_models::chat_template::ChatTemplate;
+use genai_models::registry::ModelFiles;
+use genai_retrieval::knowledge::KnowledgeService;
+use genai_retrieval::rag::RagPipeline;
 
 /// What exists once the models are loaded and validated.
 pub struct Loaded {

@@ -11,12 +11,12 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::error::ApiError;
-use super::observe::Observer;
-use crate::engine::{EngineEvent, GenerateRequest, SamplingParams};
-use crate::model::chat_template::ChatMessage;
-use crate::retrieval::index::Filter;
-use crate::retrieval::rag::Citation;
+use crate::ops::observe::Observer;
 use crate::state::{AppState, Loaded};
+use genai_engine::{EngineEvent, GenerateRequest, SamplingParams};
+use genai_models::chat_template::ChatMessage;
+use genai_retrieval::index::Filter;
+use genai_retrieval::rag::Citation;
 
 /// Accepts the served model's name, "" and "default".
 pub fn check_model(loaded: &Loaded, model: &str) -> Result<(), ApiError> {
@@ -145,7 +145,7 @@ pub fn submit(
         Ok(rx) => rx,
         Err(e) => {
             let e = ApiError::from(e);
-            observer.on_api_error(&e);
+            observer.on_error(e.codes());
             return Err(e);
         }
     };
@@ -210,7 +210,7 @@ async fn next_event(state: Option<Pending>) -> Option<(Result<EngineEvent, ApiEr
         }
     };
     if let Err(e) = &out {
-        p.observer.on_api_error(e);
+        p.observer.on_error(e.codes());
     }
     Some((out, None))
 }

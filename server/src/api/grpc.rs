@@ -18,12 +18,12 @@ use tonic_health::ServingStatus;
 
 use super::error::ApiError;
 use super::generate::{self, parse_grpc_timeout, SamplingInput};
-use super::observe::Observer;
-use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, TokenLogprob};
-use crate::model::chat_template::ChatMessage;
-use crate::registry::WeightsFormat;
-use crate::retrieval::rag;
+use crate::ops::observe::Observer;
 use crate::state::{AppState, Loaded};
+use genai_engine::{EngineEvent, PositionLogprobs, SamplingParams, TokenLogprob};
+use genai_models::chat_template::ChatMessage;
+use genai_models::registry::WeightsFormat;
+use genai_retrieval::rag;
 
 /// Names reported by `grpc.health.v1.Health`; "" is the whole server.
 const SERVICES: &[&str] = &["", "genai.v1.Inference", "genai.v1.Knowledge"];
@@ -158,7 +158,7 @@ impl InferenceService {
         let (loaded, p) = match self.loaded().and_then(|l| prepared.map(|p| (l, p))) {
             Ok(x) => x,
             Err(e) => {
-                obs.on_api_error(&e);
+                obs.on_error(e.codes());
                 return Err(e.into());
             }
         };
@@ -218,7 +218,7 @@ impl InferenceService {
                 Ok(Response::new(r))
             }
             Err(e) => {
-                obs.on_api_error(&e);
+                obs.on_error(e.codes());
                 Err(e.into())
             }
         }
@@ -331,7 +331,7 @@ impl Inference for InferenceService {
                 }))
             }
             Err(e) => {
-                obs.on_api_error(&e);
+                obs.on_error(e.codes());
                 Err(e.into())
             }
         }

@@ -32,10 +32,10 @@ use tonic::{Request, Status, Streaming};
 
 use super::error::ApiError;
 use super::parse_json;
-use crate::retrieval::chunker::DocFormat;
-use crate::retrieval::index::{Filter, Hit};
-use crate::retrieval::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService, SearchQuery};
-use crate::retrieval::RetrievalError;
+use genai_retrieval::chunker::DocFormat;
+use genai_retrieval::index::{Filter, Hit};
+use genai_retrieval::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService, SearchQuery};
+use genai_retrieval::RetrievalError;
 
 /// `top_k` when a request leaves it out (or sends 0 over gRPC).
 pub const DEFAULT_TOP_K: usize = 5;
@@ -392,10 +392,10 @@ async fn http_stats(State(svc): State<Arc<KnowledgeService>>) -> Json<serde_json
 mod tests {
     use super::*;
     use crate::config::IndexConfig;
-    use crate::retrieval::knowledge::tests::service;
     use axum::body::Body;
     use axum::http::Request as HttpRequest;
     use axum::http::StatusCode;
+    use genai_retrieval::test_support::service;
     use tower::ServiceExt;
 
     async fn call(

@@ -6,7 +6,6 @@ pub mod generate;
 pub mod grpc;
 pub mod http;
 pub mod knowledge;
-pub mod observe;
 pub mod openai;
 
 use axum::body::Bytes;

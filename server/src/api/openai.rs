@@ -21,12 +21,12 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generate::{self, SamplingInput};
-use super::observe::Observer;
 use super::{from_value, parse_json, parse_value};
-use crate::engine::{EngineEvent, PositionLogprobs, SamplingParams, Usage};
-use crate::model::chat_template::ChatMessage;
-use crate::retrieval::rag::{self, Citation};
+use crate::ops::observe::Observer;
 use crate::state::{AppState, Loaded};
+use genai_engine::{EngineEvent, PositionLogprobs, SamplingParams, Usage};
+use genai_models::chat_template::ChatMessage;
+use genai_retrieval::rag::{self, Citation};
 
 /// OpenAI's default `max_tokens` for legacy completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
@@ -338,7 +338,7 @@ async fn respond(mut obs: Observer, res: Result<Prepared<'_>, ApiError>) -> Resp
     let p = match res {
         Ok(p) => p,
         Err(e) => {
-            obs.on_api_error(&e);
+            obs.on_error(e.codes());
             return e.into_response();
         }
     };
@@ -550,7 +550,7 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, 
             Json(v).into_response()
         }
         Err(e) => {
-            obs.on_api_error(&e);
+            obs.on_error(e.codes());
             e.into_response()
         }
     }

@@ -1,4 +1,4 @@
-//! Observability (issue 7): Prometheus metrics, cost and latency monitors,
+//! Observability: Prometheus metrics, cost and latency monitors,
 //! request ids with per-request tracing spans, and the JSON-lines request log.
 //!
 //! Each submodule is a library the API servers and the engine call into; none
@@ -18,6 +18,7 @@
 pub mod cost;
 pub mod latency;
 pub mod metrics;
+pub mod observe;
 pub mod request_id;
 pub mod request_log;
 

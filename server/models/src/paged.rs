@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail};
 use genai_kernels::cpu::attention::{copy_blocks, paged_attention_prefill, reshape_and_cache, PagedKv};
 
 use super::llama::{Llama, LlamaConfig};
-use crate::engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
+use genai_engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
 
 struct KvPool {
     /// Per layer: (key cache, value cache).

@@ -236,7 +236,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::SamplingParams;
+    use crate::SamplingParams;
 
     fn seq(id: SeqId, prompt: Vec<u32>) -> Sequence {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

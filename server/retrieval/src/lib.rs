@@ -1,23 +1,20 @@
-//! Knowledge retrieval: sentence embeddings ([`embedder`]), document chunking
-//! ([`chunker`]), the FAISS vector store ([`index`]), the protocol-agnostic
-//! knowledge service ([`knowledge`]), the RAG prompt builder ([`rag`]) and the
-//! `ingest` command ([`ingest`]). See `README.md` beside this file.
+//! Knowledge retrieval: document chunking ([`chunker`]), the FAISS vector store
+//! ([`index`]), the protocol-agnostic knowledge service ([`knowledge`]) and the RAG
+//! prompt builder ([`rag`]), over the sentence embedder of `genai-models`. See
+//! `README.md` beside this crate.
 //!
 //! Every fallible call returns [`RetrievalError`], whose variants map one to one
 //! onto gRPC codes and HTTP statuses in `api::knowledge`.
 
 pub mod chunker;
-pub mod embedder;
-mod encoder;
+pub mod config;
 #[cfg(feature = "faiss-gpu")]
 pub mod gpu_index;
 pub mod index;
-pub mod ingest;
 pub mod knowledge;
 pub mod rag;
-
-#[cfg(test)]
-pub(crate) mod test_support;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 /// Errors of the retrieval stack. `InvalidArgument` always names the field.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +51,18 @@ impl RetrievalError {
         Self::Io {
             context: context.into(),
             source,
+        }
+    }
+}
+
+impl From<genai_models::EmbedError> for RetrievalError {
+    fn from(e: genai_models::EmbedError) -> Self {
+        use genai_models::EmbedError as E;
+        match e {
+            E::InvalidArgument { field, message } => Self::InvalidArgument { field, message },
+            E::Overloaded(m) => Self::Overloaded(m),
+            E::Unavailable(m) => Self::Unavailable(m),
+            E::Model(m) => Self::Model(m),
         }
     }
 }

@@ -20,10 +20,10 @@ use super::gguf::GgufFile;
 use super::llama::Llama;
 use super::paged::LlamaRunner;
 use super::*;
-use crate::engine::runner::{BatchEntry, ForwardBatch, ModelRunner};
+use genai_engine::runner::{BatchEntry, ForwardBatch, ModelRunner};
 
 fn smollm_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 fn smollm() -> GenerationModel {
@@ -422,7 +422,7 @@ fn smollm2_greedy_answers_capital_of_france() {
 fn load_hf_directory() {
     let dir = tempfile::tempdir().unwrap();
     tiny_llama(dir.path(), DType::F16);
-    let minilm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2/tokenizer.json");
+    let minilm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/all-minilm-l6-v2/tokenizer.json");
     std::fs::copy(minilm, dir.path().join("tokenizer.json")).unwrap();
     let tcfg = serde_json::json!({
         "bos_token": "[CLS]", "eos_token": {"content": "[SEP]"}, "add_bos_token": true,

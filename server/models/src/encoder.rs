@@ -30,12 +30,12 @@ use candle_core::{DType, Device};
 use genai_kernels::cpu::activation::exp_fast;
 use genai_kernels::cpu::qmatmul::{parallel_for, qmatmul, QMatrix, QType};
 
-use super::RetrievalError;
+use crate::EmbedError;
 
-type Result<T> = std::result::Result<T, RetrievalError>;
+type Result<T> = std::result::Result<T, EmbedError>;
 
-fn model_err(e: impl std::fmt::Display) -> RetrievalError {
-    RetrievalError::Model(e.to_string())
+fn model_err(e: impl std::fmt::Display) -> EmbedError {
+    EmbedError::Model(e.to_string())
 }
 
 /// Instruction set the fused row passes were compiled for.
@@ -404,7 +404,7 @@ impl Encoder {
         offsets.push(0usize);
         for s in seqs {
             if s.is_empty() || s.len() > self.dims.max_positions {
-                return Err(RetrievalError::invalid(
+                return Err(EmbedError::invalid(
                     "input",
                     format!(
                         "sequence of {} tokens (1..={} allowed)",
@@ -414,7 +414,7 @@ impl Encoder {
                 ));
             }
             if let Some(&id) = s.iter().find(|&&id| id as usize >= vocab) {
-                return Err(RetrievalError::invalid(
+                return Err(EmbedError::invalid(
                     "input",
                     format!("token id {id} >= vocabulary size {vocab}"),
                 ));

@@ -34,14 +34,14 @@ use tokenizers::{Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
 use super::encoder::{Dims, Encoder};
-use super::RetrievalError;
 use crate::config::EmbeddingConfig;
 use crate::device::ComputeDevice;
+use crate::EmbedError;
 
-type Result<T> = std::result::Result<T, RetrievalError>;
+type Result<T> = std::result::Result<T, EmbedError>;
 
-fn model_err(e: impl std::fmt::Display) -> RetrievalError {
-    RetrievalError::Model(e.to_string())
+fn model_err(e: impl std::fmt::Display) -> EmbedError {
+    EmbedError::Model(e.to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,7 +93,7 @@ pub enum Pooling {
 pub fn pool_and_normalize(hidden: &[f32], lens: &[usize], dim: usize, pooling: Pooling) -> Result<Vec<Vec<f32>>> {
     let rows: usize = lens.iter().sum();
     if dim == 0 || hidden.len() != rows * dim {
-        return Err(RetrievalError::invalid(
+        return Err(EmbedError::invalid(
             "hidden",
             format!("{} values for {rows} token rows of width {dim}", hidden.len()),
         ));
@@ -327,7 +327,7 @@ impl Embedder {
     /// padding). An empty sequence embeds to the zero vector.
     pub fn embed_tokens(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         if let Some(s) = seqs.iter().find(|s| s.len() > self.max_seq_len) {
-            return Err(RetrievalError::invalid(
+            return Err(EmbedError::invalid(
                 "input",
                 format!("sequence of {} tokens exceeds {}", s.len(), self.max_seq_len),
             ));
@@ -431,9 +431,7 @@ fn gpu_mean_pool(
         let stream = k.stream();
         let mask_d = stream.clone_htod(mask)?;
         let mut out = stream.alloc_zeros::<f32>(mask.len() / t * dim)?;
-        crate::model::cuda_runner::with_slice::<f32, _>(hidden, |h| {
-            Ok(k.mean_pool(&mut out, h, &mask_d, t, dim, true)?)
-        })?;
+        crate::cuda_runner::with_slice::<f32, _>(hidden, |h| Ok(k.mean_pool(&mut out, h, &mask_d, t, dim, true)?))?;
         Ok(stream.clone_dtoh(&out)?)
     };
     let flat = run().map_err(|e| model_err(format!("pooling on the GPU: {e}")))?;
@@ -462,7 +460,7 @@ impl EmbedderHandle {
         std::thread::Builder::new()
             .name("embed-batcher".into())
             .spawn(move || batch_loop(&worker, &rx, max_tokens, max_wait))
-            .map_err(|e| RetrievalError::Unavailable(format!("starting the embedding worker: {e}")))?;
+            .map_err(|e| EmbedError::Unavailable(format!("starting the embedding worker: {e}")))?;
         Ok(Self { embedder, tx })
     }
 
@@ -485,13 +483,13 @@ impl EmbedderHandle {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { seqs, tokens, reply }) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(RetrievalError::Overloaded("embedding queue is full".into())),
+            Err(TrySendError::Full(_)) => return Err(EmbedError::Overloaded("embedding queue is full".into())),
             Err(TrySendError::Disconnected(_)) => {
-                return Err(RetrievalError::Unavailable("the embedding worker has stopped".into()))
+                return Err(EmbedError::Unavailable("the embedding worker has stopped".into()))
             }
         }
         rx.await
-            .map_err(|_| RetrievalError::Unavailable("the embedding worker dropped the request".into()))?
+            .map_err(|_| EmbedError::Unavailable("the embedding worker dropped the request".into()))?
     }
 }
 
@@ -528,7 +526,7 @@ fn batch_loop(embedder: &Embedder, rx: &mpsc::Receiver<Job>, max_tokens: usize, 
             }
             Err(e) => {
                 for j in jobs {
-                    let _ = j.reply.send(Err(RetrievalError::Model(e.to_string())));
+                    let _ = j.reply.send(Err(EmbedError::Model(e.to_string())));
                 }
             }
         }
@@ -540,8 +538,8 @@ mod candle_bert {
     use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
     use rayon::prelude::*;
 
-    use super::super::encoder::gelu;
     use super::{model_err, BertConfig, Path, Result};
+    use crate::encoder::gelu;
     use genai_kernels::cpu::activation::exp_fast;
 
     /// A dense layer with its weight stored transposed (`[in, out]`, contiguous) so
@@ -781,8 +779,8 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::retrieval::encoder::{self, gelu};
-    use crate::retrieval::test_support::{embedder, repo_path};
+    use crate::encoder::{self, gelu};
+    use crate::test_support::{embedder, repo_path};
 
     fn cosine(a: &[f32], b: &[f32]) -> f32 {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();

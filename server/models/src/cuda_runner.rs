@@ -54,8 +54,8 @@ use super::linear::concat_qtensors;
 use super::llama::{gguf_f32, HfModel, LayerTensors, Llama, LlamaConfig, RopeStyle};
 use super::paged::kv_layer_elems;
 use super::step_plan;
-use crate::config::EngineConfig;
-use crate::engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
+use genai_engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
+use genai_engine::EngineConfig;
 
 /// Activation / KV-cache element types: both our kernels and candle's CUDA backend know them.
 pub trait GpuFloat: CudaDtype + candle_core::WithDType + CudaDType {}

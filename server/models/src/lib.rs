@@ -1,23 +1,31 @@
-//! Model families and their loaders (GGUF, safetensors), tokenizers and chat templates.
+//! The models crate: model families and their loaders (GGUF, safetensors), tokenizers and chat templates.
 //!
 //! [`load`] / [`load_on`] turn a located [`GenerationModel`] into a [`LoadedModel`]: the paged
-//! [`ModelRunner`](crate::engine::runner::ModelRunner) of the resolved device (CPU:
+//! [`ModelRunner`](genai_engine::runner::ModelRunner) of the resolved device (CPU:
 //! [`paged::LlamaRunner`] over [`llama::Llama`]; CUDA, feature `cuda`: `cuda_runner::CudaRunner`),
 //! the tokenizer rebuilt from the same file, the chat template, and the [`ModelInfo`] the engine
 //! sizes its KV cache from. See `README.md` in this directory for the data flow and the tests.
 
 pub mod chat_template;
+pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_runner;
+pub mod device;
+pub mod embedder;
+mod encoder;
 pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod paged;
+pub mod prompt;
+pub mod registry;
 // Only the CUDA runner lays steps out this way; its tests run in every build.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub mod step_plan;
 pub mod tokenizer;
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 #[cfg(test)]
 mod tests;
 
@@ -25,11 +33,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::EngineConfig;
 use crate::device::ComputeDevice;
-use crate::engine::runner::{ModelInfo, ModelRunner};
 use crate::registry::{GenerationModel, WeightsFormat};
 use chat_template::ChatTemplate;
+use genai_engine::runner::{ModelInfo, ModelRunner};
+use genai_engine::EngineConfig;
 use tokenizer::TokenizerInfo;
 
 /// Used when a model ships no chat template (base models): plain ChatML.
@@ -185,4 +193,26 @@ pub fn load_on(
         info,
         kv_cache_mib,
     })
+}
+
+/// Errors of the sentence embedder. `InvalidArgument` always names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("invalid {field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("embedding model: {0}")]
+    Model(String),
+}
+
+impl EmbedError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
 }

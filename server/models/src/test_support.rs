@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use super::embedder::Embedder;
+use crate::embedder::Embedder;
 
 /// A path relative to the repository root.
 pub fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
 }
 
 /// The real all-MiniLM-L6-v2 embedder (models/ must hold it).

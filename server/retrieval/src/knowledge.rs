@@ -17,10 +17,11 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::chunker::{chunk_text, content_hash, extract_text, DocFormat};
-use super::embedder::{Embedder, EmbedderHandle};
 use super::index::{Filter, Hit, NewDocument, Stats, Upsert, VectorStore};
 use super::RetrievalError;
-use crate::config::Config;
+use crate::config::IndexConfig;
+use genai_models::config::{EmbeddingConfig, ModelsConfig};
+use genai_models::embedder::{Embedder, EmbedderHandle};
 
 type Result<T> = std::result::Result<T, RetrievalError>;
 
@@ -79,38 +80,55 @@ pub struct KnowledgeService {
 }
 
 impl KnowledgeService {
-    pub fn new(embedder: EmbedderHandle, store: Arc<VectorStore>, config: &Config, autosave: bool) -> Self {
+    pub fn new(
+        embedder: EmbedderHandle,
+        store: Arc<VectorStore>,
+        index: &IndexConfig,
+        embedding_model: &str,
+        autosave: bool,
+    ) -> Self {
         Self {
             embedder,
             store,
-            chunk_tokens: config.index.chunk_tokens,
-            overlap_tokens: config.index.chunk_overlap_tokens,
-            embedding_model: config.models.embedding.name.clone(),
+            chunk_tokens: index.chunk_tokens,
+            overlap_tokens: index.chunk_overlap_tokens,
+            embedding_model: embedding_model.to_string(),
             autosave,
         }
     }
 
-    /// Loads the embedding model named in `config.models.embedding`, starts its
+    /// Loads the embedding model named in `models.embedding`, starts its
     /// batching worker and opens (or creates) the persisted index.
-    pub fn load(config: &Config, autosave: bool) -> anyhow::Result<Self> {
-        let dir = config.models.resolve(&config.models.embedding);
-        let device = crate::device::resolve(config.models.device)?;
+    pub fn load(
+        models: &ModelsConfig,
+        embedding: &EmbeddingConfig,
+        index: &IndexConfig,
+        autosave: bool,
+    ) -> anyhow::Result<Self> {
+        let dir = models.resolve(&models.embedding);
+        let device = genai_models::device::resolve(models.device)?;
         let embedder = Arc::new(
             Embedder::load_on(&dir, device)
                 .map_err(|e| anyhow::anyhow!("loading the embedding model {}: {e}", dir.display()))?
-                .with_threads(config.models.threads),
+                .with_threads(models.threads),
         );
-        let handle = EmbedderHandle::spawn(embedder.clone(), &config.embedding)?;
+        let handle = EmbedderHandle::spawn(embedder.clone(), embedding)?;
         #[cfg_attr(not(feature = "faiss-gpu"), allow(unused_mut))]
-        let mut store = VectorStore::open(&config.index, embedder.dim())
-            .map_err(|e| anyhow::anyhow!("opening the index at {}: {e}", config.index.dir.display()))?;
+        let mut store = VectorStore::open(index, embedder.dim())
+            .map_err(|e| anyhow::anyhow!("opening the index at {}: {e}", index.dir.display()))?;
         #[cfg(feature = "faiss-gpu")]
-        if let crate::device::ComputeDevice::Cuda { ordinal } = device {
+        if let genai_models::device::ComputeDevice::Cuda { ordinal } = device {
             store
                 .use_gpu(ordinal)
                 .map_err(|e| anyhow::anyhow!("vector search on GPU {ordinal}: {e}"))?;
         }
-        Ok(Self::new(handle, Arc::new(store), config, autosave))
+        Ok(Self::new(
+            handle,
+            Arc::new(store),
+            index,
+            &models.embedding.name,
+            autosave,
+        ))
     }
 
     pub fn embedder(&self) -> &EmbedderHandle {
@@ -149,7 +167,7 @@ impl KnowledgeService {
             let (format, content) = (d.format, d.content);
             let chunks = tokio::task::spawn_blocking(move || {
                 let text = extract_text(format, &content);
-                chunk_text(&text, max, overlap, |s| embedder.count_tokens(s))
+                chunk_text(&text, max, overlap, |s| Ok(embedder.count_tokens(s)?))
             })
             .await
             .map_err(|e| RetrievalError::Unavailable(format!("chunking task: {e}")))??;
@@ -261,54 +279,15 @@ fn validate_document(i: usize, d: &DocumentInput) -> Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{EmbeddingConfig, IndexConfig};
-    use crate::retrieval::test_support::{embedder, repo_path};
+    use crate::config::IndexConfig;
+    use crate::test_support::{corpus, passage_docs, service};
+    use genai_models::test_support::repo_path;
     use serde::Deserialize;
-
-    #[derive(Deserialize)]
-    pub(crate) struct Passage {
-        pub id: String,
-        pub topic: String,
-        pub text: String,
-    }
 
     #[derive(Deserialize)]
     struct Question {
         question: String,
         gold: String,
-    }
-
-    pub(crate) fn corpus() -> Vec<Passage> {
-        let text = std::fs::read_to_string(repo_path("tests/data/corpus/passages.jsonl")).unwrap();
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    pub(crate) fn service(index: IndexConfig) -> KnowledgeService {
-        let e = embedder();
-        let handle = EmbedderHandle::spawn(e.clone(), &EmbeddingConfig::default()).unwrap();
-        let store = Arc::new(VectorStore::open(&index, e.dim()).unwrap());
-        let config = Config {
-            index,
-            ..Default::default()
-        };
-        KnowledgeService::new(handle, store, &config, true)
-    }
-
-    pub(crate) fn passage_docs(passages: &[Passage], tenant: &str) -> Vec<DocumentInput> {
-        passages
-            .iter()
-            .map(|p| DocumentInput {
-                id: p.id.clone(),
-                tenant: tenant.into(),
-                source: format!("corpus/{}", p.topic),
-                tags: vec![p.topic.clone()],
-                format: DocFormat::Text,
-                content: p.text.clone(),
-            })
-            .collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@
 //! Tested in `tests` below with a scripted paged model (see `ScriptedRunner`);
 //! the parts have their own unit tests. Design note: `README.md` here.
 
+pub mod config;
 pub mod detokenizer;
 pub mod kv_cache;
 pub mod runner;
@@ -28,7 +29,7 @@ use anyhow::{bail, Context};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use crate::config::EngineConfig;
+pub use config::EngineConfig;
 use kv_cache::{BlockManager, SeqId};
 use runner::{ModelInfo, ModelRunner};
 use scheduler::Scheduler;
@@ -208,6 +209,9 @@ pub enum SubmitError {
     Invalid(InvalidParam),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// The engine thread is gone (after an internal error) while the server is not shutting down.
+    #[error("the engine has stopped")]
+    EngineStopped,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

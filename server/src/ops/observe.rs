@@ -7,12 +7,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::error::ApiError;
-use crate::engine::{FinishReason, Usage};
 use crate::ops::cost::CostMonitor;
 use crate::ops::latency::LatencyMonitor;
 use crate::ops::metrics::{self, MetricsHandle};
 use crate::ops::request_log::{RequestLog, RequestRecord};
+use genai_engine::{FinishReason, Usage};
 
 /// The observability sinks, built once at start-up.
 pub struct Ops {
@@ -107,11 +106,12 @@ impl Observer {
         }
     }
 
-    pub fn on_api_error(&mut self, e: &ApiError) {
+    /// Marks the request failed, with the status each door answers it with.
+    pub fn on_error(&mut self, (grpc, http): (tonic::Code, u16)) {
         self.status = Some(if self.record.api == "grpc" {
-            grpc_code_name(tonic::Status::from(e.clone()).code())
+            grpc_code_name(grpc)
         } else {
-            e.http_status().as_u16().to_string()
+            http.to_string()
         });
     }
 

@@ -652,7 +652,7 @@ mod tests {
 
     fn unit(rng: &mut impl Rng) -> Vec<f32> {
         let mut v: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
-        super::super::embedder::normalize(&mut v);
+        genai_models::embedder::normalize(&mut v);
         v
     }
 

@@ -206,7 +206,10 @@ pub(crate) mod tests {
 
     #[test]
     fn wordpiece_continuations_join_without_spaces() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/all-minilm-l6-v2/tokenizer.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/all-minilm-l6-v2/tokenizer.json"
+        );
         let mut t = Tokenizer::from_file(path).unwrap();
         // Its tokenizer.json pads to 128; padding would add [PAD] tokens.
         t.with_padding(None);

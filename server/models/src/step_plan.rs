@@ -10,7 +10,7 @@
 
 use anyhow::bail;
 
-use crate::engine::runner::ForwardBatch;
+use genai_engine::runner::ForwardBatch;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepPlan {
@@ -99,7 +99,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::runner::BatchEntry;
+    use genai_engine::runner::BatchEntry;
 
     fn entry(seq_id: u64, tokens: Vec<u32>, start_pos: usize, block_table: Vec<u32>) -> BatchEntry {
         BatchEntry {

@@ -21,7 +21,7 @@ use super::index::{Filter, Hit};
 use super::knowledge::{KnowledgeService, SearchQuery};
 use super::RetrievalError;
 use crate::config::RagConfig;
-use crate::model::chat_template::ChatMessage;
+use genai_models::chat_template::ChatMessage;
 
 type Result<T> = std::result::Result<T, RetrievalError>;
 
@@ -218,7 +218,7 @@ pub fn parse_citations(answer: &str, sources: &[Citation]) -> Vec<Citation> {
 mod tests {
     use super::*;
     use crate::config::IndexConfig;
-    use crate::retrieval::knowledge::tests::{corpus, passage_docs, service};
+    use crate::test_support::{corpus, passage_docs, service};
 
     fn src(n: u32) -> Citation {
         Citation {
@@ -247,7 +247,7 @@ mod tests {
     fn mmr_prefers_diversity_over_near_duplicates() {
         let q = vec![1.0, 0.0, 0.0];
         let unit = |mut v: Vec<f32>| {
-            crate::retrieval::embedder::normalize(&mut v);
+            genai_models::embedder::normalize(&mut v);
             v
         };
         // Candidate 1 nearly duplicates candidate 0; candidate 2 is a bit less

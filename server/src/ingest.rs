@@ -19,29 +19,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::chunker::DocFormat;
-use super::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService};
-use crate::config::Config;
+use genai_retrieval::chunker::DocFormat;
+use genai_retrieval::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService};
 
-/// Arguments of the `ingest` subcommand.
-#[derive(Debug, Clone, clap::Args)]
-pub struct IngestArgs {
-    /// Files or directories (searched recursively for .txt, .md, .html, .pdf).
-    #[arg(required = true)]
-    pub paths: Vec<PathBuf>,
-    /// Tenant the documents belong to (searches only see their own tenant's).
-    #[arg(long, default_value = "")]
-    pub tenant: String,
-    /// Tag added to every document (repeatable).
-    #[arg(long = "tag")]
-    pub tags: Vec<String>,
-    /// Index directory (overrides `index.dir`).
-    #[arg(long)]
-    pub index_dir: Option<PathBuf>,
-    /// No progress bar (logs and CI).
-    #[arg(long)]
-    pub quiet: bool,
-}
+use crate::cli::IngestArgs;
+use crate::config::Config;
 
 /// Files per ingest call: the embedder batches across their chunks.
 const FILES_PER_CALL: usize = 16;
@@ -55,7 +37,7 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("no .txt, .md, .html or .pdf files under the given paths");
     }
-    let svc = KnowledgeService::load(&config, false)?;
+    let svc = KnowledgeService::load(&config.models, &config.embedding, &config.index, false)?;
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -211,8 +193,8 @@ fn canonical(p: &Path) -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retrieval::index::{Filter, VectorStore};
-    use crate::retrieval::test_support::repo_path;
+    use genai_models::test_support::repo_path;
+    use genai_retrieval::index::{Filter, VectorStore};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ingests_a_directory_then_skips_it_unchanged() {
@@ -376,7 +358,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(store.stats().documents, 2);
-        let q = crate::retrieval::test_support::embedder()
+        let q = genai_models::test_support::embedder()
             .embed(&["how do hexagonal basalt columns form?"], 8192)
             .unwrap();
         let hits = store.search(&q[0], 1, &Filter::tenant("docs")).unwrap();

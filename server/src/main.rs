@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod error;
 mod ingest;
+mod llm;
 mod ops;
 mod pipeline;
 mod serve;

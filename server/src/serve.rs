@@ -13,11 +13,15 @@ use tokio::sync::watch;
 
 use crate::api;
 use crate::config::Config;
+use crate::llm::local::LocalEngine;
 use crate::ops;
 use crate::ops::observe::Ops;
-use crate::state::{AppState, Loaded};
+use crate::pipeline::limits::Limits;
+use crate::pipeline::Pipeline;
+use crate::state::AppState;
 use genai_engine::EngineHandle;
 use genai_models as model;
+use genai_models::prompt::PromptEncoder;
 use genai_models::registry;
 use genai_retrieval::knowledge::KnowledgeService;
 use genai_retrieval::rag::RagPipeline;
@@ -36,7 +40,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await??,
     );
     let rag = RagPipeline::new(knowledge.clone(), &config.rag)?;
-    let state = AppState::new(config, ops, knowledge, rag);
+    let (limits, default_max) = (Limits::new(config.limits.clone()), config.engine.default_max_tokens);
+    let state = AppState::new(config, ops, knowledge, |draining| {
+        Pipeline::new(limits, rag, draining, default_max)
+    });
     tokio::spawn(latency.run(Duration::from_secs(5)));
     tokio::spawn(publish_engine_stats(state.clone()));
     tracing::info!(
@@ -68,8 +75,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "shutting down: no new requests, draining in-flight ones"
     );
     state.start_draining();
-    if let Some(l) = state.loaded() {
-        l.engine.shutdown();
+    if let Some(l) = state.pipeline.local() {
+        l.engine().shutdown();
     }
     let _ = shutdown_tx.send(true);
     let servers = async {
@@ -82,8 +89,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(res) => res?,
         Err(_) => tracing::warn!("drain time exceeded; closing remaining streams"),
     }
-    if let Some(log) = &state.ops().request_log {
-        log.close();
+    if let Some(log) = state.ops().request_log.clone() {
+        // Joins the writer thread: off the async runtime.
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
     }
     tracing::info!("bye");
     Ok(())
@@ -108,8 +116,8 @@ async fn publish_engine_stats(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if let Some(l) = state.loaded() {
-            let s = l.engine.stats();
+        if let Some(l) = state.pipeline.local() {
+            let s = l.engine().stats();
             ops::metrics::record_prefix_cache(s.prefix_cache_queries, s.prefix_cache_hits);
         }
     }
@@ -134,13 +142,14 @@ fn load_models(state: &Arc<AppState>, files: registry::ModelFiles) -> anyhow::Re
         threads,
         "generation engine started"
     );
-    state.set_loaded(Loaded {
-        model_name: files.generation.name.clone(),
-        files,
+    let encoder = PromptEncoder::new(model.tokenizer, model.chat_template);
+    state.pipeline.set_local(LocalEngine::new(
+        files.generation.name.clone(),
         engine,
-        tokenizer: model.tokenizer,
-        chat_template: model.chat_template,
-    });
+        encoder,
+        files.embedding.name.clone(),
+        state.knowledge.embedder().clone(),
+    ));
     Ok(())
 }
 

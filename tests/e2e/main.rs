@@ -7,4 +7,5 @@ mod api;
 mod engine;
 mod foundation;
 mod observability;
+mod pipeline;
 mod retrieval;

@@ -28,11 +28,10 @@ impl From<ApiError> for tonic::Status {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let msg = self.message();
-        let status = self.http_status();
-        let (kind, param, code) = match &self {
+impl ApiError {
+    /// OpenAI's error `type`, `param` and `code` for this error.
+    pub(crate) fn openai_fields(&self) -> (&'static str, Option<String>, &'static str) {
+        match self {
             ApiError::Invalid { param, .. } => {
                 let code = if param == "model" {
                     "model_not_found"
@@ -47,7 +46,15 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) => ("server_error", None, "unavailable"),
             ApiError::DeadlineExceeded => ("server_error", None, "timeout"),
             ApiError::Internal(_) => ("server_error", None, "internal_error"),
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let msg = self.message();
+        let status = self.http_status();
+        let (kind, param, code) = self.openai_fields();
         let body = json!({"error": {"message": msg, "type": kind, "param": param, "code": code}});
         let mut resp = (status, Json(body)).into_response();
         if let ApiError::Overloaded { retry_after } = self {

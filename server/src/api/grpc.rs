@@ -17,18 +17,21 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use super::error::ApiError;
-use super::generate::{self, parse_grpc_timeout, SamplingInput};
+use super::observer;
+use crate::llm::Health;
 use crate::ops::observe::Observer;
-use crate::state::{AppState, Loaded};
-use genai_engine::{EngineEvent, PositionLogprobs, SamplingParams, TokenLogprob};
+use crate::pipeline::context::{ContextLayer, RequestContext};
+use crate::pipeline::sampling::SamplingInput;
+use crate::pipeline::{GenerateInput, Prompt, Route};
+use crate::state::AppState;
+use genai_engine::{EngineEvent, PositionLogprobs, TokenLogprob};
 use genai_models::chat_template::ChatMessage;
-use genai_models::registry::WeightsFormat;
 use genai_retrieval::rag;
 
 /// Names reported by `grpc.health.v1.Health`; "" is the whole server.
 const SERVICES: &[&str] = &["", "genai.v1.Inference", "genai.v1.Knowledge"];
 
-pub async fn serve(
+pub(crate) async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
@@ -37,17 +40,24 @@ pub async fn serve(
     for s in SERVICES {
         health.set_service_status(*s, ServingStatus::NotServing).await;
     }
-    let mut ready = state.subscribe_ready();
-    let mut draining = state.subscribe_draining();
+    // Follows the pipeline's health: loading, serving, an engine or embedder that stopped, draining.
+    let watched = state.clone();
     tokio::spawn(async move {
-        if ready.wait_for(|r| *r).await.is_ok() {
-            for s in SERVICES {
-                health.set_service_status(*s, ServingStatus::Serving).await;
-            }
-        }
-        if draining.wait_for(|d| *d).await.is_ok() {
-            for s in SERVICES {
-                health.set_service_status(*s, ServingStatus::NotServing).await;
+        let mut last = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let serving = watched.pipeline.health() == Health::Serving;
+            if last != Some(serving) {
+                let status = if serving {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                for s in SERVICES {
+                    health.set_service_status(*s, status).await;
+                }
+                last = Some(serving);
             }
         }
     });
@@ -70,6 +80,11 @@ pub async fn serve(
 
     tonic::transport::Server::builder()
         .layer(crate::ops::request_id::layer())
+        .layer(ContextLayer)
+        .layer(super::grpc_guard::EmbedGuardLayer {
+            max_inputs: state.config.limits.max_embedding_inputs,
+            max_message_bytes: limits.max_message_bytes,
+        })
         .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_secs)))
         .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_secs)))
         .add_service(health_service)
@@ -88,95 +103,65 @@ pub async fn serve(
     Ok(())
 }
 
-pub struct InferenceService {
+pub(crate) struct InferenceService {
     state: Arc<AppState>,
 }
 
 type GenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl InferenceService {
-    fn loaded(&self) -> Result<&Loaded, ApiError> {
-        if self.state.is_draining() {
-            return Err(ApiError::Unavailable("server is shutting down".into()));
-        }
-        self.state
-            .loaded()
-            .ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
-    }
-
     fn observer<T>(&self, req: &Request<T>, method: &'static str, route: &str) -> Observer {
-        let md = req.metadata();
-        let rid = crate::ops::request_id::from_metadata(md)
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let tenant = self
-            .state
-            .ops()
-            .tenant_label(md.get("x-tenant-id").and_then(|v| v.to_str().ok()));
-        Observer::new(self.state.ops().clone(), "grpc", method, route, &rid, &tenant)
+        let ctx = RequestContext::of(req.extensions()).ok();
+        observer(&self.state, "grpc", method, route, ctx.as_ref())
     }
 
-    fn sampling(&self, p: Option<pb::SamplingParams>) -> Result<SamplingParams, ApiError> {
-        let p = p.unwrap_or_default();
-        let input = SamplingInput {
-            temperature: p.temperature.map(f64::from),
-            top_p: p.top_p.map(f64::from),
-            top_k: p.top_k.map(i64::from),
-            min_p: p.min_p.map(f64::from),
-            repetition_penalty: p.repetition_penalty.map(f64::from),
-            presence_penalty: p.presence_penalty.map(f64::from),
-            frequency_penalty: p.frequency_penalty.map(f64::from),
-            seed: p.seed,
-            max_tokens: p.max_tokens.map(i64::from),
-            min_tokens: p.min_tokens.map(i64::from),
-            ignore_eos: p.ignore_eos,
-            stop: p.stop,
-            stop_token_ids: p.stop_token_ids,
-            logprobs: match (p.logprobs, p.top_logprobs) {
-                (_, Some(n)) => Some(i64::from(n)),
-                (true, None) => Some(0),
-                (false, None) => None,
-            },
-        };
-        input.into_params(self.state.config.engine.default_max_tokens)
-    }
-
-    /// Streams the engine's events for a validated request; every outcome is recorded by
-    /// the observer. RAG answers carry their sources on the first message and the ones the
-    /// answer cites on the last.
-    fn stream<T>(
+    /// Runs a unary call with accounting.
+    async fn unary<R>(
         &self,
-        req: &Request<T>,
         mut obs: Observer,
-        prepared: Result<Prepared, ApiError>,
+        res: impl std::future::Future<Output = Result<R, ApiError>>,
+    ) -> Result<Response<R>, Status> {
+        match res.await {
+            Ok(r) => {
+                obs.on_ok();
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                obs.on_error(e.codes());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Generates through the pipeline and streams the events. RAG answers carry all their sources
+    /// on the first message and the ones the answer cites on the last.
+    async fn generate_stream(
+        &self,
+        ctx: Result<RequestContext, ApiError>,
+        input: Result<GenerateInput, ApiError>,
+        mut obs: Observer,
     ) -> Result<Response<GenStream>, Status> {
-        let deadline = req
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        let (loaded, p) = match self.loaded().and_then(|l| prepared.map(|p| (l, p))) {
+        let (ctx, input) = match ctx.and_then(|c| input.map(|i| (c, i))) {
             Ok(x) => x,
             Err(e) => {
                 obs.on_error(e.codes());
                 return Err(e.into());
             }
         };
-        obs.set_model(&loaded.model_name, &p.prompt);
-        let events = generate::submit(loaded, obs, p.tokens, p.params, deadline)?;
-        let sources = p.citations;
+        let answer = self.state.pipeline.generate(&ctx, input, obs).await?;
+        let sources = answer.citations;
         let mut first = true;
-        let mut answer = String::new();
-        let out = events.map(move |ev| {
+        let mut text = String::new();
+        let out = answer.events.map(move |ev| {
             let mut msg = match ev {
                 Ok(EngineEvent::Delta {
-                    text,
+                    text: delta,
                     token_ids,
                     logprobs,
                 }) => {
-                    answer.push_str(&text);
+                    text.push_str(&delta);
                     pb::GenerateResponse {
-                        text,
+                        text: delta,
                         token_ids,
                         logprobs: logprobs.into_iter().map(position_logprobs).collect(),
                         ..Default::default()
@@ -189,7 +174,7 @@ impl InferenceService {
                         completion_tokens: usage.completion_tokens,
                         cached_prompt_tokens: usage.cached_prompt_tokens,
                     }),
-                    citations: rag::parse_citations(&answer, &sources)
+                    citations: rag::parse_citations(&text, &sources)
                         .into_iter()
                         .map(citation)
                         .collect(),
@@ -205,34 +190,30 @@ impl InferenceService {
         });
         Ok(Response::new(Box::pin(out) as GenStream))
     }
-
-    /// Runs a unary call with accounting.
-    fn unary<R>(
-        &self,
-        mut obs: Observer,
-        f: impl FnOnce(&Loaded) -> Result<R, ApiError>,
-    ) -> Result<Response<R>, Status> {
-        match self.loaded().and_then(f) {
-            Ok(r) => {
-                obs.on_ok();
-                Ok(Response::new(r))
-            }
-            Err(e) => {
-                obs.on_error(e.codes());
-                Err(e.into())
-            }
-        }
-    }
 }
 
-/// A validated generation request.
-struct Prepared {
-    /// The prompt as the model sees it, for the request log.
-    prompt: String,
-    tokens: Vec<u32>,
-    params: SamplingParams,
-    /// RAG sources numbered in the prompt; empty otherwise.
-    citations: Vec<rag::Citation>,
+fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {
+    let p = p.unwrap_or_default();
+    SamplingInput {
+        temperature: p.temperature.map(f64::from),
+        top_p: p.top_p.map(f64::from),
+        top_k: p.top_k.map(i64::from),
+        min_p: p.min_p.map(f64::from),
+        repetition_penalty: p.repetition_penalty.map(f64::from),
+        presence_penalty: p.presence_penalty.map(f64::from),
+        frequency_penalty: p.frequency_penalty.map(f64::from),
+        seed: p.seed,
+        max_tokens: p.max_tokens.map(i64::from),
+        min_tokens: p.min_tokens.map(i64::from),
+        ignore_eos: p.ignore_eos,
+        stop: p.stop,
+        stop_token_ids: p.stop_token_ids,
+        // The proto: `top_logprobs` 0 (or unset) without `logprobs` means no logprobs.
+        logprobs: match (p.logprobs, p.top_logprobs.unwrap_or(0)) {
+            (false, 0) => None,
+            (_, n) => Some(i64::from(n)),
+        },
+    }
 }
 
 fn citation(c: rag::Citation) -> pb::Citation {
@@ -264,93 +245,77 @@ impl Inference for InferenceService {
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let obs = self.observer(&req, "Generate", "completion");
-        let r = req.get_ref();
-        let prepared = self.loaded().and_then(|loaded| {
-            generate::check_model(loaded, &r.model)?;
-            let tokens = generate::prompt_tokens(loaded, &r.prompt)?;
-            let params = self.sampling(r.sampling.clone())?;
-            Ok(Prepared {
-                prompt: r.prompt.clone(),
-                tokens,
-                params,
-                citations: Vec::new(),
-            })
+        let ctx = RequestContext::of(req.extensions());
+        let r = req.into_inner();
+        let input = Ok(GenerateInput {
+            model: r.model,
+            prompt: Prompt::Text(r.prompt),
+            route: Route::Chat,
+            sampling: sampling(r.sampling),
         });
-        self.stream(&req, obs, prepared)
+        self.generate_stream(ctx, input, obs).await
     }
 
     async fn chat(&self, req: Request<pb::ChatRequest>) -> Result<Response<GenStream>, Status> {
-        let rag_mode = req.get_ref().mode == pb::ChatMode::Rag as i32;
-        let obs = self.observer(&req, "Chat", if rag_mode { "rag" } else { "chat" });
-        let tenant = req
-            .metadata()
-            .get("x-tenant-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let r = req.get_ref();
-        let messages: Vec<ChatMessage> = r
-            .messages
-            .iter()
-            .map(|m| ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect();
-        let prepared = async {
-            let loaded = self.loaded()?;
-            generate::check_model(loaded, &r.model)?;
-            let params = self.sampling(r.sampling.clone())?;
-            let (messages, citations) = if rag_mode {
-                generate::rag_messages(&self.state, &messages, &tenant).await?
-            } else {
-                (messages, Vec::new())
-            };
-            let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
-            Ok(Prepared {
-                prompt,
-                tokens,
-                params,
-                citations,
-            })
-        }
-        .await;
-        self.stream(&req, obs, prepared)
+        let route = match pb::ChatMode::try_from(req.get_ref().mode) {
+            Ok(pb::ChatMode::Rag) => Ok(Route::Rag),
+            Ok(_) => Ok(Route::Chat),
+            Err(_) => Err(ApiError::invalid(
+                "mode",
+                format!("unknown ChatMode value {}", req.get_ref().mode),
+            )),
+        };
+        let label = route.as_ref().map_or("chat", |r| r.label(false));
+        let obs = self.observer(&req, "Chat", label);
+        let ctx = RequestContext::of(req.extensions());
+        let r = req.into_inner();
+        let input = route.map(|route| GenerateInput {
+            model: r.model,
+            prompt: Prompt::Chat(
+                r.messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            ),
+            route,
+            sampling: sampling(r.sampling),
+        });
+        self.generate_stream(ctx, input, obs).await
     }
 
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let mut obs = self.observer(&req, "Embed", "embedding");
+        let obs = self.observer(&req, "Embed", "embedding");
+        let ctx = RequestContext::of(req.extensions());
         let r = req.into_inner();
-        match generate::embed(&self.state, &r.model, r.texts).await {
-            Ok((vectors, prompt_tokens)) => {
-                obs.on_ok();
-                Ok(Response::new(pb::EmbedResponse {
-                    embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
-                    prompt_tokens: prompt_tokens as u32,
-                    model: self.state.knowledge.embedding_model().to_owned(),
-                }))
-            }
-            Err(e) => {
-                obs.on_error(e.codes());
-                Err(e.into())
-            }
-        }
+        self.unary(obs, async {
+            let (model, e) = self.state.pipeline.embed(&ctx?, &r.model, r.texts).await?;
+            Ok(pb::EmbedResponse {
+                embeddings: e.vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+                prompt_tokens: e.tokens as u32,
+                model,
+            })
+        })
+        .await
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let obs = self.observer(&req, "Tokenize", "tokenize");
         let r = req.into_inner();
-        self.unary(obs, |loaded| {
-            generate::check_model(loaded, &r.model)?;
-            let enc = loaded
-                .tokenizer
-                .encode(r.text.as_str(), r.add_special_tokens)
-                .map_err(|e| ApiError::invalid("text", format!("cannot tokenize: {e}")))?;
+        self.unary(obs, async {
+            let t = self
+                .state
+                .pipeline
+                .tokenize(&r.model, r.text, r.add_special_tokens)
+                .await?;
             Ok(pb::TokenizeResponse {
-                token_ids: enc.get_ids().to_vec(),
-                tokens: enc.get_tokens().to_vec(),
+                token_ids: t.ids,
+                tokens: t.tokens,
             })
         })
+        .await
     }
 
     async fn detokenize(
@@ -359,57 +324,47 @@ impl Inference for InferenceService {
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let obs = self.observer(&req, "Detokenize", "tokenize");
         let r = req.into_inner();
-        self.unary(obs, |loaded| {
-            generate::check_model(loaded, &r.model)?;
-            let vocab = loaded.tokenizer.get_vocab_size(true) as u32;
-            if let Some(bad) = r.token_ids.iter().find(|&&t| t >= vocab) {
-                return Err(ApiError::invalid(
-                    "token_ids",
-                    format!("id {bad} is outside the vocabulary (size {vocab})"),
-                ));
-            }
-            let text = loaded
-                .tokenizer
-                .decode(&r.token_ids, r.skip_special_tokens)
-                .map_err(|e| ApiError::invalid("token_ids", format!("cannot decode: {e}")))?;
+        self.unary(obs, async {
+            let text = self
+                .state
+                .pipeline
+                .detokenize(&r.model, r.token_ids, r.skip_special_tokens)
+                .await?;
             Ok(pb::DetokenizeResponse { text })
         })
+        .await
     }
 
     async fn feedback(&self, req: Request<pb::FeedbackRequest>) -> Result<Response<pb::FeedbackResponse>, Status> {
         let obs = self.observer(&req, "Feedback", "feedback");
         let r = req.into_inner();
-        self.unary(obs, |_| {
+        self.unary(obs, async {
             let log = self.state.ops().request_log.as_ref().ok_or_else(|| {
                 ApiError::Unavailable("the request log is disabled (ops.request_log.enabled = false)".into())
             })?;
             log.append_feedback(&r.request_id, r.rating, &r.comment)?;
             Ok(pb::FeedbackResponse {})
         })
+        .await
     }
 
     async fn list_models(
         &self,
         _req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let loaded = self.loaded()?;
-        let files = &loaded.files;
-        let path = match &files.generation.weights {
-            WeightsFormat::Gguf(p) | WeightsFormat::Safetensors(p) => p.display().to_string(),
-        };
+        let (generation, context_length, embedding) = self.state.pipeline.models()?;
+        // Names and kinds only: file paths are the operator's business (review m2).
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![
                 pb::ModelInfo {
-                    name: loaded.model_name.clone(),
+                    name: generation,
                     kind: "generation".into(),
-                    context_length: loaded.engine.info().context_length as u32,
-                    path,
+                    context_length: context_length as u32,
                     ..Default::default()
                 },
                 pb::ModelInfo {
-                    name: files.embedding.name.clone(),
+                    name: embedding,
                     kind: "embedding".into(),
-                    path: files.embedding.dir.display().to_string(),
                     ..Default::default()
                 },
             ],

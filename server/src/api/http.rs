@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,14 +16,17 @@ use tokio::sync::watch;
 
 use super::error::ApiError;
 use super::openai;
+use crate::llm::Health;
+use crate::pipeline::context::ContextLayer;
 use crate::state::AppState;
 
-pub async fn serve(
+pub(crate) async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let app = Router::new()
+        .route("/live", get(live))
         .route("/health", get(health))
         .route("/ready", get(health))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -34,6 +37,8 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .with_state(state.clone())
         .merge(super::knowledge::router(state.knowledge.clone()))
+        .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
+        .layer(ContextLayer)
         .layer(crate::ops::request_id::layer());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -43,15 +48,22 @@ pub async fn serve(
     Ok(())
 }
 
-/// 200 once the models are loaded and validated; 503 while loading or draining.
+/// Readiness: 200 while serving; 503 with the reason while loading, draining, or after the
+/// engine or the embedder stopped.
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    if state.is_ready() {
-        (StatusCode::OK, Json(json!({"status": "ok"})))
-    } else if state.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"})))
+    match state.pipeline.health() {
+        Health::Serving => (StatusCode::OK, Json(json!({"status": "ok"}))),
+        Health::NotServing(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_serving", "reason": why})),
+        ),
     }
+}
+
+/// Liveness: 200 while the process answers (a Kubernetes liveness probe must not kill a pod
+/// that is still loading its models).
+async fn live() -> impl IntoResponse {
+    (StatusCode::OK, Json(json!({"status": "alive"})))
 }
 
 /// Prometheus text exposition of every metric.

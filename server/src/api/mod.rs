@@ -1,18 +1,36 @@
-//! The two front doors. Protocol only: decode, validate, call the engine, map
-//! errors to gRPC codes / HTTP statuses. `generate` holds what both share.
+//! The two front doors. Protocol only: decode into pipeline inputs, call the
+//! [`Pipeline`](crate::pipeline::Pipeline), encode what comes back, map errors to gRPC codes /
+//! HTTP statuses. One tower stack (request id, then request context) wraps both.
 
-pub mod error;
-pub mod generate;
-pub mod grpc;
-pub mod http;
-pub mod knowledge;
-pub mod openai;
+pub(crate) mod error;
+pub(crate) mod grpc;
+mod grpc_guard;
+pub(crate) mod http;
+pub(crate) mod knowledge;
+pub(crate) mod openai;
 
 use axum::body::Bytes;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use error::ApiError;
+
+use crate::ops::observe::Observer;
+use crate::pipeline::context::RequestContext;
+use crate::state::AppState;
+
+/// The observer of one request; `ctx` is None when the request's headers were refused.
+pub(crate) fn observer(
+    state: &AppState,
+    api: &str,
+    method: &'static str,
+    route: &str,
+    ctx: Option<&RequestContext>,
+) -> Observer {
+    let (rid, tenant) = ctx.map_or(("", ""), |c| (c.request_id.as_str(), c.tenant.as_str()));
+    let label = state.ops().tenant_label(Some(tenant));
+    Observer::new(state.ops().clone(), api, method, route, rid, &label)
+}
 
 /// Parses a JSON body, naming the offending field in the error.
 pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {

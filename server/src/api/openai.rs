@@ -1,35 +1,119 @@
-//! OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`,
-//! `/v1/models`. Field names, SSE framing (`data: {...}` … `data: [DONE]`),
-//! error bodies and status codes follow OpenAI's API; vLLM's extra sampling
-//! fields (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`,
-//! `stop_token_ids`) are accepted too.
+//! OpenAI-compatible HTTP API: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+//! `/v1/models`. Field names, SSE framing (`data: {...}` … `data: [DONE]`), error bodies and
+//! status codes follow OpenAI's API; vLLM's extra sampling fields (`top_k`, `min_p`,
+//! `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) are accepted too.
+//!
+//! Protocol only: decode the body into a pipeline input, encode what comes back. Fields OpenAI
+//! defines that we do not implement yet (`tools`, `response_format`, ...) are refused with 400
+//! `unsupported_parameter` naming the field, never silently dropped; unknown fields are ignored
+//! with one warning line, as vLLM does.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::generate::{self, SamplingInput};
-use super::{from_value, parse_json, parse_value};
+use super::{from_value, observer, parse_value};
+use crate::llm::EventStream;
 use crate::ops::observe::Observer;
-use crate::state::{AppState, Loaded};
-use genai_engine::{EngineEvent, PositionLogprobs, SamplingParams, Usage};
+use crate::pipeline::context::RequestContext;
+use crate::pipeline::sampling::SamplingInput;
+use crate::pipeline::{GenerateInput, Prompt, Route};
+use crate::state::AppState;
+use genai_engine::{EngineEvent, PositionLogprobs, Usage};
 use genai_models::chat_template::ChatMessage;
 use genai_retrieval::rag::{self, Citation};
 
 /// OpenAI's default `max_tokens` for legacy completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
+
+/// Fields of both endpoints that OpenAI defines and we do not implement (yet): a request that
+/// sets one gets a 400 naming it instead of an answer that silently ignored it.
+const UNSUPPORTED: &[&str] = &[
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "best_of",
+    "suffix",
+    "echo",
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+];
+
+/// Known fields that change nothing here (bookkeeping for the caller's own records).
+const IGNORED: &[&str] = &["user", "metadata", "store", "service_tier"];
+
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "logprobs",
+];
+const CHAT_FIELDS: &[&str] = &["messages", "mode", "top_logprobs"];
+const COMPLETION_FIELDS: &[&str] = &["prompt"];
+
+/// Refuses unsupported fields that are actually set, and warns once per unknown field.
+fn check_fields(body: &Value, own: &[&str]) -> Result<(), ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    };
+    for (k, v) in obj {
+        if UNSUPPORTED.contains(&k.as_str()) {
+            // The "off" values clients send by default are not a request for the feature.
+            let off = match v {
+                Value::Null => true,
+                Value::Bool(b) => !b,
+                Value::Object(o) => o.is_empty(),
+                Value::Array(a) => a.is_empty(),
+                Value::Number(n) => k == "best_of" && n.as_u64() == Some(1),
+                Value::String(s) => k == "tool_choice" && s == "none",
+            };
+            if !off {
+                return Err(ApiError::Unsupported { param: k.clone() });
+            }
+        } else if !(COMMON_FIELDS.contains(&k.as_str()) || own.contains(&k.as_str()) || IGNORED.contains(&k.as_str())) {
+            tracing::warn!(field = %k, "ignoring unknown request field");
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -120,7 +204,8 @@ pub struct CompletionRequest {
 }
 
 impl CommonFields {
-    fn sampling(&mut self, logprobs: Option<i64>, default_max: i64) -> SamplingInput {
+    /// `default_max`: the endpoint's own default for an unset `max_tokens` (None: the engine's).
+    fn sampling(&mut self, logprobs: Option<i64>, default_max: Option<i64>) -> SamplingInput {
         SamplingInput {
             temperature: self.temperature,
             top_p: self.top_p,
@@ -130,7 +215,7 @@ impl CommonFields {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
-            max_tokens: Some(self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max)),
+            max_tokens: self.max_completion_tokens.or(self.max_tokens).or(default_max),
             min_tokens: self.min_tokens,
             ignore_eos: self.ignore_eos,
             stop: self.stop.take().map(OneOrMany::into_vec).unwrap_or_default(),
@@ -147,27 +232,6 @@ impl CommonFields {
     }
 }
 
-fn loaded(state: &AppState) -> Result<&Loaded, ApiError> {
-    if state.is_draining() {
-        return Err(ApiError::Unavailable("server is shutting down".into()));
-    }
-    state
-        .loaded()
-        .ok_or_else(|| ApiError::Unavailable("models are still loading".into()))
-}
-
-/// The request-id layer has already set `x-request-id` (the caller's or a fresh UUID).
-fn observer(state: &AppState, headers: &HeaderMap, method: &'static str, route: &str) -> Observer {
-    let rid = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let tenant = state
-        .ops()
-        .tenant_label(headers.get("x-tenant-id").and_then(|v| v.to_str().ok()));
-    Observer::new(state.ops().clone(), "http", method, route, rid, &tenant)
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -182,7 +246,8 @@ enum Kind {
     Completion,
 }
 
-struct Job {
+/// How the answer is encoded: the endpoint, ids and what the client asked to see.
+struct ResponseShape {
     kind: Kind,
     id: String,
     model: String,
@@ -192,168 +257,167 @@ struct Job {
     citations: Vec<Citation>,
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    // The route label is needed before the full parse (which may fail and must still be recorded).
-    #[derive(Deserialize)]
-    struct Mode {
-        mode: Option<String>,
-    }
-    let rag_mode = serde_json::from_slice::<Mode>(&body).is_ok_and(|m| m.mode.as_deref() == Some("rag"));
-    let obs = observer(
-        &state,
-        &headers,
-        "/v1/chat/completions",
-        if rag_mode { "rag" } else { "chat" },
-    );
-    let tenant = headers
-        .get("x-tenant-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let res = async {
-        let loaded = loaded(&state)?;
-        // Two typed views of one body (no serde flatten, which would lose the field paths in errors).
-        let body = parse_value(&body)?;
-        let req: ChatCompletionRequest = from_value(&body)?;
-        let mut common: CommonFields = from_value(&body)?;
-        common.check_n()?;
-        generate::check_model(loaded, &common.model)?;
-        let mut messages = Vec::with_capacity(req.messages.len());
-        for (i, m) in req.messages.into_iter().enumerate() {
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                        return Err(ApiError::invalid(
-                            format!("messages[{i}].content"),
-                            format!("content part type {:?} is not supported (text only)", p.kind),
-                        ));
-                    }
-                    parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("")
-                }
-            };
-            messages.push(ChatMessage { role: m.role, content });
-        }
-        let (messages, citations) = match req.mode.as_deref() {
-            None | Some("chat") => (messages, Vec::new()),
-            Some("rag") => generate::rag_messages(&state, &messages, &tenant).await?,
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "mode",
-                    format!("must be \"chat\" or \"rag\", got {other:?}"),
-                ))
-            }
-        };
-        let (prompt, tokens) = generate::chat_tokens(loaded, &messages)?;
-        let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
-        if req.top_logprobs.is_some() && !req.logprobs {
-            return Err(ApiError::invalid("top_logprobs", "requires logprobs = true"));
-        }
-        let default_max = state.config.engine.default_max_tokens as i64;
-        let params = common
-            .sampling(logprobs, default_max)
-            .into_params(state.config.engine.default_max_tokens)?;
-        let job = Job {
-            kind: Kind::Chat,
-            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-            model: loaded.model_name.clone(),
-            created: now_secs(),
-            logprobs: req.logprobs,
-            citations,
-        };
-        let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(Prepared {
-            loaded,
-            prompt,
-            tokens,
-            params,
-            job,
-            stream: common.stream,
-            include_usage,
-        })
-    }
-    .await;
-    respond(obs, res).await
-}
-
-pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let obs = observer(&state, &headers, "/v1/completions", "completion");
-    let res = (|| -> Result<Prepared<'_>, ApiError> {
-        let loaded = loaded(&state)?;
-        let body = parse_value(&body)?;
-        let req: CompletionRequest = from_value(&body)?;
-        let mut common: CommonFields = from_value(&body)?;
-        common.check_n()?;
-        generate::check_model(loaded, &common.model)?;
-        let prompt = match req.prompt {
-            OneOrMany::One(p) => p,
-            OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-            OneOrMany::Many(v) => {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    format!("one prompt per request is supported, got {}", v.len()),
-                ))
-            }
-        };
-        let tokens = generate::prompt_tokens(loaded, &prompt)?;
-        let params = common
-            .sampling(req.logprobs, COMPLETIONS_DEFAULT_MAX_TOKENS)
-            .into_params(state.config.engine.default_max_tokens)?;
-        let job = Job {
-            kind: Kind::Completion,
-            id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-            model: loaded.model_name.clone(),
-            created: now_secs(),
-            logprobs: req.logprobs.is_some(),
-            citations: Vec::new(),
-        };
-        let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(Prepared {
-            loaded,
-            prompt,
-            tokens,
-            params,
-            job,
-            stream: common.stream,
-            include_usage,
-        })
-    })();
-    respond(obs, res).await
-}
-
-/// A validated request, ready for the engine.
-struct Prepared<'a> {
-    loaded: &'a Loaded,
-    /// The prompt as the model sees it (rendered chat), for the request log.
-    prompt: String,
-    tokens: Vec<u32>,
-    params: SamplingParams,
-    job: Job,
+/// A decoded request: the pipeline input plus how to encode the answer.
+struct Decoded {
+    input: GenerateInput,
+    kind: Kind,
+    logprobs: bool,
     stream: bool,
     include_usage: bool,
 }
 
-async fn respond(mut obs: Observer, res: Result<Prepared<'_>, ApiError>) -> Response {
-    let p = match res {
-        Ok(p) => p,
+fn decode_chat(body: &Value) -> Result<Decoded, ApiError> {
+    check_fields(body, CHAT_FIELDS)?;
+    // Two typed views of one body (no serde flatten, which would lose the field paths in errors).
+    let req: ChatCompletionRequest = from_value(body)?;
+    let mut common: CommonFields = from_value(body)?;
+    common.check_n()?;
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].content"),
+                        format!("content part type {:?} is not supported (text only)", p.kind),
+                    ));
+                }
+                parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("")
+            }
+        };
+        messages.push(ChatMessage { role: m.role, content });
+    }
+    let route = match req.mode.as_deref() {
+        None | Some("chat") => Route::Chat,
+        Some("rag") => Route::Rag,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "mode",
+                format!("must be \"chat\" or \"rag\", got {other:?}"),
+            ))
+        }
+    };
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::invalid("top_logprobs", "requires logprobs = true"));
+    }
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let sampling = common.sampling(logprobs, None);
+    Ok(Decoded {
+        input: GenerateInput {
+            model: std::mem::take(&mut common.model),
+            prompt: Prompt::Chat(messages),
+            route,
+            sampling,
+        },
+        kind: Kind::Chat,
+        logprobs: req.logprobs,
+        stream: common.stream,
+        include_usage: common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+fn decode_completion(body: &Value) -> Result<Decoded, ApiError> {
+    check_fields(body, COMPLETION_FIELDS)?;
+    let req: CompletionRequest = from_value(body)?;
+    let mut common: CommonFields = from_value(body)?;
+    common.check_n()?;
+    let prompt = match req.prompt {
+        OneOrMany::One(p) => p,
+        OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
+        OneOrMany::Many(v) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("one prompt per request is supported, got {}", v.len()),
+            ))
+        }
+    };
+    let sampling = common.sampling(req.logprobs, Some(COMPLETIONS_DEFAULT_MAX_TOKENS));
+    Ok(Decoded {
+        input: GenerateInput {
+            model: std::mem::take(&mut common.model),
+            prompt: Prompt::Text(prompt),
+            route: Route::Chat,
+            sampling,
+        },
+        kind: Kind::Completion,
+        logprobs: req.logprobs.is_some(),
+        stream: common.stream,
+        include_usage: common.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ctx: Result<RequestContext, ApiError>,
+    body: Bytes,
+) -> Response {
+    let parsed = parse_value(&body);
+    let rag = parsed
+        .as_ref()
+        .is_ok_and(|v| v.get("mode").and_then(Value::as_str) == Some("rag"));
+    let route = if rag { Route::Rag } else { Route::Chat };
+    let obs = observer(
+        &state,
+        "http",
+        "/v1/chat/completions",
+        route.label(false),
+        ctx.as_ref().ok(),
+    );
+    generate(&state, ctx, parsed.and_then(|v| decode_chat(&v)), obs).await
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    ctx: Result<RequestContext, ApiError>,
+    body: Bytes,
+) -> Response {
+    let obs = observer(&state, "http", "/v1/completions", "completion", ctx.as_ref().ok());
+    let decoded = parse_value(&body).and_then(|v| decode_completion(&v));
+    generate(&state, ctx, decoded, obs).await
+}
+
+async fn generate(
+    state: &AppState,
+    ctx: Result<RequestContext, ApiError>,
+    decoded: Result<Decoded, ApiError>,
+    mut obs: Observer,
+) -> Response {
+    let (ctx, d) = match ctx.and_then(|c| decoded.map(|d| (c, d))) {
+        Ok(x) => x,
         Err(e) => {
             obs.on_error(e.codes());
             return e.into_response();
         }
     };
-    obs.set_model(&p.loaded.model_name, &p.prompt);
-    match generate::submit(p.loaded, obs, p.tokens, p.params, None) {
-        Err(e) => e.into_response(),
-        Ok(events) if p.stream => stream_response(p.job, events, p.include_usage).into_response(),
-        Ok(events) => match collect(p.job, events).await {
+    let answer = match state.pipeline.generate(&ctx, d.input, obs).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let (prefix, kind) = match d.kind {
+        Kind::Chat => ("chatcmpl", Kind::Chat),
+        Kind::Completion => ("cmpl", Kind::Completion),
+    };
+    let shape = ResponseShape {
+        kind,
+        id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+        model: answer.model,
+        created: now_secs(),
+        logprobs: d.logprobs,
+        citations: answer.citations,
+    };
+    if d.stream {
+        stream_response(shape, answer.events, d.include_usage).into_response()
+    } else {
+        match collect(shape, answer.events).await {
             Ok(v) => Json(v).into_response(),
             Err(e) => e.into_response(),
-        },
+        }
     }
 }
 
-impl Job {
+impl ResponseShape {
     fn logprobs_json(&self, lps: &[PositionLogprobs]) -> Value {
         if !self.logprobs {
             return Value::Null;
@@ -414,7 +478,7 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
-async fn collect(job: Job, mut events: generate::EventStream) -> Result<Value, ApiError> {
+async fn collect(job: ResponseShape, mut events: EventStream) -> Result<Value, ApiError> {
     let mut text = String::new();
     let mut lps = Vec::new();
     while let Some(ev) = events.next().await {
@@ -449,8 +513,8 @@ async fn collect(job: Job, mut events: generate::EventStream) -> Result<Value, A
 }
 
 fn stream_response(
-    job: Job,
-    events: generate::EventStream,
+    job: ResponseShape,
+    events: EventStream,
     include_usage: bool,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let data = |v: Value| Event::default().data(v.to_string());
@@ -477,21 +541,25 @@ fn stream_response(
                 Ok(EngineEvent::Failed { message }) | Err(ApiError::Internal(message)) => {
                     vec![data(json!({"error": {"message": message, "type": "server_error", "param": null, "code": "internal_error"}}))]
                 }
-                Err(e) => vec![data(json!({"error": {"message": format!("{e:?}"), "type": "server_error", "param": null, "code": null}}))],
+                Err(e) => {
+                    let (kind, param, code) = e.openai_fields();
+                    vec![data(json!({"error": {"message": e.message(), "type": kind, "param": param, "code": code}}))]
+                }
             };
             futures::stream::iter(out.into_iter().map(Ok))
         });
-    Sse::new(body)
+    // Comments keep proxies from closing a stream that waits in the queue.
+    Sse::new(body).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Response {
-    match loaded(&state) {
+    match state.pipeline.models() {
         Err(e) => e.into_response(),
-        Ok(l) => Json(json!({
+        Ok((generation, _, embedding)) => Json(json!({
             "object": "list",
             "data": [
-                {"id": l.model_name, "object": "model", "created": 0, "owned_by": "genai-factory"},
-                {"id": l.files.embedding.name, "object": "model", "created": 0, "owned_by": "genai-factory"},
+                {"id": generation, "object": "model", "created": 0, "owned_by": "genai-factory"},
+                {"id": embedding, "object": "model", "created": 0, "owned_by": "genai-factory"},
             ],
         }))
         .into_response(),
@@ -499,19 +567,54 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct EmbeddingRequest {
-    pub input: OneOrMany,
+struct EmbeddingRequest<'a> {
+    /// Kept raw: decoded under the limits, stopping at the first input over one.
+    #[serde(borrow)]
+    input: &'a RawValue,
     #[serde(default)]
-    pub model: String,
+    model: String,
     /// "float" (default) or "base64" (little-endian f32 bytes; the Python SDK's default).
     #[serde(default)]
-    pub encoding_format: Option<String>,
+    encoding_format: Option<String>,
+    /// Only the model's own size is served.
+    dimensions: Option<u64>,
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
 }
 
-pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let mut obs = observer(&state, &headers, "/v1/embeddings", "embedding");
+/// One vector, serialized straight from its `&[f32]` (no `Value` per float).
+#[derive(Serialize)]
+struct EmbeddingItem<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: EmbeddingRepr<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EmbeddingRepr<'a> {
+    Floats(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct EmbeddingList<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingItem<'a>>,
+    model: &'a str,
+    usage: Value,
+}
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    ctx: Result<RequestContext, ApiError>,
+    body: Bytes,
+) -> Response {
+    let mut obs = observer(&state, "http", "/v1/embeddings", "embedding", ctx.as_ref().ok());
     let res = async {
-        let req: EmbeddingRequest = parse_json(&body)?;
+        let ctx = ctx?;
+        let req: EmbeddingRequest =
+            serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("malformed request: {e}")))?;
         let base64 = match req.encoding_format.as_deref() {
             None | Some("float") => false,
             Some("base64") => true,
@@ -522,32 +625,45 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, headers: HeaderMap, 
                 ))
             }
         };
-        let (vectors, tokens) = generate::embed(&state, &req.model, req.input.into_vec()).await?;
-        let data: Vec<Value> = vectors
-            .into_iter()
+        let texts = state.pipeline.limits().parse_inputs(req.input.get())?;
+        let (model, e) = state.pipeline.embed(&ctx, &req.model, texts).await?;
+        if let Some(d) = req.dimensions {
+            let dim = e.vectors.first().map_or(0, Vec::len);
+            if d as usize != dim {
+                return Err(ApiError::invalid(
+                    "dimensions",
+                    format!("{model} embeds into {dim} dimensions, got {d}"),
+                ));
+            }
+        }
+        let data = e
+            .vectors
+            .iter()
             .enumerate()
-            .map(|(i, v)| {
-                let embedding = if base64 {
+            .map(|(index, v)| EmbeddingItem {
+                object: "embedding",
+                index,
+                embedding: if base64 {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    EmbeddingRepr::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
                 } else {
-                    json!(v)
-                };
-                json!({"object": "embedding", "index": i, "embedding": embedding})
+                    EmbeddingRepr::Floats(v)
+                },
             })
             .collect();
-        Ok(json!({
-            "object": "list",
-            "data": data,
-            "model": state.knowledge.embedding_model(),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }))
+        let list = EmbeddingList {
+            object: "list",
+            data,
+            model: &model,
+            usage: json!({"prompt_tokens": e.tokens, "total_tokens": e.tokens}),
+        };
+        serde_json::to_vec(&list).map_err(|e| ApiError::Internal(format!("encoding the response: {e}")))
     }
     .await;
     match res {
-        Ok(v) => {
+        Ok(bytes) => {
             obs.on_ok();
-            Json(v).into_response()
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
         Err(e) => {
             obs.on_error(e.codes());

@@ -1,3 +1,353 @@
 //! The protocol-neutral request pipeline between the two doors and the backends.
+//!
+//! A door decodes its wire format into a [`GenerateInput`] (or an embeddings / tokenize call),
+//! takes the [`context::RequestContext`] the shared tower layer attached, and calls
+//! [`Pipeline`]. The pipeline checks the hard limits ([`limits`]) before anything costly, picks
+//! the backend by model name, runs retrieval for RAG, lets the backend tokenize (on the blocking
+//! pool) and generate, and hands back one event stream bounded by the request's deadline and
+//! carrying its [`Observer`], which records the request when the stream ends or is dropped.
+//! The doors only encode what comes back.
+//!
+//! Invariants: nothing reaches a tokenizer or a queue before the limits passed; a stream always
+//! ends with `Finished` or an error (never silently); health is NOT_SERVING whenever the backend
+//! cannot serve, and "shutting down" is only ever said while draining.
 
 pub(crate) mod context;
+pub(crate) mod limits;
+pub(crate) mod sampling;
+
+use std::sync::{Arc, OnceLock};
+
+use futures::StreamExt;
+use genai_engine::EngineEvent;
+use genai_models::chat_template::ChatMessage;
+use genai_retrieval::index::Filter;
+use genai_retrieval::rag::{Citation, RagPipeline};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::llm::local::LocalEngine;
+use crate::llm::{Embeddings, EventStream, Health, LlmBackend, Tokenized};
+use crate::ops::observe::Observer;
+use context::RequestContext;
+use limits::Limits;
+use sampling::SamplingInput;
+
+/// What to generate from.
+pub(crate) enum Prompt {
+    /// A raw completion prompt.
+    Text(String),
+    /// Chat messages, rendered with the model's template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// How a chat request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    Chat,
+    /// Retrieve from the caller's tenant and answer with numbered sources.
+    Rag,
+}
+
+impl Route {
+    /// The `route` label of metrics and the request log.
+    pub(crate) fn label(self, prompt_is_text: bool) -> &'static str {
+        match (self, prompt_is_text) {
+            (_, true) => "completion",
+            (Route::Chat, false) => "chat",
+            (Route::Rag, false) => "rag",
+        }
+    }
+}
+
+pub(crate) struct GenerateInput {
+    pub model: String,
+    pub prompt: Prompt,
+    pub route: Route,
+    pub sampling: SamplingInput,
+}
+
+/// A generation under way.
+pub(crate) struct Answer {
+    /// The model that answers (as clients address it).
+    pub model: String,
+    /// RAG: the sources numbered in the prompt; empty otherwise.
+    pub citations: Vec<Citation>,
+    pub events: EventStream,
+}
+
+pub(crate) struct Pipeline {
+    limits: Limits,
+    rag: RagPipeline,
+    local: OnceLock<Arc<LocalEngine>>,
+    draining: watch::Receiver<bool>,
+    default_max_tokens: usize,
+}
+
+impl Pipeline {
+    pub(crate) fn new(
+        limits: Limits,
+        rag: RagPipeline,
+        draining: watch::Receiver<bool>,
+        default_max_tokens: usize,
+    ) -> Self {
+        Self {
+            limits,
+            rag,
+            local: OnceLock::new(),
+            draining,
+            default_max_tokens,
+        }
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Called once, when the models are loaded.
+    pub(crate) fn set_local(&self, local: LocalEngine) {
+        let _ = self.local.set(Arc::new(local));
+    }
+
+    pub(crate) fn local(&self) -> Option<&Arc<LocalEngine>> {
+        self.local.get()
+    }
+
+    /// Serving, or why not.
+    pub(crate) fn health(&self) -> Health {
+        if *self.draining.borrow() {
+            return Health::NotServing("draining".into());
+        }
+        match self.local.get() {
+            None => Health::NotServing("loading".into()),
+            Some(b) => b.health(),
+        }
+    }
+
+    /// The backend serving `model` ("" and "default" name the default one).
+    fn backend(&self, model: &str) -> Result<Arc<dyn LlmBackend>, ApiError> {
+        let b = self.serving()?;
+        let name = b.model();
+        if model.is_empty() || model == "default" || model == name {
+            Ok(b)
+        } else {
+            Err(ApiError::invalid(
+                "model",
+                format!("unknown model {model:?}; this server serves {name:?}"),
+            ))
+        }
+    }
+
+    fn serving(&self) -> Result<Arc<dyn LlmBackend>, ApiError> {
+        if *self.draining.borrow() {
+            return Err(ApiError::Unavailable("server is shutting down".into()));
+        }
+        let b = self
+            .local
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("models are still loading".into()))?;
+        if let Health::NotServing(why) = b.health() {
+            return Err(ApiError::Unavailable(why));
+        }
+        Ok(b.clone() as Arc<dyn LlmBackend>)
+    }
+
+    /// Validates, routes and starts a generation. Every outcome is recorded by `obs`, which
+    /// travels with the returned stream.
+    pub(crate) async fn generate(
+        &self,
+        ctx: &RequestContext,
+        input: GenerateInput,
+        mut obs: Observer,
+    ) -> Result<Answer, ApiError> {
+        match self.start(ctx, input).await {
+            Ok((model, citations, prompt, events)) => {
+                obs.set_model(&model, &prompt);
+                Ok(Answer {
+                    model,
+                    citations,
+                    events: observed(events, obs, ctx.deadline),
+                })
+            }
+            Err(e) => {
+                obs.on_error(e.codes());
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        ctx: &RequestContext,
+        input: GenerateInput,
+    ) -> Result<(String, Vec<Citation>, String, EventStream), ApiError> {
+        self.limits.check_sampling(&input.sampling)?;
+        match &input.prompt {
+            Prompt::Text(p) => self.limits.check_prompt(p)?,
+            Prompt::Chat(m) => self.limits.check_messages(m)?,
+        }
+        let backend = self.backend(&input.model)?;
+        let params = input.sampling.into_params(self.default_max_tokens)?;
+        let (generation, citations) = match (input.prompt, input.route) {
+            (Prompt::Text(p), _) => (backend.complete(ctx, p, params).await?, Vec::new()),
+            (Prompt::Chat(messages), Route::Chat) => (backend.chat(ctx, messages, params).await?, Vec::new()),
+            (Prompt::Chat(messages), Route::Rag) => {
+                let (messages, citations) = self.retrieve(ctx, &messages).await?;
+                (backend.chat(ctx, messages, params).await?, citations)
+            }
+        };
+        Ok((
+            backend.model().to_owned(),
+            citations,
+            generation.prompt,
+            generation.events,
+        ))
+    }
+
+    /// RAG: sources for the last user message, from the caller's tenant only.
+    async fn retrieve(
+        &self,
+        ctx: &RequestContext,
+        messages: &[ChatMessage],
+    ) -> Result<(Vec<ChatMessage>, Vec<Citation>), ApiError> {
+        if messages.is_empty() {
+            return Err(ApiError::invalid("messages", "must contain at least one message"));
+        }
+        let started = std::time::Instant::now();
+        let tenant = ctx.tenant.as_str();
+        let prompt = self
+            .rag
+            .prepare(messages, &Filter::tenant(tenant))
+            .instrument(tracing::info_span!("retrieval", tenant))
+            .await?;
+        crate::ops::metrics::record_retrieval(started.elapsed());
+        tracing::debug!(sources = prompt.citations.len(), "retrieved");
+        Ok((prompt.messages, prompt.citations))
+    }
+
+    /// Embeds `texts` (already within the limits) with the embedding model `model` names.
+    pub(crate) async fn embed(
+        &self,
+        ctx: &RequestContext,
+        model: &str,
+        texts: Vec<String>,
+    ) -> Result<(String, Embeddings), ApiError> {
+        self.limits.check_inputs(&texts)?;
+        if texts.is_empty() {
+            return Err(ApiError::invalid("input", "at least one input is required"));
+        }
+        let backend = self.serving()?;
+        let name = backend.embedding_model().unwrap_or_default().to_owned();
+        if !(model.is_empty() || model == name) {
+            return Err(ApiError::invalid(
+                "model",
+                format!("unknown embedding model {model:?}; this server serves {name:?}"),
+            ));
+        }
+        let e = backend.embed(texts, ctx.priority).await?;
+        crate::ops::metrics::record_embedding_batch(e.vectors.len());
+        Ok((name, e))
+    }
+
+    pub(crate) async fn tokenize(&self, model: &str, text: String, add_special: bool) -> Result<Tokenized, ApiError> {
+        self.limits.check_prompt(&text).map_err(|_| {
+            ApiError::invalid(
+                "text",
+                format!(
+                    "at most {} bytes (limits.max_prompt_bytes)",
+                    self.limits.config().max_prompt_bytes
+                ),
+            )
+        })?;
+        self.backend(model)?.tokenize(text, add_special).await
+    }
+
+    pub(crate) async fn detokenize(&self, model: &str, ids: Vec<u32>, skip_special: bool) -> Result<String, ApiError> {
+        let backend = self.backend(model)?;
+        let max = backend.context_length();
+        if ids.len() > max {
+            return Err(ApiError::invalid(
+                "token_ids",
+                format!("{} ids; at most the context length, {max}", ids.len()),
+            ));
+        }
+        backend.detokenize(ids, skip_special).await
+    }
+
+    /// (generation model, context length, embedding model) once loaded.
+    pub(crate) fn models(&self) -> Result<(String, usize, String), ApiError> {
+        let b = self
+            .local
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("models are still loading".into()))?;
+        Ok((
+            b.model().to_owned(),
+            b.context_length(),
+            b.embedding_model().unwrap_or_default().to_owned(),
+        ))
+    }
+}
+
+/// The backend's events, bounded by the deadline, recorded by the observer; a stream that ends
+/// without a final event becomes an internal error instead of a silent end.
+fn observed(events: EventStream, observer: Observer, deadline: Option<Instant>) -> EventStream {
+    struct State {
+        events: EventStream,
+        observer: Observer,
+        deadline: Option<Instant>,
+        /// The request's "generation" span: log lines while waiting carry it.
+        span: tracing::Span,
+    }
+    let state = State {
+        events,
+        observer,
+        deadline,
+        span: tracing::info_span!("generation"),
+    };
+    Box::pin(futures::stream::unfold(Some(state), |state| async move {
+        let mut s = state?;
+        let span = s.span.clone();
+        let next = async {
+            match s.deadline {
+                Some(d) => tokio::select! {
+                    ev = s.events.next() => Some(ev),
+                    _ = tokio::time::sleep_until(d) => None,
+                },
+                None => Some(s.events.next().await),
+            }
+        }
+        .instrument(span)
+        .await;
+        let out = match next {
+            None => Err(ApiError::DeadlineExceeded),
+            Some(None) => Err(ApiError::Internal(
+                "the generation ended without finishing (the engine stopped)".into(),
+            )),
+            Some(Some(Err(e))) => Err(e),
+            Some(Some(Ok(EngineEvent::Failed { message }))) => Err(ApiError::Internal(message)),
+            Some(Some(Ok(EngineEvent::Delta {
+                text,
+                token_ids,
+                logprobs,
+            }))) => {
+                s.observer.on_text(&text);
+                let ev = EngineEvent::Delta {
+                    text,
+                    token_ids,
+                    logprobs,
+                };
+                return Some((Ok(ev), Some(s)));
+            }
+            Some(Some(Ok(EngineEvent::Finished { reason, usage }))) => {
+                s.observer.on_finish(reason, &usage);
+                Ok(EngineEvent::Finished { reason, usage })
+            }
+        };
+        if let Err(e) = &out {
+            s.observer.on_error(e.codes());
+        }
+        Some((out, None))
+    }))
+}

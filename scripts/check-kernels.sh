@@ -8,14 +8,17 @@
 #      (kernels/emu: every CUDA thread a std::thread) against naive double references, which checks
 #      their indexing, masking and barriers without a GPU (~25 s),
 #   5. runs `cargo check -p genai-kernels --features cuda` (build.rs + the cudarc wrappers),
-#   6. runs `cargo clippy -p genai-factory --features cuda --all-targets -- -D warnings` (a
-#      `cargo check` plus lints): the server's CUDA engine and embedder over candle's CUDA backend
-#      (candle's own kernels compile for CUDA_COMPUTE_CAP, default 90 = H100/H200; ~7 min cold,
+#   6. runs `cargo clippy -p genai-models -p genai-factory --features cuda --all-targets -- -D warnings`
+#      (a `cargo check` plus lints): the CUDA runner, the candle/cudarc interop and the embedder's
+#      GPU path live in genai-models (its tests included); the server's `cuda` feature forwards to
+#      it (candle's own kernels compile for CUDA_COMPUTE_CAP, default 90 = H100/H200; ~8 min cold,
 #      cached afterwards). No link: libcuda/cuBLAS are absent here.
-#   7. type-checks and lints the `faiss-gpu` code (GPU vector search) without building FAISS: in a
-#      scratch copy of the tracked files whose `faiss` dependency is not `static`, faiss-sys only
-#      emits link flags, so `cargo clippy --features faiss-gpu` needs no FAISS GPU build (which
-#      compiles FAISS's CUDA sources: far beyond this budget, see kernels/README.md).
+#   7. type-checks and lints the `faiss-gpu` code (GPU vector search, in genai-retrieval) without
+#      building FAISS: in a scratch copy of the tracked files whose `faiss` dependency is not
+#      `static`, faiss-sys only emits link flags, so `cargo clippy --features faiss-gpu` needs no
+#      FAISS GPU build (which compiles FAISS's CUDA sources: far beyond this budget, see
+#      kernels/README.md).
+# Release profile, like CI's other cargo steps and scripts/test.sh, so one profile builds the deps once.
 # Idempotent; reruns are fast (toolchain cached, ~2 s per file and arch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,10 +53,11 @@ fi
 echo "== emulated kernels (CPU) =="
 "${CXX:-g++}" -std=c++20 -O2 -pthread -I"$CUDA_HOME/include" -o "$work/emu_check" kernels/emu/check.cpp
 "$work/emu_check"
-cargo check -p genai-kernels --features cuda
-echo "== cargo clippy -p genai-factory --features cuda --all-targets =="
-CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy -p genai-factory --features cuda --all-targets -- -D warnings
-echo "== cargo clippy -p genai-factory --features faiss-gpu (scratch copy, faiss not static) =="
+cargo check --release -p genai-kernels --features cuda
+echo "== cargo clippy -p genai-models -p genai-factory --features cuda --all-targets =="
+CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy --release -p genai-models -p genai-factory --features cuda \
+  --all-targets -- -D warnings
+echo "== cargo clippy -p genai-retrieval -p genai-factory --features faiss-gpu (scratch copy, faiss not static) =="
 # A fixed path (tar keeps mtimes) so reruns reuse the previous check.
 scratch="$(realpath -m "${CARGO_TARGET_DIR:-target}")/faiss-gpu-src"
 rm -rf "$scratch" && mkdir -p "$scratch"
@@ -61,5 +65,6 @@ git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$scratch"
 sed -i 's/^faiss = { version = "\([^"]*\)", features = \["static"\] }$/faiss = { version = "\1" }/' "$scratch/Cargo.toml"
 grep -q '^faiss = { version = "[^"]*" }$' "$scratch/Cargo.toml" ||
   { echo "error: could not drop the static feature of faiss in the scratch Cargo.toml" >&2; exit 1; }
-(cd "$scratch" && CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy -p genai-factory --features faiss-gpu --all-targets -- -D warnings)
+(cd "$scratch" && CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo clippy --release -p genai-retrieval -p genai-factory \
+  --features faiss-gpu --all-targets -- -D warnings)
 echo "check-kernels: OK"

@@ -17,7 +17,7 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+    pub(crate) fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
             content: content.into(),
@@ -44,7 +44,7 @@ const NAME: &str = "chat";
 
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the strings templates may reference.
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(source: &str, bos_token: &str, eos_token: &str) -> anyhow::Result<Self> {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -39,43 +39,33 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use candle_core::cuda_backend::CudaDType;
-use candle_core::op::BackpropOp;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{CudaDevice, CudaStorage, DType, Device, Module, Storage, Tensor};
+use candle_core::{CudaDevice, DType, Device, Module, Tensor};
 use cudarc::driver::{CudaSlice, CudaStream};
 use genai_kernels::cpu::rotary::{Rope as KernelRope, RopeLayout};
-use genai_kernels::cuda::{
-    AttentionMetadata, CudaDtype, CudaKernels, DecodeVariant, PagedCache, Positions, SlotMapping,
-};
+use genai_kernels::cuda::{AttentionMetadata, CudaKernels, DecodeVariant, PagedCache, Positions, SlotMapping};
 
 use super::gguf::GgufFile;
 use super::linear::concat_qtensors;
 use super::llama::{gguf_f32, HfModel, LayerTensors, Llama, LlamaConfig, RopeStyle};
 use super::paged::kv_layer_elems;
 use super::step_plan;
+use crate::gpu::{with_slice, wrap, GpuFloat};
 use genai_engine::runner::{ForwardBatch, ModelInfo, ModelRunner};
 use genai_engine::EngineConfig;
 
-/// Activation / KV-cache element types: both our kernels and candle's CUDA backend know them.
-pub trait GpuFloat: CudaDtype + candle_core::WithDType + CudaDType {}
-impl GpuFloat for half::f16 {}
-impl GpuFloat for half::bf16 {}
-// The embedder's activations.
-impl GpuFloat for f32 {}
-
 /// A loaded CUDA model, type-erased over its activation dtype.
-pub struct CudaLoad {
-    pub cfg: LlamaConfig,
-    pub kv_bytes_per_token: usize,
+pub(crate) struct CudaLoad {
+    pub(crate) cfg: LlamaConfig,
+    pub(crate) kv_bytes_per_token: usize,
     /// KV-cache budget: free device memory after loading × `engine.gpu_memory_fraction`, less the
     /// activation reserve of [`activation_reserve`].
-    pub kv_cache_mib: usize,
+    pub(crate) kv_cache_mib: usize,
     runner: Box<dyn FnOnce(ModelInfo) -> Box<dyn ModelRunner> + Send>,
 }
 
 impl CudaLoad {
-    pub fn into_runner(self, info: ModelInfo) -> Box<dyn ModelRunner> {
+    pub(crate) fn into_runner(self, info: ModelInfo) -> Box<dyn ModelRunner> {
         (self.runner)(info)
     }
 }
@@ -113,7 +103,7 @@ fn check_supported(cfg: &LlamaConfig) -> anyhow::Result<()> {
 
 /// Loads a Llama-family GGUF onto GPU `ordinal`: f16 activations and KV cache (llama.cpp's KV type,
 /// 3 more mantissa bits than bf16), except Qwen2, whose residual stream can exceed f16's range.
-pub fn load_gguf(g: &mut GgufFile, ordinal: usize, engine: &EngineConfig) -> anyhow::Result<CudaLoad> {
+pub(crate) fn load_gguf(g: &mut GgufFile, ordinal: usize, engine: &EngineConfig) -> anyhow::Result<CudaLoad> {
     if g.str("general.architecture")? == "qwen2" {
         erase(CudaLlama::<half::bf16>::from_gguf(g, ordinal)?, engine)
     } else {
@@ -122,7 +112,7 @@ pub fn load_gguf(g: &mut GgufFile, ordinal: usize, engine: &EngineConfig) -> any
 }
 
 /// Loads an HF safetensors directory onto GPU `ordinal` (f16 if its weights are f16, else bf16).
-pub fn load_safetensors(dir: &Path, ordinal: usize, engine: &EngineConfig) -> anyhow::Result<CudaLoad> {
+pub(crate) fn load_safetensors(dir: &Path, ordinal: usize, engine: &EngineConfig) -> anyhow::Result<CudaLoad> {
     let tensors = read_safetensors(dir)?;
     let f16 = tensors
         .get("model.embed_tokens.weight")
@@ -330,7 +320,7 @@ struct GpuLayer<T> {
 }
 
 /// Llama-family weights on one CUDA device, plus the kernels and the RoPE table.
-pub struct CudaLlama<T> {
+struct CudaLlama<T> {
     cfg: LlamaConfig,
     device: Device,
     cuda: CudaDevice,
@@ -552,47 +542,11 @@ impl<T: GpuFloat> CudaLlama<T> {
 /// widest step (`engine.max_batch_tokens`) a few times over in f32 (the quantized matmuls' inputs
 /// and outputs are f32), the logits of `engine.max_running` rows, and 512 MiB for cuBLAS
 /// workspaces, module images and allocator slack. A deliberate over-estimate.
-pub fn activation_reserve(c: &LlamaConfig, engine: &EngineConfig) -> usize {
+fn activation_reserve(c: &LlamaConfig, engine: &EngineConfig) -> usize {
     let qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
     let per_token = 4 * 4 * (3 * c.hidden_size + qkv + 3 * c.intermediate_size);
     let logits = engine.max_running * c.vocab_size * 4 * 3;
     engine.max_batch_tokens * per_token + logits + (512 << 20)
-}
-
-/// A device buffer of ours as a `[rows, cols]` candle tensor (moves it; no copy).
-fn wrap<T: GpuFloat>(s: CudaSlice<T>, cuda: &CudaDevice, rows: usize, cols: usize) -> anyhow::Result<Tensor> {
-    if s.len() != rows * cols {
-        bail!("internal: buffer of {} elements wrapped as {rows}x{cols}", s.len());
-    }
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, cuda.clone()));
-    Ok(Tensor::from_storage(storage, (rows, cols), BackpropOp::none(), false))
-}
-
-/// Runs `f` on the device buffer holding exactly `t`'s elements in row-major order (copying `t`
-/// into a fresh buffer first when it is a strided or offset view).
-pub(crate) fn with_slice<T: GpuFloat, R>(
-    t: &Tensor,
-    f: impl FnOnce(&CudaSlice<T>) -> anyhow::Result<R>,
-) -> anyhow::Result<R> {
-    {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*storage else {
-            bail!(
-                "internal: expected a CUDA tensor, got one on {:?}",
-                t.device().location()
-            );
-        };
-        let s = cs.as_cuda_slice::<T>()?;
-        if layout.is_contiguous() && layout.start_offset() == 0 && s.len() == t.elem_count() {
-            return f(s);
-        }
-    }
-    let fresh = t.force_contiguous()?;
-    let (storage, _) = fresh.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        bail!("internal: expected a CUDA tensor");
-    };
-    f(cs.as_cuda_slice::<T>()?)
 }
 
 /// A copy of `t`'s elements in a buffer we own (so a kernel may update it in place).
@@ -622,7 +576,7 @@ struct KvPool<T> {
 }
 
 /// The CUDA [`ModelRunner`].
-pub struct CudaRunner<T> {
+struct CudaRunner<T> {
     model: CudaLlama<T>,
     info: ModelInfo,
     kv: Option<KvPool<T>>,

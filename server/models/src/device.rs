@@ -40,14 +40,14 @@ impl std::fmt::Display for ComputeDevice {
 
 /// Outcome of [`decide`]: the device, plus why `auto` fell back to the CPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub device: ComputeDevice,
-    pub fallback_reason: Option<String>,
+pub(crate) struct Decision {
+    pub(crate) device: ComputeDevice,
+    pub(crate) fallback_reason: Option<String>,
 }
 
 /// Pure resolution of a setting given what the probe found (`Ok(ordinal)` = a usable GPU,
 /// `Err(reason)` = why there is none).
-pub fn decide(setting: Device, probe: Result<usize, String>) -> anyhow::Result<Decision> {
+pub(crate) fn decide(setting: Device, probe: Result<usize, String>) -> anyhow::Result<Decision> {
     match (setting, probe) {
         (Device::Cpu, _) => Ok(Decision {
             device: ComputeDevice::Cpu,
@@ -69,13 +69,13 @@ pub fn decide(setting: Device, probe: Result<usize, String>) -> anyhow::Result<D
 
 /// Whether a usable GPU exists: `Ok(ordinal)` or the reason there is none.
 #[cfg(not(feature = "cuda"))]
-pub fn probe() -> Result<usize, String> {
+pub(crate) fn probe() -> Result<usize, String> {
     Err("this binary was built without CUDA support (rebuild with `--features cuda`)".into())
 }
 
 /// Whether a usable GPU exists: `Ok(ordinal)` or the reason there is none.
 #[cfg(feature = "cuda")]
-pub fn probe() -> Result<usize, String> {
+pub(crate) fn probe() -> Result<usize, String> {
     use cudarc::driver::CudaContext;
     let count = CudaContext::device_count().map_err(|e| format!("the CUDA driver is unavailable ({e})"))?;
     if count <= 0 {

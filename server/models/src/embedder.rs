@@ -431,7 +431,7 @@ fn gpu_mean_pool(
         let stream = k.stream();
         let mask_d = stream.clone_htod(mask)?;
         let mut out = stream.alloc_zeros::<f32>(mask.len() / t * dim)?;
-        crate::cuda_runner::with_slice::<f32, _>(hidden, |h| Ok(k.mean_pool(&mut out, h, &mask_d, t, dim, true)?))?;
+        crate::gpu::with_slice::<f32, _>(hidden, |h| Ok(k.mean_pool(&mut out, h, &mask_d, t, dim, true)?))?;
         Ok(stream.clone_dtoh(&out)?)
     };
     let flat = run().map_err(|e| model_err(format!("pooling on the GPU: {e}")))?;

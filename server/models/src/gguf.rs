@@ -14,14 +14,14 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::QTensor;
 use candle_core::Device;
 
-pub struct GgufFile {
-    pub path: PathBuf,
-    pub content: Content,
+pub(crate) struct GgufFile {
+    pub(crate) path: PathBuf,
+    pub(crate) content: Content,
     reader: BufReader<File>,
 }
 
 impl GgufFile {
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn open(path: &Path) -> anyhow::Result<Self> {
         let mut reader = BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
         let content =
             Content::read(&mut reader).map_err(|e| anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
@@ -43,12 +43,12 @@ impl GgufFile {
         f(self.value(key)?).map_err(|e| anyhow!("GGUF {}: metadata key {key}: {e}", self.path.display()))
     }
 
-    pub fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         self.content.metadata.contains_key(key)
     }
 
     /// Any integer type, as usize.
-    pub fn usize(&self, key: &str) -> anyhow::Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> anyhow::Result<usize> {
         let v = self.value(key)?;
         let n = match v {
             Value::U8(x) => *x as u64,
@@ -73,7 +73,7 @@ impl GgufFile {
             .ok_or_else(|| anyhow!("GGUF {}: metadata key {key}: {v:?} out of range", self.path.display()))
     }
 
-    pub fn usize_or(&self, key: &str, default: usize) -> anyhow::Result<usize> {
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> anyhow::Result<usize> {
         if self.has(key) {
             self.usize(key)
         } else {
@@ -81,14 +81,14 @@ impl GgufFile {
         }
     }
 
-    pub fn f32(&self, key: &str) -> anyhow::Result<f32> {
+    pub(crate) fn f32(&self, key: &str) -> anyhow::Result<f32> {
         match self.value(key)? {
             Value::F64(x) => Ok(*x as f32),
             _ => self.typed(key, |v| v.to_f32()),
         }
     }
 
-    pub fn f32_or(&self, key: &str, default: f32) -> anyhow::Result<f32> {
+    pub(crate) fn f32_or(&self, key: &str, default: f32) -> anyhow::Result<f32> {
         if self.has(key) {
             self.f32(key)
         } else {
@@ -96,7 +96,7 @@ impl GgufFile {
         }
     }
 
-    pub fn bool_or(&self, key: &str, default: bool) -> anyhow::Result<bool> {
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> anyhow::Result<bool> {
         if self.has(key) {
             self.typed(key, |v| v.to_bool())
         } else {
@@ -104,11 +104,11 @@ impl GgufFile {
         }
     }
 
-    pub fn str(&self, key: &str) -> anyhow::Result<&str> {
+    pub(crate) fn str(&self, key: &str) -> anyhow::Result<&str> {
         self.typed(key, |v| v.to_string().map(|s| s.as_str()))
     }
 
-    pub fn opt_str(&self, key: &str) -> anyhow::Result<Option<&str>> {
+    pub(crate) fn opt_str(&self, key: &str) -> anyhow::Result<Option<&str>> {
         if self.has(key) {
             self.str(key).map(Some)
         } else {
@@ -116,15 +116,15 @@ impl GgufFile {
         }
     }
 
-    pub fn array(&self, key: &str) -> anyhow::Result<&Vec<Value>> {
+    pub(crate) fn array(&self, key: &str) -> anyhow::Result<&Vec<Value>> {
         self.typed(key, |v| v.to_vec())
     }
 
-    pub fn has_tensor(&self, name: &str) -> bool {
+    pub(crate) fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
 
-    pub fn tensor(&mut self, name: &str) -> anyhow::Result<Arc<QTensor>> {
+    pub(crate) fn tensor(&mut self, name: &str) -> anyhow::Result<Arc<QTensor>> {
         let t = self
             .content
             .tensor(&mut self.reader, name, &Device::Cpu)
@@ -132,7 +132,7 @@ impl GgufFile {
         Ok(Arc::new(t))
     }
 
-    pub fn opt_tensor(&mut self, name: &str) -> anyhow::Result<Option<Arc<QTensor>>> {
+    pub(crate) fn opt_tensor(&mut self, name: &str) -> anyhow::Result<Option<Arc<QTensor>>> {
         if self.has_tensor(name) {
             self.tensor(name).map(Some)
         } else {

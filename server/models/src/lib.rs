@@ -1,28 +1,32 @@
 //! The models crate: model families and their loaders (GGUF, safetensors), tokenizers and chat templates.
 //!
-//! [`load`] / [`load_on`] turn a located [`GenerationModel`] into a [`LoadedModel`]: the paged
-//! [`ModelRunner`](genai_engine::runner::ModelRunner) of the resolved device (CPU:
-//! [`paged::LlamaRunner`] over [`llama::Llama`]; CUDA, feature `cuda`: `cuda_runner::CudaRunner`),
-//! the tokenizer rebuilt from the same file, the chat template, and the [`ModelInfo`] the engine
-//! sizes its KV cache from. See `README.md` in this directory for the data flow and the tests.
+//! [`load_on`] turns a located [`GenerationModel`] into a [`LoadedModel`]: the paged
+//! [`ModelRunner`] of the resolved device (CPU: `paged::LlamaRunner` over `llama::Llama`; CUDA,
+//! feature `cuda`: `cuda_runner::CudaRunner`), whose [`ModelInfo`] the engine sizes its KV cache
+//! from, the tokenizer rebuilt from the same file and the chat template. See `README.md` in this
+//! directory for the data flow and the tests.
+//!
+//! Items are `pub(crate)` unless another crate uses them, so the dead-code lint sees the rest.
 
 pub mod chat_template;
 pub mod config;
 #[cfg(feature = "cuda")]
-pub mod cuda_runner;
+mod cuda_runner;
 pub mod device;
 pub mod embedder;
 mod encoder;
-pub mod gguf;
-pub mod linear;
-pub mod llama;
-pub mod paged;
+mod gguf;
+#[cfg(feature = "cuda")]
+mod gpu;
+mod linear;
+mod llama;
+mod paged;
 pub mod prompt;
 pub mod registry;
 // Only the CUDA runner lays steps out this way; its tests run in every build.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub mod step_plan;
-pub mod tokenizer;
+#[cfg(any(test, feature = "cuda"))]
+mod step_plan;
+mod tokenizer;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
@@ -38,7 +42,6 @@ use crate::registry::{GenerationModel, WeightsFormat};
 use chat_template::ChatTemplate;
 use genai_engine::runner::{ModelInfo, ModelRunner};
 use genai_engine::EngineConfig;
-use tokenizer::TokenizerInfo;
 
 /// Used when a model ships no chat template (base models): plain ChatML.
 const CHATML: &str = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}\
@@ -48,8 +51,6 @@ pub struct LoadedModel {
     pub runner: Box<dyn ModelRunner>,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub chat_template: ChatTemplate,
-    pub tokenizer_info: TokenizerInfo,
-    pub info: ModelInfo,
     /// KV-cache budget chosen by the device (CUDA: free GPU memory × `engine.gpu_memory_fraction`);
     /// `None` = `engine.kv_cache_mib`.
     pub kv_cache_mib: Option<usize>,
@@ -106,11 +107,6 @@ fn configure_threads(threads: usize) {
             "rayon pool already started; models.threads applies only to candle's own pool"
         );
     }
-}
-
-/// Loads the generation model on the CPU with `threads` CPU threads (0 = all cores).
-pub fn load(files: &GenerationModel, threads: usize) -> anyhow::Result<LoadedModel> {
-    load_on(files, threads, ComputeDevice::Cpu, &EngineConfig::default())
 }
 
 /// Loads the generation model on `device`. `threads`: CPU threads (0 = all cores); `engine`: the
@@ -170,7 +166,7 @@ pub fn load_on(
     let info = ModelInfo {
         name: files.name.clone(),
         vocab_size: c.vocab_size,
-        eos_token_ids: tinfo.stop_ids.clone(),
+        eos_token_ids: tinfo.stop_ids,
         context_length: c.context_length,
         num_layers: c.num_layers,
         num_kv_heads: c.num_kv_heads,
@@ -178,19 +174,17 @@ pub fn load_on(
         kv_bytes_per_token: weights.kv_bytes_per_token(),
     };
     let (runner, kv_cache_mib): (Box<dyn ModelRunner>, _) = match weights {
-        Weights::Cpu(model) => (Box::new(paged::LlamaRunner::new(model, info.clone())), None),
+        Weights::Cpu(model) => (Box::new(paged::LlamaRunner::new(model, info)), None),
         #[cfg(feature = "cuda")]
         Weights::Cuda(load) => {
             let mib = load.kv_cache_mib;
-            (load.into_runner(info.clone()), Some(mib))
+            (load.into_runner(info), Some(mib))
         }
     };
     Ok(LoadedModel {
         runner,
         tokenizer: Arc::new(tok),
         chat_template,
-        tokenizer_info: tinfo,
-        info,
         kv_cache_mib,
     })
 }
@@ -209,7 +203,7 @@ pub enum EmbedError {
 }
 
 impl EmbedError {
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
             field: field.into(),
             message: message.into(),

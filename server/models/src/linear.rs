@@ -16,11 +16,11 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use genai_kernels::cpu::qmatmul::{qmatmul, QMatrix, QType};
 
-/// Threads the CPU kernels (qmatmul here, paged attention in `paged`) use; set once by `model::load`.
+/// Threads the CPU kernels (qmatmul here, paged attention in `paged`) use; set once by `crate::load_on`.
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets the CPU kernels' thread count (0 = all cores).
-pub fn set_threads(threads: usize) {
+pub(crate) fn set_threads(threads: usize) {
     THREADS.store(threads, Ordering::Relaxed);
 }
 
@@ -40,7 +40,7 @@ enum Weight {
 }
 
 #[derive(Clone)]
-pub struct Linear {
+pub(crate) struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
     out_features: usize,
@@ -68,7 +68,7 @@ fn f32_bias(b: Option<Tensor>) -> candle_core::Result<Option<Tensor>> {
 
 impl Linear {
     /// A GGUF weight (`[out, in]` in candle's order). f16/f32 tensors are dequantized to f32 once.
-    pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> anyhow::Result<Self> {
+    pub(crate) fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> anyhow::Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
         let qtype = match weight.dtype() {
             GgmlDType::Q4_0 => Some(QType::Q4_0),
@@ -89,7 +89,7 @@ impl Linear {
     }
 
     /// A dense weight `[out, in]` of any float dtype; computes in f32.
-    pub fn from_tensor(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+    pub(crate) fn from_tensor(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         Ok(Self {
             weight: Weight::Candle(QMatMul::Tensor(weight.to_dtype(DType::F32)?.contiguous()?)),
@@ -99,16 +99,16 @@ impl Linear {
         })
     }
 
-    pub fn out_features(&self) -> usize {
+    pub(crate) fn out_features(&self) -> usize {
         self.out_features
     }
 
-    pub fn in_features(&self) -> usize {
+    pub(crate) fn in_features(&self) -> usize {
         self.in_features
     }
 
     /// `x @ Wᵀ + b` for `x: [tokens, in_features]` f32.
-    pub fn forward(&self, x: &Tensor) -> anyhow::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> anyhow::Result<Tensor> {
         let y = match &self.weight {
             Weight::Candle(w) => w.forward(x)?,
             Weight::Kernel(w) => {
@@ -130,7 +130,7 @@ impl Linear {
 /// Stacks the rows of same-type quantized weights `[out_i, in]` into one `[Σ out_i, in]` tensor
 /// (GGML rows are independent runs of blocks, so this is a byte concatenation). `None` when the
 /// types or input widths differ.
-pub fn concat_qtensors(parts: &[Arc<QTensor>]) -> anyhow::Result<Option<Arc<QTensor>>> {
+pub(crate) fn concat_qtensors(parts: &[Arc<QTensor>]) -> anyhow::Result<Option<Arc<QTensor>>> {
     let Some(first) = parts.first() else {
         return Ok(None);
     };

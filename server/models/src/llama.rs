@@ -4,8 +4,8 @@
 //! RoPE (interleaved pairs for llama.cpp-converted Llama GGUFs, whose Q/K rows were permuted at
 //! conversion; half-split "NeoX" pairs for HF safetensors and Qwen2 GGUFs; llama3 and linear scaling),
 //! GQA attention, SwiGLU MLP and a tied or untied LM head. Attention itself is a callback, so one layer
-//! implementation serves both the paged batched forward (`model::paged`) and the dense single-sequence
-//! reference forward ([`Llama::forward_dense`]) the tests compare it with.
+//! implementation serves both the paged batched forward (`crate::paged`) and the dense single-sequence
+//! reference forward (`Llama::forward_dense`, test builds only) the tests compare it with.
 //!
 //! Loads from GGUF (quantized Q4_0/Q4_1/Q8_0/Q4_K/Q6_K … via candle's `QMatMul`, f16/f32 dequantized)
 //! or from an HF directory (config.json + *.safetensors, f32/f16/bf16 converted to f32). Activations
@@ -26,7 +26,7 @@ use genai_kernels::cpu::activation::silu_mul;
 
 /// Which element pairs RoPE rotates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
+pub(crate) enum RopeStyle {
     /// `(x[2i], x[2i+1])`: llama.cpp's Llama GGUFs (Q/K rows permuted by the converter).
     Interleaved,
     /// `(x[i], x[i + d/2])`: HF checkpoints, Qwen2 GGUFs.
@@ -34,14 +34,14 @@ pub enum RopeStyle {
 }
 
 #[derive(Debug, Clone)]
-pub struct Rope {
-    pub style: RopeStyle,
+pub(crate) struct Rope {
+    pub(crate) style: RopeStyle,
     /// Rotated dimensions per head (≤ head_dim).
-    pub dim: usize,
+    pub(crate) dim: usize,
     /// `dim / 2` inverse frequencies, scaling already applied.
-    pub inv_freq: Vec<f64>,
+    pub(crate) inv_freq: Vec<f64>,
     /// Linear scaling: positions are multiplied by `1 / factor`.
-    pub pos_scale: f64,
+    pub(crate) pos_scale: f64,
 }
 
 impl Rope {
@@ -72,7 +72,7 @@ impl Rope {
     }
 
     /// cos/sin tables `[positions, dim/2]` for one forward (shared by all layers).
-    pub fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.dim / 2;
         let (mut cos, mut sin) = (
             Vec::with_capacity(positions.len() * half),
@@ -91,7 +91,8 @@ impl Rope {
     /// The CUDA rotary kernel's table (`genai_kernels::cuda::rotary_embedding`): f32
     /// `[max_position, dim]`, per position the `dim/2` cosines then the `dim/2` sines of the same
     /// angles as [`Rope::tables`] (scaling included).
-    pub fn cos_sin_cache(&self, max_position: usize) -> Vec<f32> {
+    #[cfg(any(test, feature = "cuda"))]
+    pub(crate) fn cos_sin_cache(&self, max_position: usize) -> Vec<f32> {
         let mut t = Vec::with_capacity(max_position * self.dim);
         for p in 0..max_position {
             let (cos, sin) = self.tables(&[p]);
@@ -102,7 +103,7 @@ impl Rope {
     }
 
     /// Rotates `x: [tokens, heads, head_dim]` in place.
-    pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+    pub(crate) fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
         let half = self.dim / 2;
         for (t, tok) in x.chunks_exact_mut(heads * head_dim).enumerate() {
             let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
@@ -122,20 +123,19 @@ impl Rope {
 }
 
 #[derive(Debug, Clone)]
-pub struct LlamaConfig {
-    pub architecture: String,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub rms_eps: f32,
-    pub context_length: usize,
-    pub rope: Rope,
+pub(crate) struct LlamaConfig {
+    pub(crate) vocab_size: usize,
+    pub(crate) hidden_size: usize,
+    pub(crate) intermediate_size: usize,
+    pub(crate) num_layers: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) rms_eps: f32,
+    pub(crate) context_length: usize,
+    pub(crate) rope: Rope,
     /// Sliding-window attention (Mistral v0.1): each token sees only this many latest positions.
-    pub sliding_window: Option<usize>,
+    pub(crate) sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -291,11 +291,11 @@ struct Layer {
 
 /// Attention callback: `(layer, q [T, heads·hd], k [T, kv_heads·hd], v, out [T, heads·hd])`, q/k
 /// already rotated.
-pub type AttentionFn<'a> = dyn FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) -> anyhow::Result<()> + 'a;
+pub(crate) type AttentionFn<'a> = dyn FnMut(usize, &[f32], &[f32], &[f32], &mut [f32]) -> anyhow::Result<()> + 'a;
 
 #[derive(Debug, Clone)]
-pub struct Llama {
-    pub cfg: LlamaConfig,
+pub(crate) struct Llama {
+    pub(crate) cfg: LlamaConfig,
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Vec<f32>,
@@ -372,7 +372,6 @@ impl Llama {
                 0 => None,
                 w => Some(w),
             },
-            architecture: arch,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -381,7 +380,7 @@ impl Llama {
     /// Loads a Llama-family GGUF (architectures `llama` — incl. Mistral conversions — and `qwen2`).
     /// `dequantize`: convert every matmul weight to f32 at load (the exact f32 path, no activation
     /// quantization; for reference comparisons — 4-8x the memory, slower).
-    pub fn from_gguf(g: &mut GgufFile, dequantize: bool) -> anyhow::Result<Self> {
+    pub(crate) fn from_gguf(g: &mut GgufFile, dequantize: bool) -> anyhow::Result<Self> {
         let q_linear = |w: Arc<QTensor>, b: Option<Tensor>| -> anyhow::Result<Linear> {
             if dequantize {
                 Ok(Linear::from_tensor(w.dequantize(&Device::Cpu)?, b)?)
@@ -431,7 +430,7 @@ impl Llama {
     }
 
     /// Loads an HF directory: config.json + one or more *.safetensors (f32/f16/bf16 → f32).
-    pub fn from_safetensors(dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn from_safetensors(dir: &Path) -> anyhow::Result<Self> {
         let HfModel {
             cfg,
             qkv_bias: bias,
@@ -523,7 +522,7 @@ impl Llama {
 
     /// Runs all layers over `tokens` at `positions` and returns the final hidden states (before the
     /// output norm) `[T, hidden]`. `attention` computes each layer's attention output.
-    pub fn forward_hidden(
+    pub(crate) fn forward_hidden(
         &self,
         tokens: &[u32],
         positions: &[usize],
@@ -569,7 +568,7 @@ impl Llama {
     }
 
     /// Output norm + LM head over selected hidden rows `[n, hidden]` → one logits row per input row.
-    pub fn logits(&self, hidden_rows: &[f32]) -> anyhow::Result<Vec<Vec<f32>>> {
+    pub(crate) fn logits(&self, hidden_rows: &[f32]) -> anyhow::Result<Vec<Vec<f32>>> {
         let hs = self.cfg.hidden_size;
         let n = hidden_rows.len() / hs;
         if n == 0 {
@@ -583,7 +582,8 @@ impl Llama {
 
     /// Reference forward of one whole sequence from position 0, no paging: plain causal attention over
     /// contiguous K/V. Returns the logits after the last token. Slow; for tests.
-    pub fn forward_dense(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+    #[cfg(test)]
+    pub(crate) fn forward_dense(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
         let c = &self.cfg;
         let t = tokens.len();
         if t == 0 {
@@ -633,10 +633,10 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// What the loaders need from an HF directory's `config.json` (shared with the CUDA loader).
 pub(crate) struct HfModel {
-    pub cfg: LlamaConfig,
+    pub(crate) cfg: LlamaConfig,
     /// q/k/v projections carry biases (Qwen2, or `attention_bias`).
-    pub qkv_bias: bool,
-    pub tie_word_embeddings: bool,
+    pub(crate) qkv_bias: bool,
+    pub(crate) tie_word_embeddings: bool,
 }
 
 impl HfModel {
@@ -662,14 +662,14 @@ pub(crate) type WeightBias<W> = (W, Option<Tensor>);
 /// One decoder layer's tensors read from a checkpoint: matmul weights as stored (`W`: a dense
 /// `Tensor` or a GGUF `QTensor`; each loader converts them its own way), norms as f32.
 pub(crate) struct LayerTensors<W> {
-    pub attn_norm: Vec<f32>,
+    pub(crate) attn_norm: Vec<f32>,
     /// q, k, v projections.
-    pub qkv: Vec<WeightBias<W>>,
-    pub o: WeightBias<W>,
-    pub ffn_norm: Vec<f32>,
+    pub(crate) qkv: Vec<WeightBias<W>>,
+    pub(crate) o: WeightBias<W>,
+    pub(crate) ffn_norm: Vec<f32>,
     /// gate, up projections.
-    pub gate_up: Vec<WeightBias<W>>,
-    pub down: WeightBias<W>,
+    pub(crate) gate_up: Vec<WeightBias<W>>,
+    pub(crate) down: WeightBias<W>,
 }
 
 impl LayerTensors<Tensor> {
@@ -787,10 +787,10 @@ fn default_ctx() -> usize {
 
 impl HfConfig {
     fn to_config(&self) -> anyhow::Result<LlamaConfig> {
-        let arch = match self.model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "" => self.model_type.clone(),
+        match self.model_type.as_str() {
+            "llama" | "mistral" | "qwen2" | "" => {}
             other => bail!("config.json: model_type {other} is not supported (llama, mistral, qwen2)"),
-        };
+        }
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
@@ -810,7 +810,6 @@ impl HfConfig {
             }
         }
         Ok(LlamaConfig {
-            architecture: if arch.is_empty() { "llama".into() } else { arch },
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,

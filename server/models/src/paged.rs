@@ -9,7 +9,7 @@
 //!
 //! Invariants checked per step (errors, not panics): the pool is allocated, every entry has tokens,
 //! its block table covers `start_pos + tokens.len()` with in-range block ids, positions stay inside
-//! the context length. Tested in `model::tests` against [`Llama::forward_dense`] with shuffled block
+//! the context length. Tested in `crate::tests` against `Llama::forward_dense` with shuffled block
 //! tables, chunked prefill and decode steps, on SmolLM2 and a random tiny safetensors Llama.
 
 use anyhow::{anyhow, bail};
@@ -25,19 +25,15 @@ struct KvPool {
     block_size: usize,
 }
 
-pub struct LlamaRunner {
+pub(crate) struct LlamaRunner {
     model: Llama,
     info: ModelInfo,
     kv: Option<KvPool>,
 }
 
 impl LlamaRunner {
-    pub fn new(model: Llama, info: ModelInfo) -> Self {
+    pub(crate) fn new(model: Llama, info: ModelInfo) -> Self {
         Self { model, info, kv: None }
-    }
-
-    pub fn model(&self) -> &Llama {
-        &self.model
     }
 }
 
@@ -54,7 +50,7 @@ pub(crate) fn kv_layer_elems(cfg: &LlamaConfig, num_blocks: usize, block_size: u
 }
 
 /// Bytes of KV cache one token takes across all layers (f32 K and V).
-pub fn kv_bytes_per_token(model: &Llama) -> usize {
+pub(crate) fn kv_bytes_per_token(model: &Llama) -> usize {
     let c = &model.cfg;
     2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
 }

@@ -13,23 +13,23 @@ use anyhow::bail;
 use genai_engine::runner::ForwardBatch;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepPlan {
+pub(crate) struct StepPlan {
     /// Entry indices in row order: the `num_decode` decode entries first.
-    pub order: Vec<usize>,
-    pub num_decode: usize,
+    pub(crate) order: Vec<usize>,
+    pub(crate) num_decode: usize,
     /// Per row (token): id, position, cache slot.
-    pub tokens: Vec<u32>,
-    pub positions: Vec<u32>,
-    pub slots: Vec<i64>,
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) positions: Vec<u32>,
+    pub(crate) slots: Vec<i64>,
     /// Per entry in `order`: context length after this step and number of new tokens.
-    pub context_lens: Vec<usize>,
-    pub query_lens: Vec<usize>,
+    pub(crate) context_lens: Vec<usize>,
+    pub(crate) query_lens: Vec<usize>,
     /// Per entry (original index): the row of its last token.
-    pub last_row: Vec<usize>,
+    pub(crate) last_row: Vec<usize>,
 }
 
 /// Lays out `batch` for a pool of `num_blocks` blocks of `block_size` tokens.
-pub fn plan(
+pub(crate) fn plan(
     batch: &ForwardBatch,
     vocab_size: usize,
     context_length: usize,

@@ -26,6 +26,11 @@ fn smollm_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// [`load_on`] the CPU, all cores.
+fn load(files: &GenerationModel) -> anyhow::Result<LoadedModel> {
+    load_on(files, 0, ComputeDevice::Cpu, &EngineConfig::default())
+}
+
 fn smollm() -> GenerationModel {
     GenerationModel {
         name: "smollm2".into(),
@@ -342,14 +347,14 @@ fn smollm2_tokenizer_matches_reference_ids() {
     assert_eq!(tok.decode(digits.get_ids(), false).unwrap(), "1234");
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
     assert_eq!(info.eos.as_ref().map(|e| e.0), Some(2));
-    assert!(info.stop_ids.contains(&2) && !info.add_bos);
+    assert!(info.stop_ids.contains(&2));
     // No BOS added even with special tokens on (add_bos_token = false).
     assert_eq!(tok.encode("Hello", true).unwrap().get_ids(), &[19556]);
 }
 
 #[test]
 fn smollm2_chat_template_renders_expected_prompt() {
-    let loaded = load(&smollm(), 0).unwrap();
+    let loaded = load(&smollm()).unwrap();
     let msgs = [
         ChatMessage::new("system", "You are terse."),
         ChatMessage::new("user", "Hi there"),
@@ -366,8 +371,9 @@ fn smollm2_chat_template_renders_expected_prompt() {
         "{p}"
     );
     assert!(p.ends_with("<|im_start|>user\nHi there<|im_end|>\n"), "{p}");
-    assert_eq!(loaded.info.eos_token_ids[0], 2);
-    assert_eq!(loaded.info.kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
+    let info = loaded.runner.info();
+    assert_eq!(info.eos_token_ids[0], 2);
+    assert_eq!(info.kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
 }
 
 /// Greedy decoding through the paged runner, with the chat template and tokenizer of `load`.
@@ -375,10 +381,11 @@ fn smollm2_chat_template_renders_expected_prompt() {
 /// kernel) this 135M Q4_1 model answers in French ("L'Étoile, la Marseillaise…") instead.
 #[test]
 fn smollm2_greedy_answers_capital_of_france() {
-    let mut loaded = load(&smollm(), 0).unwrap();
+    let mut loaded = load(&smollm()).unwrap();
     let mut g = GgufFile::open(&smollm_path()).unwrap();
     let model = Llama::from_gguf(&mut g, true).unwrap();
-    loaded.runner = Box::new(LlamaRunner::new(model, loaded.info.clone()));
+    let info = loaded.runner.info().clone();
+    loaded.runner = Box::new(LlamaRunner::new(model, info.clone()));
     let prompt = loaded
         .chat_template
         .render(&[ChatMessage::new("user", "What is the capital of France?")], true)
@@ -406,7 +413,7 @@ fn smollm2_greedy_answers_capital_of_france() {
             .unwrap();
         start = tokens.len();
         let next = argmax(&logits[0]);
-        if loaded.info.eos_token_ids.contains(&next) {
+        if info.eos_token_ids.contains(&next) {
             break;
         }
         tokens.push(next);
@@ -438,11 +445,11 @@ fn load_hf_directory() {
         name: "tiny".into(),
         weights: WeightsFormat::Safetensors(dir.path().to_path_buf()),
     };
-    let mut loaded = load(&files, 0).unwrap();
-    assert_eq!(loaded.tokenizer_info.bos, Some((101, "[CLS]".to_string())));
-    assert_eq!(loaded.info.eos_token_ids, vec![102, 100]);
-    assert!(loaded.tokenizer_info.add_bos);
-    assert_eq!(loaded.info.vocab_size, 97);
+    let mut loaded = load(&files).unwrap();
+    let (_, tinfo, _) = tokenizer::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(tinfo.bos, Some((101, "[CLS]".to_string())));
+    assert_eq!(loaded.runner.info().eos_token_ids, vec![102, 100]);
+    assert_eq!(loaded.runner.info().vocab_size, 97);
     let p = loaded
         .chat_template
         .render(&[ChatMessage::new("user", "hi")], true)
@@ -466,7 +473,7 @@ fn load_hf_directory() {
     assert!(out[0].len() == 97 && out[0].iter().all(|x| x.is_finite()));
     // A missing tensor is an error naming it.
     std::fs::write(dir.path().join("config.json"), r#"{"model_type":"llama","vocab_size":97,"hidden_size":32,"intermediate_size":48,"num_hidden_layers":3,"num_attention_heads":4}"#).unwrap();
-    let e = load(&files, 0).err().unwrap().to_string();
+    let e = load(&files).err().unwrap().to_string();
     assert!(e.contains("model.layers.2.self_attn.q_proj.weight"), "{e}");
 }
 
@@ -584,7 +591,7 @@ fn smollm2_with_k_quant_layers_predicts_like_the_original() {
     assert_eq!(k.tensor("blk.4.ffn_down.weight").unwrap().dtype(), GgmlDType::Q6K);
     let requantized = Llama::from_gguf(&mut k, false).unwrap();
     let original = Llama::from_gguf(&mut GgufFile::open(&smollm_path()).unwrap(), false).unwrap();
-    let loaded = load(&smollm(), 0).unwrap();
+    let loaded = load(&smollm()).unwrap();
     let tokens = loaded
         .tokenizer
         .encode("The capital of France is", false)

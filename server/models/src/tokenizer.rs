@@ -21,14 +21,11 @@ use super::gguf::GgufFile;
 
 /// Special tokens the engine and the chat template need.
 #[derive(Debug, Clone, Default)]
-pub struct TokenizerInfo {
-    pub bos: Option<(u32, String)>,
-    pub eos: Option<(u32, String)>,
+pub(crate) struct TokenizerInfo {
+    pub(crate) bos: Option<(u32, String)>,
+    pub(crate) eos: Option<(u32, String)>,
     /// Every id that ends generation: EOS plus end-of-turn tokens present in the vocabulary.
-    pub stop_ids: Vec<u32>,
-    /// Whether prompts start with BOS (the tokenizer's post-processor adds it when encoding with
-    /// special tokens).
-    pub add_bos: bool,
+    pub(crate) stop_ids: Vec<u32>,
 }
 
 /// End-of-turn markers of common chat formats; any present in the vocabulary also stops generation.
@@ -74,7 +71,7 @@ fn pre_tokenizer(pre: &str) -> Json {
 }
 
 /// Rebuilds the tokenizer stored in a GGUF's metadata.
-pub fn from_gguf(g: &GgufFile) -> anyhow::Result<(Tokenizer, TokenizerInfo)> {
+pub(crate) fn from_gguf(g: &GgufFile) -> anyhow::Result<(Tokenizer, TokenizerInfo)> {
     let model = g.str("tokenizer.ggml.model")?;
     if model != "gpt2" {
         bail!(
@@ -171,7 +168,6 @@ pub fn from_gguf(g: &GgufFile) -> anyhow::Result<(Tokenizer, TokenizerInfo)> {
             bos,
             eos,
             stop_ids: stop,
-            add_bos,
         },
     ))
 }
@@ -187,7 +183,7 @@ fn token_str(v: Option<&Json>) -> Option<String> {
 
 /// Loads `tokenizer.json` from an HF directory; special tokens from `tokenizer_config.json`,
 /// extra EOS ids from `generation_config.json`/`config.json`.
-pub fn from_hf_dir(dir: &Path) -> anyhow::Result<(Tokenizer, TokenizerInfo, Json)> {
+pub(crate) fn from_hf_dir(dir: &Path) -> anyhow::Result<(Tokenizer, TokenizerInfo, Json)> {
     let path = dir.join("tokenizer.json");
     let tok = Tokenizer::from_file(&path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
     let read_json = |name: &str| -> anyhow::Result<Json> {
@@ -215,14 +211,12 @@ pub fn from_hf_dir(dir: &Path) -> anyhow::Result<(Tokenizer, TokenizerInfo, Json
             }
         }
     }
-    let add_bos = tcfg.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false) && bos.is_some();
     Ok((
         tok,
         TokenizerInfo {
             bos,
             eos,
             stop_ids: stop,
-            add_bos,
         },
         tcfg,
     ))

@@ -6,7 +6,10 @@
 #                                # + the models, into $CARGO_TARGET_DIR/gpu-check/
 #   scripts/gpu-check.sh run     # on the GPU host, from the copied directory (no Rust needed)
 #
-# run: 1. the kernel tests (every kernel vs its CPU reference);
+# run: 1. the kernel tests (every kernel vs its CPU reference), with GENAI_REQUIRE_GPU=1 so that a
+#         host whose GPU or driver does not work fails instead of skipping; then the decode
+#         bandwidth benchmark (an ignored test), whose figures land in decode-bandwidth.json
+#         (next to this script, or in $GF_REPORT_DIR);
 #      2. server parity: the same binary serves SmolLM2 + MiniLM twice, `--device cpu` and
 #         `--device cuda`, and the same greedy completions and embeddings are compared
 #         (gpu-parity.py: identical first tokens on every prompt, identical full greedy completions on
@@ -19,7 +22,8 @@
 # GPU host the dynamic loader binds the real driver). The stubs are only on the link path
 # (LIBRARY_PATH) and never shipped.
 # run: needs the NVIDIA driver (libcuda.so.1) and libnvrtc.so.13 (any CUDA 13 toolkit, or the pip
-# wheel nvidia-cuda-nvrtc); the common locations are added to LD_LIBRARY_PATH.
+# wheel nvidia-cuda-nvrtc); the common locations are added to LD_LIBRARY_PATH. Without the driver
+# it exits 1: a GPU check that ran nothing must not pass.
 set -euo pipefail
 mode="${1:-build}"
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -32,8 +36,8 @@ if [ "$mode" = run ]; then
   done
   export LD_LIBRARY_PATH
   if ! ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1' && ! ls /usr/lib*/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 >/dev/null 2>&1; then
-    echo "SKIP: libcuda.so.1 (NVIDIA driver) not found on this host"
-    exit 0
+    echo "error: libcuda.so.1 (the NVIDIA driver) not found on this host; run this on a GPU host with the driver installed" >&2
+    exit 1
   fi
   # cuBLAS/cuRAND for the server: the pip wheels (nvidia-cublas, nvidia-curand) if installed.
   for d in $(python3 -c 'import nvidia, os, glob; print(" ".join(sorted(set(os.path.dirname(p) for p in glob.glob(os.path.join(nvidia.__path__[0], "*", "lib", "libcublas*.so*")) + glob.glob(os.path.join(nvidia.__path__[0], "*", "lib", "libcurand*.so*"))))))' 2>/dev/null || true); do
@@ -41,7 +45,12 @@ if [ "$mode" = run ]; then
   done
   export LD_LIBRARY_PATH
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  "$dir/genai-kernels-gpu-tests" --test-threads=1 --nocapture
+  # Set for the test binary only: the server (below) refuses unknown GENAI_* variables.
+  GENAI_REQUIRE_GPU=1 "$dir/genai-kernels-gpu-tests" --test-threads=1 --nocapture
+  report="${GF_REPORT_DIR:-$dir}/decode-bandwidth.json"
+  GENAI_REQUIRE_GPU=1 GENAI_BANDWIDTH_REPORT="$report" \
+    "$dir/genai-kernels-gpu-tests" --ignored --exact decode_bandwidth --test-threads=1 --nocapture
+  echo "decode bandwidth report: $report"
   if [ "${GF_SKIP_SERVER:-0}" = 1 ] || [ ! -x "$dir/genai-factory" ]; then
     echo "server parity: skipped (GF_SKIP_SERVER=1 or no $dir/genai-factory)"
     exit 0
@@ -85,10 +94,15 @@ out="${CARGO_TARGET_DIR:-target}/gpu-check"
 mkdir -p "$out"
 cp "$bin" "$out/genai-kernels-gpu-tests"
 cp scripts/gpu-check.sh "$out/"
-# Smoke run against the stubs: the binary must start, and every test must skip (no driver here).
-smoke="$(LD_LIBRARY_PATH="$stubs" "$out/genai-kernels-gpu-tests" --test-threads=1 --nocapture 2>&1 || true)"
+# Smoke runs against the stubs (no driver here): the binary must start and every test skip, and
+# with GENAI_REQUIRE_GPU=1 (as `run` sets it) it must fail instead.
+smoke="$(LD_LIBRARY_PATH="$stubs" env -u GENAI_REQUIRE_GPU "$out/genai-kernels-gpu-tests" --test-threads=1 --nocapture 2>&1 || true)"
 grep -q 'SKIP: CUDA driver unavailable' <<<"$smoke" ||
   { echo "error: the test binary did not start and skip against the link stubs" >&2; exit 1; }
+if LD_LIBRARY_PATH="$stubs" GENAI_REQUIRE_GPU=1 "$out/genai-kernels-gpu-tests" --test-threads=1 >/dev/null 2>&1; then
+  echo "error: the test binary passed without a driver under GENAI_REQUIRE_GPU=1" >&2
+  exit 1
+fi
 cp scripts/gpu-parity.py "$out/"
 if [ "${GF_SKIP_BUILD_SERVER:-0}" != 1 ]; then
   # The server with the CUDA engine (H100/H200: sm_90 for candle's kernels), plus the two models.

@@ -9,7 +9,7 @@ use pb::inference_client::InferenceClient;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use crate::harness::Server;
+use crate::harness::{require_tool, Server};
 
 fn greedy(max_tokens: i32) -> Option<pb::SamplingParams> {
     Some(pb::SamplingParams {
@@ -440,11 +440,13 @@ async fn sigterm_lets_in_flight_streams_finish() {
 #[tokio::test]
 async fn official_openai_python_client() {
     let py = std::env::var("GENAI_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = std::process::Command::new(&py).args(["-c", "import openai"]).output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIP: python `openai` package missing (scripts/test.sh installs it)");
+    let Some(py) = require_tool(
+        &py,
+        &["-c", "import openai"],
+        "pip install openai (scripts/test.sh installs it; GENAI_TEST_PYTHON names another interpreter)",
+    ) else {
         return;
-    }
+    };
     let server = Server::start().await;
     let script = r#"
 import sys, openai

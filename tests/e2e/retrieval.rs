@@ -229,3 +229,89 @@ async fn ingest_command_then_index_survives_restart() {
         "the persisted index must reload unchanged"
     );
 }
+
+/// The README's tour: with the server running, CLI ingest goes through it (or fails at once
+/// naming it); documents ingested by the CLI and over HTTP are all searchable, also after a
+/// restart. Before the one-writer rule the server's next save deleted the CLI's documents.
+#[tokio::test]
+async fn cli_ingest_while_the_server_runs_loses_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let index = work.path().join("index");
+    let index_env = index.to_str().unwrap().to_owned();
+    let corpus = repo_root().join("tests/data/corpus");
+    let models = crate::harness::models_dir();
+    let server = Server::builder().env("GENAI_INDEX__DIR", &index_env).start().await;
+
+    // Straight into the directory the server holds: refused at once, naming the server and the fix.
+    let out = run_to_exit(
+        &[
+            "ingest",
+            "--models-dir",
+            models.to_str().unwrap(),
+            "--index-dir",
+            index.to_str().unwrap(),
+            "--tenant",
+            "acme",
+            "--quiet",
+            corpus.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(120),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--server") && err.contains(&server.pid().to_string()), "{err}");
+
+    // Through the server.
+    let out = run_to_exit(
+        &[
+            "ingest",
+            "--server",
+            &server.grpc_url(),
+            "--tenant",
+            "acme",
+            "--quiet",
+            corpus.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(300),
+    );
+    assert!(out.status.success(), "ingest --server failed: {}", String::from_utf8_lossy(&out.stderr));
+    let resp = reqwest::Client::new()
+        .post(server.http_url("/v1/knowledge/documents"))
+        .json(&json!({"documents": [{"id": "tides", "tenant": "acme", "source": "tides.md",
+                       "content": "Tides are caused by the gravitational pull of the Moon."}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let search = |server: &Server, q: &'static str| {
+        let url = server.http_url("/v1/knowledge/search");
+        async move {
+            let v: Value = reqwest::Client::new()
+                .post(url)
+                .json(&json!({"query": q, "tenant": "acme", "top_k": 3}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["hits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["document_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let cli_hits = search(&server, "volcano eruption lava").await;
+    assert!(!cli_hits.is_empty(), "the CLI's documents are searchable");
+    assert_eq!(search(&server, "What causes tides?").await.first().map(String::as_str), Some("tides"));
+    assert!(server.terminate(Duration::from_secs(40)).await.success());
+
+    let server = Server::builder().env("GENAI_INDEX__DIR", &index_env).start().await;
+    assert_eq!(search(&server, "volcano eruption lava").await, cli_hits);
+    assert_eq!(search(&server, "What causes tides?").await.first().map(String::as_str), Some("tides"));
+}

@@ -117,6 +117,7 @@ impl LatencyMonitor {
     }
 
     /// The route's quantiles over the window as of `now` (None if it has no samples).
+    #[cfg(test)]
     pub fn quantiles_at(&self, route: &str, now: Instant) -> Option<RouteQuantiles> {
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
         let w = routes.get_mut(route)?;

@@ -89,7 +89,6 @@ enum Msg {
         comment: String,
         ts: SystemTime,
     },
-    Flush(SyncSender<()>),
     Shutdown,
 }
 
@@ -166,12 +165,6 @@ impl RequestLog {
         } else {
             Err(FeedbackError::Unavailable)
         }
-    }
-
-    /// Blocks until every line queued before it is written to the OS (not fsynced). False if closed.
-    pub fn flush(&self) -> bool {
-        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
-        self.tx.send(Msg::Flush(ack_tx)).is_ok() && ack_rx.recv().is_ok()
     }
 
     /// Writes out everything queued, closes the file and stops the thread. Idempotent; blocks.
@@ -278,16 +271,12 @@ impl Writer {
         loop {
             match rx.recv_timeout(IDLE_TICK) {
                 Ok(msg) => {
-                    let mut acks = Vec::new();
-                    self.handle(msg, &mut acks);
+                    self.handle(msg);
                     // Drain the burst before one flush.
                     while let Ok(msg) = rx.try_recv() {
-                        self.handle(msg, &mut acks);
+                        self.handle(msg);
                     }
                     self.flush();
-                    for ack in acks {
-                        let _ = ack.send(());
-                    }
                     if self.stopping {
                         return;
                     }
@@ -303,7 +292,7 @@ impl Writer {
         self.flush();
     }
 
-    fn handle(&mut self, msg: Msg, acks: &mut Vec<SyncSender<()>>) {
+    fn handle(&mut self, msg: Msg) {
         let (line, kind) = match msg {
             Msg::Request(r, ts) => {
                 let (prompt, prompt_sha256) = text_fields(self.text_mode, &r.prompt);
@@ -349,10 +338,6 @@ impl Writer {
                     comment_sha256,
                 };
                 (serde_json::to_string(&line), "feedback")
-            }
-            Msg::Flush(ack) => {
-                acks.push(ack);
-                return;
             }
             Msg::Shutdown => {
                 self.stopping = true;

@@ -15,6 +15,7 @@ use crate::ops::observe::Observer;
 use crate::state::{AppState, Loaded};
 use genai_engine::{EngineEvent, GenerateRequest, SamplingParams};
 use genai_models::chat_template::ChatMessage;
+use genai_models::embedder::Priority;
 use genai_retrieval::index::Filter;
 use genai_retrieval::rag::Citation;
 
@@ -99,14 +100,9 @@ pub async fn embed(state: &AppState, model: &str, texts: Vec<String>) -> Result<
     if let Some(i) = texts.iter().position(|t| t.is_empty()) {
         return Err(ApiError::invalid(format!("input[{i}]"), "must not be empty"));
     }
-    let embedder = state.knowledge.embedder();
-    let tokens = texts
-        .iter()
-        .map(|t| embedder.embedder().count_tokens(t))
-        .sum::<Result<usize, _>>()?;
-    let vectors = embedder.embed(texts).await?;
-    crate::ops::metrics::record_embedding_batch(vectors.len());
-    Ok((vectors, tokens))
+    let out = state.knowledge.embedder().embed(texts, Priority::Interactive).await?;
+    crate::ops::metrics::record_embedding_batch(out.vectors.len());
+    Ok((out.vectors, out.tokens))
 }
 
 fn encode(loaded: &Loaded, text: &str, add_special_tokens: bool, field: &str) -> Result<Vec<u32>, ApiError> {

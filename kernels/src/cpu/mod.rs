@@ -5,7 +5,7 @@
 pub mod activation;
 pub mod attention;
 pub mod cache;
-pub(crate) mod pool;
+pub mod pool;
 pub mod pooling;
 pub mod qmatmul;
 pub mod rmsnorm;

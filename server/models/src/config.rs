@@ -21,7 +21,7 @@ pub struct ModelsConfig {
     /// Directory the model paths below are relative to.
     pub dir: PathBuf,
     pub device: Device,
-    /// CPU threads for model compute; 0 = all cores.
+    /// CPU threads for model compute; 0 = all cores. The embedder's own pool: `embedding.threads`.
     pub threads: usize,
     pub generation: ModelEntry,
     pub embedding: ModelEntry,
@@ -64,16 +64,19 @@ impl ModelsConfig {
     }
 }
 
-/// `[embedding]`: the sentence-embedding worker (dynamic batching).
+/// `[embedding]`: the sentence-embedding worker (micro-batching, priorities, threads).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmbeddingConfig {
-    /// Padded tokens (batch size x longest sequence) in one encoder forward pass.
+    /// Padded tokens (batch size x longest sequence) in one encoder forward pass (one micro-batch).
     pub max_batch_tokens: usize,
     /// How long the worker waits for more requests after the first one arrives, in ms.
     pub max_wait_ms: u64,
-    /// Most queued embed requests; beyond it `embed` fails with "overloaded".
+    /// Texts queued at most per priority (interactive, bulk); beyond it interactive calls fail
+    /// with "overloaded" and bulk calls wait.
     pub max_queue: usize,
+    /// CPU threads of the encoder's own kernel pool; 0 = `models.threads`.
+    pub threads: usize,
 }
 
 impl Default for EmbeddingConfig {
@@ -82,6 +85,17 @@ impl Default for EmbeddingConfig {
             max_batch_tokens: 8192,
             max_wait_ms: 2,
             max_queue: 1024,
+            threads: 0,
+        }
+    }
+}
+
+impl EmbeddingConfig {
+    /// The encoder's thread count: `threads`, else `models_threads` (0 = all cores either way).
+    pub fn threads_or(&self, models_threads: usize) -> usize {
+        match self.threads {
+            0 => models_threads,
+            n => n,
         }
     }
 }

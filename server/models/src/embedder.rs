@@ -16,22 +16,32 @@
 //! - Sequences are truncated to `sentence_bert_config.json`'s `max_seq_length`.
 //! - Every returned vector has unit L2 norm (or is all zeros for a zero vector).
 //! - A sentence's vector does not depend on the batch it was computed in.
-//! - The batcher answers every job exactly once, in its caller's order, and skips
-//!   jobs whose caller has gone away.
+//! - The handle tokenizes each text once, off the async workers; the worker
+//!   answers every job exactly once with its vectors in its caller's order,
+//!   skips jobs whose caller has gone away, and serves queued interactive texts
+//!   before bulk ones, one micro-batch (`max_batch_tokens`) at a time.
+//! - A panic inside a micro-batch fails that batch's jobs only; `is_up` turns
+//!   false once the worker thread has exited for any reason.
 //!
 //! Tested by: parity with sentence-transformers reference vectors
 //! (`tests/data/embedding_reference.json`, cosine >= 0.999), agreement with the
 //! candle f32 reference encoder, batch-invariance (a sentence embeds the same
-//! alone or in a batch) and concurrent handle calls against direct calls.
+//! alone or in a batch), concurrent handle calls against direct calls, and the
+//! worker's scheduling through test hooks: a query overtaking a bulk job, the
+//! per-priority queue bounds, a panicking batch, a dead worker.
 
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use genai_kernels::cpu::pool::Lane;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::encoder::{Dims, Encoder};
 use crate::config::EmbeddingConfig;
@@ -78,7 +88,7 @@ struct SentenceBertConfig {
 
 /// How token states become one sentence vector (`1_Pooling/config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
+pub(crate) enum Pooling {
     Mean,
     Cls,
 }
@@ -90,7 +100,12 @@ pub enum Pooling {
 ///
 /// `hidden` holds the packed token states of the batch (`[Σ lens, dim]`
 /// row-major, sequence `i` starting at row `Σ_{j<i} lens[j]`, no padding).
-pub fn pool_and_normalize(hidden: &[f32], lens: &[usize], dim: usize, pooling: Pooling) -> Result<Vec<Vec<f32>>> {
+pub(crate) fn pool_and_normalize(
+    hidden: &[f32],
+    lens: &[usize],
+    dim: usize,
+    pooling: Pooling,
+) -> Result<Vec<Vec<f32>>> {
     let rows: usize = lens.iter().sum();
     if dim == 0 || hidden.len() != rows * dim {
         return Err(EmbedError::invalid(
@@ -144,6 +159,7 @@ pub struct Embedder {
     hidden: usize,
     tokenizer: Tokenizer,
     pooling: Pooling,
+    /// Longest sequence (special tokens included) the encoder sees.
     max_seq_len: usize,
 }
 
@@ -292,15 +308,6 @@ impl Embedder {
         self.hidden
     }
 
-    /// Longest sequence (special tokens included) the encoder sees.
-    pub fn max_seq_len(&self) -> usize {
-        self.max_seq_len
-    }
-
-    pub fn pooling(&self) -> Pooling {
-        self.pooling
-    }
-
     /// Token ids with special tokens, truncated to `max_seq_len`. Sequential
     /// on the calling thread: `encode_batch` would fan out on rayon, whose idle
     /// workers then spin and yield on the cores the encoder's pool needs
@@ -325,7 +332,7 @@ impl Embedder {
 
     /// One forward pass over already tokenized sequences (packed, no
     /// padding). An empty sequence embeds to the zero vector.
-    pub fn embed_tokens(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    pub(crate) fn embed_tokens(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         if let Some(s) = seqs.iter().find(|s| s.len() > self.max_seq_len) {
             return Err(EmbedError::invalid(
                 "input",
@@ -336,7 +343,7 @@ impl Embedder {
         if real.is_empty() {
             return Ok(vec![vec![0f32; self.dim()]; seqs.len()]);
         }
-        let mut pooled = match &self.backend {
+        let pooled = match &self.backend {
             Backend::Cpu(encoder) => {
                 let hidden = encoder.forward(&real)?;
                 let lens: Vec<usize> = real.iter().map(|s| s.len()).collect();
@@ -344,8 +351,15 @@ impl Embedder {
             }
             #[cfg(feature = "cuda")]
             Backend::Cuda { bert, kernels } => self.embed_cuda(bert, kernels, &real)?,
+        };
+        if pooled.len() != real.len() || pooled.iter().any(|v| v.len() != self.dim()) {
+            return Err(model_err(format!(
+                "the encoder returned {} vectors for {} sequences",
+                pooled.len(),
+                real.len()
+            )));
         }
-        .into_iter();
+        let mut pooled = pooled.into_iter();
         Ok(seqs
             .iter()
             .map(|s| match s.is_empty() {
@@ -437,101 +451,336 @@ fn gpu_mean_pool(
     let flat = run().map_err(|e| model_err(format!("pooling on the GPU: {e}")))?;
     Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
 }
-struct Job {
-    seqs: Vec<Vec<u32>>,
-    tokens: usize,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>>>,
+/// Metric names the embedder records (the server's catalogue lists them).
+pub mod metric_names {
+    /// Gauge: 1 while the embedding worker thread runs, 0 once it has exited.
+    pub const EMBEDDER_UP: &str = "genai_embedder_up";
+    /// Counter: micro-batches whose forward pass panicked (their jobs got an error).
+    pub const EMBEDDER_PANICS: &str = "genai_embedder_panics_total";
 }
 
-/// Cloneable async front of one [`Embedder`]: concurrent `embed` calls are
-/// queued to a worker thread that merges them into token-budgeted batches.
+/// How urgently a caller needs its vectors. The worker serves every queued
+/// `Interactive` text before any `Bulk` one, a micro-batch at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Someone is waiting: search and RAG queries, the embeddings API.
+    Interactive,
+    /// Background work: document ingest.
+    Bulk,
+}
+
+/// The vectors of one [`EmbedderHandle::embed`] call, in input order, and the
+/// tokens the model processed for them (special tokens included, after truncation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub tokens: usize,
+}
+
+/// State shared by the handles and the worker thread.
+struct Shared {
+    /// False once the worker thread has exited (normally or by a panic).
+    up: AtomicBool,
+    /// Room for queued texts, per priority (`Priority as usize`).
+    room: [Arc<Semaphore>; 2],
+    #[cfg(test)]
+    hooks: tests::Hooks,
+}
+
+/// One `embed` call inside the worker.
+struct Job {
+    priority: Priority,
+    seqs: Vec<Vec<u32>>,
+    /// Indices into `seqs`, shortest first, so a micro-batch takes similar
+    /// lengths (less padding on CUDA); `next` of them are handed out.
+    order: Vec<usize>,
+    next: usize,
+    /// Filled by index as micro-batches finish; `done` of them so far.
+    vectors: Vec<Vec<f32>>,
+    done: usize,
+    tokens: usize,
+    reply: oneshot::Sender<Result<Embeddings>>,
+    /// The job's room in its queue, given back when it is answered or dropped.
+    _room: OwnedSemaphorePermit,
+}
+
+/// Cloneable async front of one [`Embedder`]. Callers' texts are tokenized
+/// once, on tokio's blocking pool, and queued by priority to one worker thread
+/// that runs them in micro-batches of at most `embedding.max_batch_tokens`
+/// padded tokens: interactive texts first, then bulk ones, so a query waits
+/// at most one micro-batch behind a large ingest. A panic in a micro-batch
+/// fails that batch's jobs; the worker goes on.
 #[derive(Clone)]
 pub struct EmbedderHandle {
     embedder: Arc<Embedder>,
-    tx: SyncSender<Job>,
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    /// Texts one priority may have queued (`embedding.max_queue`).
+    max_queue: usize,
+}
+
+fn stopped() -> EmbedError {
+    EmbedError::Unavailable("the embedding worker has stopped".into())
 }
 
 impl EmbedderHandle {
-    /// Starts the batching worker. It stops when the last handle is dropped.
+    /// Starts the worker thread (on the kernels' embed lane). It stops when the
+    /// last handle is dropped.
     pub fn spawn(embedder: Arc<Embedder>, cfg: &EmbeddingConfig) -> Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.max_queue);
-        let worker = embedder.clone();
+        // acquire_many takes a u32.
+        let max_queue = cfg.max_queue.clamp(1, u32::MAX as usize);
+        let shared = Arc::new(Shared {
+            up: AtomicBool::new(true),
+            room: [Arc::new(Semaphore::new(max_queue)), Arc::new(Semaphore::new(max_queue))],
+            #[cfg(test)]
+            hooks: Default::default(),
+        });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (worker, state) = (embedder.clone(), shared.clone());
         let (max_tokens, max_wait) = (cfg.max_batch_tokens, Duration::from_millis(cfg.max_wait_ms));
         std::thread::Builder::new()
             .name("embed-batcher".into())
-            .spawn(move || batch_loop(&worker, &rx, max_tokens, max_wait))
+            .spawn(move || batch_loop(&worker, &rx, max_tokens, max_wait, state))
             .map_err(|e| EmbedError::Unavailable(format!("starting the embedding worker: {e}")))?;
-        Ok(Self { embedder, tx })
+        Ok(Self {
+            embedder,
+            tx,
+            shared,
+            max_queue,
+        })
     }
 
     pub fn embedder(&self) -> &Arc<Embedder> {
         &self.embedder
     }
 
-    pub fn dim(&self) -> usize {
-        self.embedder.dim()
+    /// False once the worker thread has exited: every `embed` then fails.
+    pub fn is_up(&self) -> bool {
+        self.shared.up.load(Ordering::Acquire)
     }
 
-    /// Embeds `texts` (any number; the worker splits large requests).
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+    /// Embeds `texts` (any number: the worker splits them into micro-batches).
+    /// `Interactive` calls fail with `Overloaded` when their queue has no room
+    /// for the texts; `Bulk` calls wait for room. A call with more texts than
+    /// `embedding.max_queue` waits for (or needs) the whole queue.
+    pub async fn embed(&self, texts: Vec<String>, priority: Priority) -> Result<Embeddings> {
         if texts.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Embeddings {
+                vectors: Vec::new(),
+                tokens: 0,
+            });
         }
-        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
-        let seqs = self.embedder.tokenize(&refs)?;
-        let tokens = seqs.iter().map(|s| s.len()).sum();
+        if !self.is_up() {
+            return Err(stopped());
+        }
+        let want = texts.len().min(self.max_queue) as u32;
+        let room = self.shared.room[priority as usize].clone();
+        let permit = match priority {
+            Priority::Interactive => room.try_acquire_many_owned(want).map_err(|e| match e {
+                TryAcquireError::NoPermits => EmbedError::Overloaded("the embedding queue is full".into()),
+                TryAcquireError::Closed => stopped(),
+            })?,
+            Priority::Bulk => room.acquire_many_owned(want).await.map_err(|_| stopped())?,
+        };
+        let embedder = self.embedder.clone();
+        let seqs = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+            embedder.tokenize(&refs)
+        })
+        .await
+        .map_err(|e| EmbedError::Unavailable(format!("the tokenizing task failed: {e}")))??;
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].len());
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { seqs, tokens, reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(EmbedError::Overloaded("embedding queue is full".into())),
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(EmbedError::Unavailable("the embedding worker has stopped".into()))
-            }
-        }
+        let job = Job {
+            priority,
+            tokens: seqs.iter().map(|s| s.len()).sum(),
+            vectors: vec![Vec::new(); seqs.len()],
+            seqs,
+            order,
+            next: 0,
+            done: 0,
+            reply,
+            _room: permit,
+        };
+        self.tx.send(job).map_err(|_| stopped())?;
+        #[cfg(test)]
+        self.shared.hooks.sent.fetch_add(1, Ordering::AcqRel);
         rx.await
             .map_err(|_| EmbedError::Unavailable("the embedding worker dropped the request".into()))?
     }
 }
 
-fn batch_loop(embedder: &Embedder, rx: &mpsc::Receiver<Job>, max_tokens: usize, max_wait: Duration) {
-    while let Ok(first) = rx.recv() {
-        let mut tokens = first.tokens;
-        let mut jobs = vec![first];
-        let deadline = Instant::now() + max_wait;
-        while tokens < max_tokens {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            match rx.recv_timeout(left) {
-                Ok(j) => {
-                    tokens += j.tokens;
-                    jobs.push(j);
+/// Marks the worker down when its thread ends, however it ends.
+struct UpGuard(Arc<Shared>);
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        self.0.up.store(false, Ordering::Release);
+        // Bulk callers waiting for room get "stopped" instead of waiting forever.
+        self.0.room.iter().for_each(|r| r.close());
+        metrics::gauge!(metric_names::EMBEDDER_UP).set(0.0);
+        if std::thread::panicking() {
+            tracing::error!("the embedding worker thread panicked and stopped");
+        }
+    }
+}
+
+/// The worker's queues, `Priority as usize` first to last.
+#[derive(Default)]
+struct Queues([VecDeque<Job>; 2]);
+
+impl Queues {
+    fn push(&mut self, job: Job) {
+        self.0[job.priority as usize].push_back(job);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|q| q.is_empty())
+    }
+
+    /// Tokens not yet handed out to a micro-batch.
+    fn tokens_left(&self) -> usize {
+        self.jobs()
+            .map(|j| j.order[j.next..].iter().map(|&i| j.seqs[i].len()).sum::<usize>())
+            .sum()
+    }
+
+    fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.0.iter().flatten()
+    }
+
+    /// A caller that went away needs no answer: don't spend compute on it.
+    fn drop_cancelled(&mut self) {
+        self.0.iter_mut().for_each(|q| q.retain(|j| !j.reply.is_closed()));
+    }
+
+    /// The next micro-batch: `(queue, job position, sequence index)` in queue
+    /// order (interactive jobs first, each job's remaining sequences shortest
+    /// first), as many as fit `max_tokens` padded tokens (at least one).
+    /// The jobs it touches are a prefix of each queue.
+    fn take(&mut self, max_tokens: usize) -> Vec<(usize, usize, usize)> {
+        let mut batch = Vec::new();
+        let mut longest = 0;
+        for (q, jobs) in self.0.iter_mut().enumerate() {
+            for (pos, job) in jobs.iter_mut().enumerate() {
+                while let Some(&i) = job.order.get(job.next) {
+                    let len = job.seqs[i].len().max(longest);
+                    if !batch.is_empty() && (batch.len() + 1) * len > max_tokens {
+                        return batch;
+                    }
+                    longest = len;
+                    batch.push((q, pos, i));
+                    job.next += 1;
                 }
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        // A caller that went away needs no answer: don't spend compute on it.
-        jobs.retain(|j| !j.reply.is_closed());
-        if jobs.is_empty() {
-            continue;
+        batch
+    }
+
+    /// Stores a micro-batch's vectors and answers the jobs it completed.
+    fn finish(&mut self, batch: &[(usize, usize, usize)], vectors: Vec<Vec<f32>>) {
+        for (&(q, pos, i), v) in batch.iter().zip(vectors) {
+            let job = &mut self.0[q][pos];
+            job.vectors[i] = v;
+            job.done += 1;
         }
-        let all: Vec<&[u32]> = jobs.iter().flat_map(|j| j.seqs.iter().map(|s| s.as_slice())).collect();
-        match embedder.embed_sorted(&all, max_tokens) {
-            Ok(vectors) => {
-                let mut it = vectors.into_iter();
-                for j in jobs {
-                    let mine: Vec<Vec<f32>> = it.by_ref().take(j.seqs.len()).collect();
-                    let _ = j.reply.send(Ok(mine));
-                }
-            }
-            Err(e) => {
-                for j in jobs {
-                    let _ = j.reply.send(Err(EmbedError::Model(e.to_string())));
+        for jobs in &mut self.0 {
+            while jobs.front().is_some_and(|j| j.done == j.seqs.len()) {
+                if let Some(j) = jobs.pop_front() {
+                    let _ = j.reply.send(Ok(Embeddings {
+                        vectors: j.vectors,
+                        tokens: j.tokens,
+                    }));
                 }
             }
         }
     }
+
+    /// Fails every job that had a sequence in `batch`.
+    fn fail(&mut self, batch: &[(usize, usize, usize)], message: &str) {
+        for (q, jobs) in self.0.iter_mut().enumerate() {
+            let touched = batch.iter().filter(|b| b.0 == q).map(|b| b.1 + 1).max().unwrap_or(0);
+            for j in jobs.drain(..touched) {
+                let _ = j.reply.send(Err(EmbedError::Model(message.to_string())));
+            }
+        }
+    }
 }
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(|s| s.as_str()))
+        .unwrap_or("non-string panic payload")
+}
+
+/// The worker thread: micro-batches until every handle is gone.
+fn batch_loop(
+    embedder: &Embedder,
+    rx: &mpsc::Receiver<Job>,
+    max_tokens: usize,
+    max_wait: Duration,
+    shared: Arc<Shared>,
+) {
+    let _up = UpGuard(shared.clone());
+    // Its own kernel pool: encoder matmuls never take the engine's threads.
+    genai_kernels::cpu::pool::set_thread_lane(Lane::Embed);
+    metrics::gauge!(metric_names::EMBEDDER_UP).set(1.0);
+    let mut queues = Queues::default();
+    loop {
+        if queues.is_empty() {
+            let Ok(job) = rx.recv() else {
+                return; // every handle is gone
+            };
+            queues.push(job);
+            // Let concurrent callers join the first micro-batch.
+            let deadline = Instant::now() + max_wait;
+            while queues.tokens_left() < max_tokens {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                match rx.recv_timeout(left) {
+                    Ok(j) => queues.push(j),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        // Jobs that arrived during the last micro-batch: an interactive one goes next.
+        while let Ok(j) = rx.try_recv() {
+            queues.push(j);
+        }
+        #[cfg(test)]
+        shared.hooks.after_drain();
+        queues.drop_cancelled();
+        let batch = queues.take(max_tokens);
+        if batch.is_empty() {
+            continue;
+        }
+        let seqs: Vec<&[u32]> = batch
+            .iter()
+            .map(|&(q, pos, i)| queues.0[q][pos].seqs[i].as_slice())
+            .collect();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(test)]
+            shared.hooks.before_forward(&batch);
+            embedder.embed_tokens(&seqs)
+        }));
+        drop(seqs);
+        match result {
+            Ok(Ok(vectors)) => queues.finish(&batch, vectors),
+            Ok(Err(e)) => queues.fail(&batch, &e.to_string()),
+            Err(payload) => {
+                let msg = panic_message(&*payload);
+                tracing::error!(panic = msg, sequences = batch.len(), "embedding micro-batch panicked");
+                metrics::counter!(metric_names::EMBEDDER_PANICS).increment(1);
+                queues.fail(&batch, &format!("internal embedder error (the batch panicked: {msg})"));
+            }
+        }
+    }
+}
+
 /// A plain candle f32 BERT: the CUDA forward pass and the CPU encoder's test reference.
 #[cfg(any(test, feature = "cuda"))]
 mod candle_bert {
@@ -778,6 +1027,8 @@ mod candle_bert {
 mod tests {
     use candle_core::{Device, Tensor};
 
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
     use crate::encoder::{self, gelu};
     use crate::test_support::{embedder, repo_path};
@@ -824,7 +1075,7 @@ mod tests {
             let n: f32 = x.iter().map(|a| a * a).sum::<f32>().sqrt();
             assert!((n - 1.0).abs() < 1e-4, "norm {n}");
         }
-        assert_eq!(e.tokenize(&[&long]).unwrap()[0].len(), e.max_seq_len());
+        assert_eq!(e.tokenize(&[&long]).unwrap()[0].len(), e.max_seq_len);
         assert!(e.count_tokens(&long).unwrap() >= 2000);
     }
 
@@ -960,7 +1211,7 @@ mod tests {
             for (i, s) in seqs.iter().enumerate() {
                 want_packed.extend_from_slice(&want[i * t * h..(i * t + s.len()) * h]);
             }
-            let want_pooled = pool_and_normalize(&want_packed, &lens, h, e.pooling()).unwrap();
+            let want_pooled = pool_and_normalize(&want_packed, &lens, h, e.pooling).unwrap();
             for (i, (g, w)) in pooled.iter().zip(&want_pooled).enumerate() {
                 assert!(cosine(g, w) >= 0.999, "{isa:?}: sentence {i}: {}", cosine(g, w));
             }
@@ -985,6 +1236,62 @@ mod tests {
         assert!((v[1].iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-4);
     }
 
+    /// Test hooks inside the worker (see `batch_loop`).
+    #[derive(Default)]
+    pub(super) struct Hooks {
+        /// Jobs handed to the worker so far.
+        pub(super) sent: AtomicUsize,
+        /// The worker waits before each forward pass while this is set.
+        hold: AtomicBool,
+        /// Panic inside the next micro-batch.
+        panic_next: AtomicBool,
+        /// Panic in the worker loop itself, outside the per-batch guard.
+        die: AtomicBool,
+        /// Each micro-batch's sequences by queue (0 interactive, 1 bulk), in order.
+        batches: parking_lot::Mutex<Vec<Vec<usize>>>,
+    }
+
+    impl Hooks {
+        pub(super) fn after_drain(&self) {
+            if self.die.load(Ordering::Acquire) {
+                panic!("injected failure of the embedding worker");
+            }
+        }
+
+        pub(super) fn before_forward(&self, batch: &[(usize, usize, usize)]) {
+            self.batches.lock().push(batch.iter().map(|b| b.0).collect());
+            while self.hold.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if self.panic_next.swap(false, Ordering::AcqRel) {
+                panic!("injected panic in a micro-batch");
+            }
+        }
+    }
+
+    fn handle(max_batch_tokens: usize, max_queue: usize) -> EmbedderHandle {
+        let cfg = EmbeddingConfig {
+            max_batch_tokens,
+            max_wait_ms: 0,
+            max_queue,
+            threads: 0,
+        };
+        EmbedderHandle::spawn(embedder(), &cfg).unwrap()
+    }
+
+    fn hooks(h: &EmbedderHandle) -> &Hooks {
+        &h.shared.hooks
+    }
+
+    /// Polls `cond` every millisecond for up to 20 s.
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_handle_calls_match_direct_calls() {
         let e = embedder();
@@ -992,6 +1299,7 @@ mod tests {
             max_batch_tokens: 512,
             max_wait_ms: 20,
             max_queue: 64,
+            threads: 0,
         };
         let h = EmbedderHandle::spawn(e.clone(), &cfg).unwrap();
         let texts: Vec<String> = (0..12)
@@ -999,17 +1307,142 @@ mod tests {
             .collect();
         let tasks: Vec<_> = texts
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 let h = h.clone();
                 let t = t.clone();
-                tokio::spawn(async move { h.embed(vec![t]).await })
+                let p = if i % 2 == 0 {
+                    Priority::Interactive
+                } else {
+                    Priority::Bulk
+                };
+                tokio::spawn(async move { h.embed(vec![t], p).await })
             })
             .collect();
         for (task, t) in tasks.into_iter().zip(&texts) {
             let got = task.await.unwrap().unwrap();
             let want = e.embed(&[t.as_str()], 8192).unwrap();
-            assert!(cosine(&got[0], &want[0]) > 0.9999, "{t}");
+            assert!(cosine(&got.vectors[0], &want[0]) > 0.9999, "{t}");
+            assert_eq!(got.tokens, e.tokenize(&[t.as_str()]).unwrap()[0].len());
         }
-        assert!(h.embed(Vec::new()).await.unwrap().is_empty());
+        let none = h.embed(Vec::new(), Priority::Interactive).await.unwrap();
+        assert!(none.vectors.is_empty() && none.tokens == 0);
+        assert!(h.is_up());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_count_special_tokens_and_truncation() {
+        let e = embedder();
+        let h = handle(8192, 64);
+        let long = "word ".repeat(2000);
+        let out = h
+            .embed(vec!["hello".into(), long.clone()], Priority::Interactive)
+            .await
+            .unwrap();
+        // [CLS] hello [SEP], and the long text cut to the model's window.
+        assert_eq!(out.tokens, 3 + e.max_seq_len);
+        assert_eq!(out.vectors.len(), 2);
+        let want = e.embed(&["hello", &long], 8192).unwrap();
+        assert!(cosine(&out.vectors[1], &want[1]) > 0.9999);
+    }
+
+    /// A query sent while a large bulk job runs is computed in the very next
+    /// micro-batch, ahead of the bulk job's remaining texts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interactive_query_overtakes_a_bulk_job() {
+        let e = embedder();
+        // Short texts (about 10 tokens): about 25 per micro-batch, 8 micro-batches.
+        let h = handle(256, 1024);
+        hooks(&h).hold.store(true, Ordering::Release);
+        let bulk_texts: Vec<String> = (0..200)
+            .map(|i| format!("bulk chunk number {i} of the ingest"))
+            .collect();
+        let bulk = tokio::spawn({
+            let (h, t) = (h.clone(), bulk_texts.clone());
+            async move { h.embed(t, Priority::Bulk).await }
+        });
+        // The worker holds the bulk job's first micro-batch.
+        until("the first micro-batch", || !hooks(&h).batches.lock().is_empty()).await;
+        let query = tokio::spawn({
+            let h = h.clone();
+            async move { h.embed(vec!["what causes tides?".into()], Priority::Interactive).await }
+        });
+        until("the query to be queued", || hooks(&h).sent.load(Ordering::Acquire) == 2).await;
+        hooks(&h).hold.store(false, Ordering::Release);
+        let q = query.await.unwrap().unwrap();
+        let b = bulk.await.unwrap().unwrap();
+        let batches = hooks(&h).batches.lock().clone();
+        assert!(batches[0].iter().all(|&q| q == 1), "{batches:?}");
+        assert_eq!(
+            batches[1][0], 0,
+            "the query is first in the next micro-batch: {batches:?}"
+        );
+        assert_eq!(batches[1].iter().filter(|&&q| q == 0).count(), 1);
+        assert!(batches.len() > 3 && batches[2..].iter().flatten().all(|&q| q == 1));
+        let want = e.embed(&["what causes tides?"], 8192).unwrap();
+        assert!(cosine(&q.vectors[0], &want[0]) > 0.9999);
+        assert_eq!(b.vectors.len(), 200);
+        let refs: Vec<&str> = bulk_texts.iter().map(|s| s.as_str()).collect();
+        for (i, (got, want)) in b.vectors.iter().zip(e.embed(&refs, 8192).unwrap()).enumerate() {
+            assert!(cosine(got, &want) > 0.9999, "bulk text {i}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queues_bound_texts_per_priority() {
+        let h = handle(8192, 4);
+        hooks(&h).hold.store(true, Ordering::Release);
+        let texts = |n: usize| (0..n).map(|i| format!("text {i}")).collect::<Vec<_>>();
+        let spawn = |n, p| {
+            let h = h.clone();
+            let t = texts(n);
+            tokio::spawn(async move { h.embed(t, p).await })
+        };
+        let bulk = spawn(4, Priority::Bulk);
+        let query = spawn(3, Priority::Interactive);
+        until("both jobs queued", || hooks(&h).sent.load(Ordering::Acquire) == 2).await;
+        // A full bulk queue does not refuse queries; a full interactive queue does.
+        let e = h.embed(texts(2), Priority::Interactive).await.unwrap_err();
+        assert!(matches!(e, EmbedError::Overloaded(_)), "{e}");
+        // A bulk call waits for room instead.
+        let waiting = spawn(1, Priority::Bulk);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            hooks(&h).sent.load(Ordering::Acquire),
+            2,
+            "the second bulk call must wait"
+        );
+        hooks(&h).hold.store(false, Ordering::Release);
+        assert_eq!(bulk.await.unwrap().unwrap().vectors.len(), 4);
+        assert_eq!(query.await.unwrap().unwrap().vectors.len(), 3);
+        assert_eq!(waiting.await.unwrap().unwrap().vectors.len(), 1);
+        // More texts than the whole queue: admitted alone.
+        assert_eq!(h.embed(texts(9), Priority::Interactive).await.unwrap().vectors.len(), 9);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_micro_batch_fails_its_jobs_and_the_worker_goes_on() {
+        let h = handle(8192, 64);
+        hooks(&h).panic_next.store(true, Ordering::Release);
+        let e = h.embed(vec!["boom".into()], Priority::Interactive).await.unwrap_err();
+        assert!(
+            matches!(&e, EmbedError::Model(m) if m.contains("panicked") && m.contains("injected panic")),
+            "{e}"
+        );
+        assert!(h.is_up());
+        let ok = h.embed(vec!["still here".into()], Priority::Bulk).await.unwrap();
+        assert_eq!(ok.vectors.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_worker_is_reported_and_refuses_work() {
+        let h = handle(8192, 64);
+        assert!(h.is_up());
+        hooks(&h).die.store(true, Ordering::Release);
+        let e = h.embed(vec!["x".into()], Priority::Interactive).await.unwrap_err();
+        assert!(matches!(e, EmbedError::Unavailable(_)), "{e}");
+        until("the worker to be down", || !h.is_up()).await;
+        let e = h.embed(vec!["y".into()], Priority::Bulk).await.unwrap_err();
+        assert!(e.to_string().contains("has stopped"), "{e}");
     }
 }

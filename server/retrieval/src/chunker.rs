@@ -64,7 +64,7 @@ impl DocFormat {
 }
 
 /// SHA-256 (hex) of the format and raw content.
-pub fn content_hash(format: DocFormat, raw: &str) -> String {
+pub(crate) fn content_hash(format: DocFormat, raw: &str) -> String {
     let mut h = Sha256::new();
     h.update(format.as_str().as_bytes());
     h.update([0u8]);
@@ -74,7 +74,7 @@ pub fn content_hash(format: DocFormat, raw: &str) -> String {
 
 /// Plain text of a document: paragraphs separated by blank lines, the lines of
 /// one paragraph joined with spaces (hard-wrapped text must not end sentences).
-pub fn extract_text(format: DocFormat, raw: &str) -> String {
+pub(crate) fn extract_text(format: DocFormat, raw: &str) -> String {
     let text = match format {
         DocFormat::Text => raw.to_string(),
         DocFormat::Markdown => strip_markdown(raw),
@@ -194,7 +194,7 @@ fn html_text(raw: &str) -> String {
 /// Splits `text` into chunks of at most `max_tokens` tokens with up to
 /// `overlap_tokens` tokens of trailing sentences repeated in the next chunk.
 /// `count` returns the token count of a piece of text.
-pub fn chunk_text(
+pub(crate) fn chunk_text(
     text: &str,
     max_tokens: usize,
     overlap_tokens: usize,

@@ -64,14 +64,14 @@ fn last_error(what: &str, code: i32) -> RetrievalError {
 }
 
 /// GPU resources and the GPU clone of one store's index.
-pub struct GpuSearch {
+pub(crate) struct GpuSearch {
     device: i32,
     inner: Mutex<Inner>,
 }
 
 impl GpuSearch {
     /// FAISS GPU resources on CUDA device `ordinal`.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    pub(crate) fn new(ordinal: usize) -> Result<Self> {
         let mut resources = ptr::null_mut();
         // SAFETY: FAISS writes a new object to `resources` on success.
         let code = unsafe { faiss_sys::faiss_StandardGpuResources_new(&mut resources) };
@@ -93,7 +93,7 @@ impl GpuSearch {
 
     /// Searches the GPU clone of `cpu` (which has seen `writes` writes), re-cloning when stale.
     /// `None` = not on the GPU (index type or `k` unsupported): the caller searches the CPU index.
-    pub fn search(
+    pub(crate) fn search(
         &self,
         cpu: &faiss::index::IndexImpl,
         writes: u64,

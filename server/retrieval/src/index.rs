@@ -6,6 +6,11 @@
 //! Invariants:
 //! - One `RwLock` guards the FAISS index and the metadata together: a search
 //!   sees a document either wholly before or wholly after an upsert/delete.
+//! - One process writes a directory: a persisted store holds an exclusive
+//!   advisory lock on `<dir>/LOCK` (pid and command inside) for its whole life;
+//!   a second opener fails at once naming the holder and the fix.
+//! - A save copies the index and metadata under a short read lock, then writes
+//!   and fsyncs the copy holding no lock: searches and writes go on meanwhile.
 //! - Every search filters on the tenant (always) and on the optional source,
 //!   tags and document; it over-fetches `overfetch * k` and doubles until `k`
 //!   hits pass the filter or the index is exhausted, so filters never return
@@ -18,14 +23,17 @@
 //!   leaves generation N-1 loadable; stale generations are removed afterwards.
 //!
 //! Tested here: save/reload round trip, a failed save leaving the previous
-//! generation loadable, tenant isolation over random filters, delete and
-//! replace, concurrent upserts and searches, Flat/IVF/HNSW factories.
+//! generation loadable, writes and searches during a save, the directory lock,
+//! tenant isolation over random filters, delete and replace, concurrent
+//! upserts and searches, Flat/IVF/HNSW factories.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use faiss::index::TryClone;
 use faiss::selector::IdSelector;
 use faiss::{Idx, Index, MetricType};
 use parking_lot::{Mutex, RwLock};
@@ -76,7 +84,7 @@ impl Filter {
         }
     }
 
-    pub fn matches(&self, c: &ChunkMeta) -> bool {
+    pub(crate) fn matches(&self, c: &ChunkMeta) -> bool {
         c.tenant == self.tenant
             && self.source.as_ref().is_none_or(|s| *s == c.source)
             && self.document_id.as_ref().is_none_or(|d| *d == c.document_id)
@@ -159,6 +167,61 @@ struct State {
     writes: u64,
 }
 
+/// The exclusive advisory lock on `<dir>/LOCK` of the one process that writes
+/// an index directory, held as long as this value lives (the OS drops it if
+/// the process dies, so a stale LOCK file never blocks anyone).
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock (creating the directory) and writes our pid and command
+    /// into the file, or fails at once naming the holder and the fix.
+    pub(crate) fn acquire(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| RetrievalError::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join("LOCK");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| RetrievalError::io(format!("opening {}", path.display()), e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                return Err(RetrievalError::Unavailable(locked_message(dir, &holder)));
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(RetrievalError::io(format!("locking {}", path.display()), e))
+            }
+        }
+        let command: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+        let me = format!("{}\n{}\n", std::process::id(), command.join(" "));
+        file.set_len(0)
+            .and_then(|_| file.write_all(me.as_bytes()))
+            .map_err(|e| RetrievalError::io(format!("writing {}", path.display()), e))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// What a second opener is told; `holder` is the LOCK file: pid, then command line.
+fn locked_message(dir: &Path, holder: &str) -> String {
+    let mut lines = holder.lines().map(str::trim);
+    let pid = lines.next().filter(|l| !l.is_empty()).unwrap_or("unknown");
+    let command = lines.next().filter(|l| !l.is_empty()).unwrap_or("unknown command");
+    format!(
+        "process {pid} ({command}) holds the index directory {}: ingest through that server with \
+         `genai-factory ingest --server http://HOST:PORT ...` (its gRPC address) or stop it",
+        dir.display()
+    )
+}
+
+/// A test's look at the store while a save writes its files.
+#[cfg(test)]
+type SaveHook = Box<dyn Fn(&VectorStore) + Send>;
+
 /// The thread-safe vector store.
 pub struct VectorStore {
     cfg: IndexConfig,
@@ -166,44 +229,78 @@ pub struct VectorStore {
     /// Directory persisted to; `None` = memory only.
     dir: Option<PathBuf>,
     state: RwLock<State>,
-    /// Serialises saves (which hold only a read lock on `state`).
-    save: Mutex<u64>,
+    /// One save at a time (a save holds no lock on `state` while it writes).
+    saving: Mutex<()>,
+    /// Persisted generation currently on disk (0 = never saved).
+    generation: AtomicU64,
+    /// Held for the store's life when it writes a directory.
+    _lock: Option<DirLock>,
     /// GPU copy for search (feature `faiss-gpu`, set by [`VectorStore::use_gpu`]).
     #[cfg(feature = "faiss-gpu")]
     gpu: Option<super::gpu_index::GpuSearch>,
     #[cfg(test)]
     fail_save_after_index: std::sync::atomic::AtomicBool,
+    /// Runs while a save writes its files (after the snapshot).
+    #[cfg(test)]
+    while_writing: Mutex<Option<SaveHook>>,
 }
 
 impl VectorStore {
-    /// A store persisted under `cfg.dir`: loads the current generation if one
-    /// exists, else starts empty (the directory is created on first save).
+    /// A store persisted under `cfg.dir`, the one writer of that directory
+    /// (see [`DirLock`]): loads the current generation if one exists, else
+    /// starts empty.
     pub fn open(cfg: &IndexConfig, dim: usize) -> Result<Self> {
+        Self::open_locked(cfg, dim, DirLock::acquire(&cfg.dir)?)
+    }
+
+    /// [`VectorStore::open`] with the directory's lock already taken.
+    pub(crate) fn open_locked(cfg: &IndexConfig, dim: usize, lock: DirLock) -> Result<Self> {
+        Self::load(cfg, dim, Some(lock))
+    }
+
+    fn load(cfg: &IndexConfig, dim: usize, lock: Option<DirLock>) -> Result<Self> {
         let dir = cfg.dir.clone();
         let current = read_current(&dir)?;
         let state = match current {
             Some(g) => load_generation(&dir, g, cfg, dim)?,
             None => new_state(cfg, dim)?,
         };
-        Self::build(cfg, dim, Some(dir), state, current.unwrap_or(0))
+        Self::build(cfg, dim, Some(dir), state, current.unwrap_or(0), lock)
+    }
+
+    /// Reads a directory another store holds (tests inspect what is on disk).
+    #[cfg(test)]
+    fn open_unlocked(cfg: &IndexConfig, dim: usize) -> Result<Self> {
+        Self::load(cfg, dim, None)
     }
 
     /// A store that is never persisted (benchmarks, tests).
     pub fn in_memory(cfg: &IndexConfig, dim: usize) -> Result<Self> {
-        Self::build(cfg, dim, None, new_state(cfg, dim)?, 0)
+        Self::build(cfg, dim, None, new_state(cfg, dim)?, 0, None)
     }
 
-    fn build(cfg: &IndexConfig, dim: usize, dir: Option<PathBuf>, state: State, generation: u64) -> Result<Self> {
+    fn build(
+        cfg: &IndexConfig,
+        dim: usize,
+        dir: Option<PathBuf>,
+        state: State,
+        generation: u64,
+        lock: Option<DirLock>,
+    ) -> Result<Self> {
         let store = Self {
             cfg: cfg.clone(),
             dim,
             dir,
             state: RwLock::new(state),
-            save: Mutex::new(generation),
+            saving: Mutex::new(()),
+            generation: AtomicU64::new(generation),
+            _lock: lock,
             #[cfg(feature = "faiss-gpu")]
             gpu: None,
             #[cfg(test)]
             fail_save_after_index: Default::default(),
+            #[cfg(test)]
+            while_writing: Mutex::new(None),
         };
         store.apply_search_params()?;
         Ok(store)
@@ -226,14 +323,10 @@ impl VectorStore {
         Ok(())
     }
 
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-
     /// Searches through a GPU copy of the index on CUDA device `ordinal` from now on (the CPU
     /// index stays the one written and persisted).
     #[cfg(feature = "faiss-gpu")]
-    pub fn use_gpu(&mut self, ordinal: usize) -> Result<()> {
+    pub(crate) fn use_gpu(&mut self, ordinal: usize) -> Result<()> {
         self.gpu = Some(super::gpu_index::GpuSearch::new(ordinal)?);
         Ok(())
     }
@@ -251,7 +344,7 @@ impl VectorStore {
     }
 
     /// Content hash of a stored document, if any.
-    pub fn doc_hash(&self, tenant: &str, document_id: &str) -> Option<String> {
+    pub(crate) fn doc_hash(&self, tenant: &str, document_id: &str) -> Option<String> {
         self.state
             .read()
             .docs
@@ -330,7 +423,7 @@ impl VectorStore {
     }
 
     /// Removes a document's vectors and metadata; returns how many chunks went.
-    pub fn delete(&self, tenant: &str, document_id: &str) -> Result<usize> {
+    pub(crate) fn delete(&self, tenant: &str, document_id: &str) -> Result<usize> {
         let mut st = self.state.write();
         let Some(old) = st.docs.remove(&(tenant.to_string(), document_id.to_string())) else {
             return Err(RetrievalError::NotFound(format!(
@@ -392,7 +485,7 @@ impl VectorStore {
     }
 
     pub fn stats(&self) -> Stats {
-        let generation = *self.save.lock();
+        let generation = self.generation.load(Ordering::Acquire);
         let st = self.state.read();
         Stats {
             documents: st.docs.len(),
@@ -405,22 +498,41 @@ impl VectorStore {
         }
     }
 
-    /// Persists a new generation atomically (no-op for in-memory stores).
-    pub fn save(&self) -> Result<()> {
+    /// Persists a new generation atomically (no-op for in-memory stores): a copy
+    /// of the index and metadata taken under a short read lock, written out
+    /// while searches and writes go on.
+    pub(crate) fn save(&self) -> Result<()> {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
-        let mut generation = self.save.lock();
-        fs::create_dir_all(dir).map_err(|e| RetrievalError::io(format!("creating {}", dir.display()), e))?;
+        let _one = self.saving.lock();
         // Past any generation a crashed save may have left behind.
-        let next = newest_generation_on_disk(dir)?.max(*generation) + 1;
-        let st = self.state.read();
+        let next = newest_generation_on_disk(dir)?.max(self.generation.load(Ordering::Acquire)) + 1;
+        let (index, meta) = {
+            let st = self.state.read();
+            let index = st.index.try_clone().map_err(|e| faiss_err("copying the index", e))?;
+            let meta = MetaFile {
+                version: FORMAT_VERSION,
+                factory: self.cfg.factory.clone(),
+                dimension: self.dim,
+                next_id: st.next_id,
+                tombstones: st.tombstones,
+                chunks: st.chunks.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                documents: st.docs.values().cloned().collect(),
+            };
+            (index, meta)
+        };
+        #[cfg(test)]
+        if let Some(hook) = self.while_writing.lock().as_ref() {
+            hook(self);
+        }
         let index_path = dir.join(format!("index-{next}.faiss"));
         let tmp = tmp_path(&index_path);
         let tmp_str = tmp
             .to_str()
             .ok_or_else(|| RetrievalError::invalid("index.dir", "path is not valid UTF-8"))?;
-        faiss::write_index(&st.index, tmp_str).map_err(|e| faiss_err("writing the index", e))?;
+        faiss::write_index(&index, tmp_str).map_err(|e| faiss_err("writing the index", e))?;
+        drop(index);
         fsync_file(&tmp)?;
         rename(&tmp, &index_path)?;
         #[cfg(test)]
@@ -429,20 +541,11 @@ impl VectorStore {
                 "injected failure after writing the index file".into(),
             ));
         }
-        let meta = MetaFile {
-            version: FORMAT_VERSION,
-            factory: self.cfg.factory.clone(),
-            dimension: self.dim,
-            next_id: st.next_id,
-            tombstones: st.tombstones,
-            chunks: st.chunks.iter().map(|(k, v)| (*k, v.clone())).collect(),
-            documents: st.docs.values().cloned().collect(),
-        };
-        drop(st);
         let json = serde_json::to_vec(&meta).map_err(|e| RetrievalError::Index(format!("encoding metadata: {e}")))?;
+        drop(meta);
         write_atomic(&dir.join(format!("meta-{next}.json")), &json)?;
         write_atomic(&dir.join("CURRENT"), format!("{next}\n").as_bytes())?;
-        *generation = next;
+        self.generation.store(next, Ordering::Release);
         remove_stale_generations(dir, next);
         Ok(())
     }
@@ -452,6 +555,16 @@ fn new_state(cfg: &IndexConfig, dim: usize) -> Result<State> {
     let description = format!("IDMap,{}", cfg.factory.trim());
     let index = faiss::index_factory(dim as u32, &description, MetricType::InnerProduct)
         .map_err(|e| RetrievalError::invalid("index.factory", format!("{:?}: {e}", cfg.factory)))?;
+    // Saves snapshot the index by copying it: refuse a type FAISS cannot copy now, not at the first save.
+    index.try_clone().map_err(|e| {
+        RetrievalError::invalid(
+            "index.factory",
+            format!(
+                "{:?} cannot be copied for saving ({e}); use Flat, IVF or HNSW",
+                cfg.factory
+            ),
+        )
+    })?;
     Ok(State {
         index,
         chunks: HashMap::new(),
@@ -690,12 +803,13 @@ mod tests {
         let probe = unit(&mut rng);
         let before = store.search(&probe, 5, &Filter::tenant("t")).unwrap();
         store.save().unwrap();
+        assert_eq!(store.stats().chunks, 60);
+        drop(store);
         let again = VectorStore::open(&c, D).unwrap();
         let after = again.search(&probe, 5, &Filter::tenant("t")).unwrap();
         assert_eq!(before.len(), 5);
         let ids = |h: &[Hit]| h.iter().map(|h| (h.id, h.chunk.chunk_id.clone())).collect::<Vec<_>>();
         assert_eq!(ids(&before), ids(&after));
-        assert_eq!(store.stats().chunks, 60);
         assert_eq!(again.stats().generation, 1);
         // Ids keep growing after a reload (never reuse one) and an exact
         // vector comes back first with cosine 1.
@@ -722,7 +836,7 @@ mod tests {
         assert!(store.save().is_err());
         // What a crash mid-write leaves too: a torn temp metadata file.
         fs::write(tmp.path().join("meta-2.json.tmp"), b"{\"version\": 1, \"fact").unwrap();
-        let reloaded = VectorStore::open(&c, D).unwrap();
+        let reloaded = VectorStore::open_unlocked(&c, D).unwrap();
         assert_eq!(reloaded.stats().documents, 5);
         assert_eq!(reloaded.stats().vectors, 15);
         // The next good save moves past the torn generation and loads fine.
@@ -730,14 +844,79 @@ mod tests {
             .fail_save_after_index
             .store(false, std::sync::atomic::Ordering::SeqCst);
         store.save().unwrap();
-        let latest = VectorStore::open(&c, D).unwrap();
+        let latest = VectorStore::open_unlocked(&c, D).unwrap();
         assert_eq!(latest.stats().documents, 12);
         assert!(latest.stats().generation > 2);
         let left: Vec<_> = fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(left.len(), 3, "only CURRENT + one generation remain: {left:?}");
+        assert_eq!(left.len(), 4, "only LOCK, CURRENT + one generation remain: {left:?}");
+    }
+
+    #[test]
+    fn writes_and_searches_go_on_while_a_save_writes_its_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let c = cfg(tmp.path(), "Flat");
+        let store = VectorStore::open(&c, D).unwrap();
+        fill(&store, &mut rng, 200);
+        let late = unit(&mut rng);
+        let during = late.clone();
+        *store.while_writing.lock() = Some(Box::new(move |s: &VectorStore| {
+            // On this thread, so a lock the save held would deadlock or fail here.
+            assert!(
+                s.state.try_write().is_some(),
+                "the save holds the state lock while writing"
+            );
+            s.upsert(doc("t", "late", "h", vec![during.clone()], &[])).unwrap();
+            let top = &s.search(&during, 1, &Filter::tenant("t")).unwrap()[0];
+            assert_eq!(top.chunk.document_id, "late");
+            assert_eq!(s.stats().documents, 201);
+        }));
+        store.save().unwrap();
+        assert_eq!(store.stats().generation, 1);
+        // The generation on disk is the snapshot taken before the write.
+        let saved = VectorStore::open_unlocked(&c, D).unwrap();
+        assert_eq!(saved.stats().documents, 200);
+        assert!(saved.document_chunks("t", "late").is_empty());
+        *store.while_writing.lock() = None;
+        store.save().unwrap();
+        drop(store);
+        let again = VectorStore::open(&c, D).unwrap();
+        assert_eq!(again.stats().documents, 201);
+        assert_eq!(
+            again.search(&late, 1, &Filter::tenant("t")).unwrap()[0]
+                .chunk
+                .document_id,
+            "late"
+        );
+    }
+
+    #[test]
+    fn one_writer_per_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = cfg(&tmp.path().join("index"), "Flat");
+        let first = VectorStore::open(&c, D).unwrap();
+        let lock = fs::read_to_string(tmp.path().join("index/LOCK")).unwrap();
+        assert!(lock.starts_with(&format!("{}\n", std::process::id())), "{lock:?}");
+        let e = match VectorStore::open(&c, D) {
+            Err(e) => e,
+            Ok(_) => panic!("a second writer opened the directory"),
+        };
+        let msg = e.to_string();
+        assert!(matches!(e, RetrievalError::Unavailable(_)), "{e}");
+        for want in [
+            format!("process {}", std::process::id()),
+            c.dir.display().to_string(),
+            "genai-factory ingest --server http://".into(),
+            "or stop it".into(),
+        ] {
+            assert!(msg.contains(&want), "{want:?} missing from {msg:?}");
+        }
+        drop(first);
+        let second = VectorStore::open(&c, D).unwrap();
+        assert_eq!(second.stats().documents, 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 pub mod chunker;
 pub mod config;
 #[cfg(feature = "faiss-gpu")]
-pub mod gpu_index;
+mod gpu_index;
 pub mod index;
 pub mod knowledge;
 pub mod rag;

@@ -22,12 +22,13 @@ use super::knowledge::{KnowledgeService, SearchQuery};
 use super::RetrievalError;
 use crate::config::RagConfig;
 use genai_models::chat_template::ChatMessage;
+use genai_models::embedder::Priority;
 
 type Result<T> = std::result::Result<T, RetrievalError>;
 
 /// The built-in system prompt. Context: `sources` (list of `{n, source, text,
 /// score}`) and `question` (the last user message).
-pub const DEFAULT_TEMPLATE: &str = "\
+pub(crate) const DEFAULT_TEMPLATE: &str = "\
 You are a helpful assistant. Answer the question using only the numbered sources below. \
 Cite the sources you use with their number in square brackets, like [1]. \
 If the sources do not contain the answer, say that you do not know.
@@ -128,7 +129,7 @@ impl RagPipeline {
     }
 
     /// Renders the system prompt for `question` and `sources`.
-    pub fn render(&self, question: &str, sources: &[Citation]) -> Result<String> {
+    pub(crate) fn render(&self, question: &str, sources: &[Citation]) -> Result<String> {
         let sources: Vec<_> = sources
             .iter()
             .map(|c| context! { n => c.index, source => c.source, text => c.text, score => c.score })
@@ -144,7 +145,12 @@ impl RagPipeline {
     async fn diversify(&self, question: &str, hits: Vec<Hit>, k: usize) -> Result<Vec<Hit>> {
         let mut texts: Vec<String> = hits.iter().map(|h| h.chunk.text.clone()).collect();
         texts.push(question.to_string());
-        let mut vecs = self.knowledge.embedder().embed(texts).await?;
+        let mut vecs = self
+            .knowledge
+            .embedder()
+            .embed(texts, Priority::Interactive)
+            .await?
+            .vectors;
         let q = vecs
             .pop()
             .ok_or_else(|| RetrievalError::Model("no query vector".into()))?;
@@ -166,7 +172,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Maximal marginal relevance: greedily picks `k` of `candidates` (unit
 /// vectors) maximising `lambda * sim(query) - (1 - lambda) * max sim(picked)`.
 /// Returns candidate indices in pick order.
-pub fn mmr(query: &[f32], candidates: &[Vec<f32>], k: usize, lambda: f32) -> Vec<usize> {
+pub(crate) fn mmr(query: &[f32], candidates: &[Vec<f32>], k: usize, lambda: f32) -> Vec<usize> {
     let rel: Vec<f32> = candidates.iter().map(|c| dot(query, c)).collect();
     let mut picked: Vec<usize> = Vec::with_capacity(k.min(candidates.len()));
     let mut left: Vec<usize> = (0..candidates.len()).collect();

@@ -89,6 +89,9 @@ enum Msg {
         comment: String,
         ts: SystemTime,
     },
+    /// Only tests wait for the writer (`RequestLog::flush`).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Flush(SyncSender<()>),
     Shutdown,
 }
 
@@ -165,6 +168,13 @@ impl RequestLog {
         } else {
             Err(FeedbackError::Unavailable)
         }
+    }
+
+    /// Blocks until every line queued before it is written to the OS (not fsynced). False if closed.
+    #[cfg(test)]
+    pub fn flush(&self) -> bool {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        self.tx.send(Msg::Flush(ack_tx)).is_ok() && ack_rx.recv().is_ok()
     }
 
     /// Writes out everything queued, closes the file and stops the thread. Idempotent; blocks.
@@ -271,12 +281,16 @@ impl Writer {
         loop {
             match rx.recv_timeout(IDLE_TICK) {
                 Ok(msg) => {
-                    self.handle(msg);
+                    let mut acks = Vec::new();
+                    self.handle(msg, &mut acks);
                     // Drain the burst before one flush.
                     while let Ok(msg) = rx.try_recv() {
-                        self.handle(msg);
+                        self.handle(msg, &mut acks);
                     }
                     self.flush();
+                    for ack in acks {
+                        let _ = ack.send(());
+                    }
                     if self.stopping {
                         return;
                     }
@@ -292,7 +306,7 @@ impl Writer {
         self.flush();
     }
 
-    fn handle(&mut self, msg: Msg) {
+    fn handle(&mut self, msg: Msg, acks: &mut Vec<SyncSender<()>>) {
         let (line, kind) = match msg {
             Msg::Request(r, ts) => {
                 let (prompt, prompt_sha256) = text_fields(self.text_mode, &r.prompt);
@@ -338,6 +352,10 @@ impl Writer {
                     comment_sha256,
                 };
                 (serde_json::to_string(&line), "feedback")
+            }
+            Msg::Flush(ack) => {
+                acks.push(ack);
+                return;
             }
             Msg::Shutdown => {
                 self.stopping = true;

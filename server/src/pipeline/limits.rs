@@ -227,7 +227,11 @@ mod tests {
         let l = limits();
         let big = "x".repeat(l.config().max_prompt_bytes + 1);
         assert!(param(l.check_prompt(&big).unwrap_err()).starts_with("prompt: "));
-        let msgs = vec![ChatMessage::new("user", "hi"); l.config().max_messages + 1];
+        let hi = ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        };
+        let msgs = vec![hi; l.config().max_messages + 1];
         assert!(param(l.check_messages(&msgs).unwrap_err()).contains("limits.max_messages"));
         let mut s = SamplingInput {
             stop: vec!["a".into(); 17],

@@ -141,6 +141,7 @@ pub fn submit(
         request_id,
         prompt_tokens,
         params,
+        ..GenerateRequest::default()
     }) {
         Ok(rx) => rx,
         Err(e) => {

@@ -13,9 +13,21 @@
 //! on is never emitted. Stop token ids / EOS are handled by the engine; they
 //! are decoded with `skip_special_tokens` and so never become text.
 //!
+//! Cost per token does not grow with the number of stop strings: a
+//! leftmost-first Aho-Corasick automaton finds the earliest match in the held
+//! text, and a standard Aho-Corasick automaton, fed only the new bytes, sits
+//! in the state of the longest suffix of everything decoded so far that is a
+//! prefix of some stop string; that state's depth is the hold-back.
+//!
 //! Tested with an in-test byte-level BPE tokenizer (one token per byte, so
-//! multi-byte characters are split) and the MiniLM WordPiece tokenizer.
+//! multi-byte characters are split), the MiniLM WordPiece tokenizer, and
+//! against the naive search over ~1000 random stop strings.
 
+use std::collections::HashMap;
+
+use aho_corasick::automaton::{Automaton, StateID};
+use aho_corasick::nfa::contiguous::NFA;
+use aho_corasick::{AhoCorasick, Anchored, MatchKind};
 use tokenizers::Tokenizer;
 
 /// How many prompt tokens are re-decoded as context for the first output
@@ -24,53 +36,65 @@ const INITIAL_CONTEXT: usize = 5;
 
 /// Text produced by one [`Detokenizer::push`].
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct DetokOutput {
+pub(crate) struct DetokOutput {
     /// New text safe to emit (valid UTF-8, contains no stop string).
-    pub text: String,
+    pub(crate) text: String,
     /// A stop string matched: the sequence is finished.
-    pub stopped: bool,
+    pub(crate) stopped: bool,
 }
 
 #[derive(Debug)]
-pub struct Detokenizer {
+pub(crate) struct Detokenizer {
     prefix_offset: usize,
     read_offset: usize,
-    stop: Vec<String>,
+    /// None without stop strings.
+    stop: Option<StopStrings>,
     /// Decoded text not yet emitted (a possible stop-string start).
     held: String,
 }
 
 impl Detokenizer {
     /// `prompt_len` = number of prompt tokens at the start of the token list
-    /// passed to [`Self::push`].
-    pub fn new(prompt_len: usize, stop: Vec<String>) -> Self {
-        Self {
+    /// passed to [`Self::push`]. Fails only when the stop strings are too
+    /// large for the automata.
+    pub(crate) fn new(prompt_len: usize, stop: &[String]) -> anyhow::Result<Self> {
+        Ok(Self {
             prefix_offset: prompt_len.saturating_sub(INITIAL_CONTEXT),
             read_offset: prompt_len,
-            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            stop: StopStrings::new(stop)?,
             held: String::new(),
-        }
+        })
     }
 
     /// Feeds the full token list (prompt + output) after new tokens were
     /// appended; returns the text that may be emitted now.
-    pub fn push(&mut self, tok: &Tokenizer, tokens: &[u32]) -> anyhow::Result<DetokOutput> {
+    pub(crate) fn push(&mut self, tok: &Tokenizer, tokens: &[u32]) -> anyhow::Result<DetokOutput> {
         let new = self.decode_new(tok, tokens)?;
+        Ok(self.emit(new))
+    }
+
+    /// Appends newly decoded text; returns what may be emitted.
+    fn emit(&mut self, new: String) -> DetokOutput {
+        let Some(stop) = &mut self.stop else {
+            return DetokOutput {
+                text: new,
+                stopped: false,
+            };
+        };
         self.held.push_str(&new);
-        if let Some(pos) = self.first_stop_match() {
+        if let Some(pos) = stop.first_match(&self.held) {
             let text = self.held[..pos].to_string();
             self.held.clear();
-            return Ok(DetokOutput { text, stopped: true });
+            return DetokOutput { text, stopped: true };
         }
-        let keep = self.stop_prefix_len();
-        let text = self.held[..self.held.len() - keep].to_string();
-        self.held.drain(..self.held.len() - keep);
-        Ok(DetokOutput { text, stopped: false })
+        let keep = stop.advance(new.as_bytes());
+        let text = self.held.drain(..self.held.len() - keep).collect();
+        DetokOutput { text, stopped: false }
     }
 
     /// Text held back for a possible stop string; emitted when the sequence
     /// ends for another reason.
-    pub fn flush(&mut self) -> String {
+    pub(crate) fn flush(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
 
@@ -96,31 +120,73 @@ impl Detokenizer {
         self.read_offset = tokens.len();
         Ok(full[cut..].to_string())
     }
+}
 
-    /// Byte offset in `held` of the earliest stop-string match.
-    fn first_stop_match(&self) -> Option<usize> {
-        self.stop.iter().filter_map(|s| self.held.find(s.as_str())).min()
+/// One sequence's stop strings as two automata (see the module doc).
+#[derive(Debug)]
+struct StopStrings {
+    /// Leftmost-first: `find` reports the match that starts earliest.
+    leftmost: AhoCorasick,
+    /// Standard semantics: its state after some text is the trie node of the
+    /// text's longest suffix that is a prefix of a stop string.
+    suffixes: NFA,
+    /// Depth (bytes) of every trie node; the start state has depth 0.
+    depth: HashMap<StateID, usize>,
+    /// State after all text fed to [`Self::advance`].
+    state: StateID,
+}
+
+impl StopStrings {
+    fn new(stop: &[String]) -> anyhow::Result<Option<Self>> {
+        let stop: Vec<&str> = stop.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+        if stop.is_empty() {
+            return Ok(None);
+        }
+        let leftmost = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostFirst)
+            .build(&stop)?;
+        let suffixes = NFA::builder().match_kind(MatchKind::Standard).build(&stop)?;
+        let start = suffixes.start_state(Anchored::No)?;
+        // Each pattern prefix p, fed from the start, ends in node(p) (p is
+        // its own longest trie suffix), so walking every pattern labels every node.
+        let mut depth = HashMap::from([(start, 0)]);
+        for s in &stop {
+            let mut sid = start;
+            for (i, &b) in s.as_bytes().iter().enumerate() {
+                sid = suffixes.next_state(Anchored::No, sid, b);
+                depth.insert(sid, i + 1);
+            }
+        }
+        Ok(Some(Self {
+            leftmost,
+            suffixes,
+            depth,
+            state: start,
+        }))
     }
 
-    /// Length of the longest suffix of `held` that is a proper prefix of a
-    /// stop string (always on a char boundary).
-    fn stop_prefix_len(&self) -> usize {
-        let max = self.stop.iter().map(String::len).max().unwrap_or(0);
-        self.held
-            .char_indices()
-            .map(|(i, _)| i)
-            .filter(|&i| self.held.len() - i < max)
-            .find(|&i| {
-                let tail = &self.held[i..];
-                self.stop.iter().any(|s| s.starts_with(tail))
-            })
-            .map_or(0, |i| self.held.len() - i)
+    /// Byte offset in `held` of the earliest stop-string match.
+    fn first_match(&self, held: &str) -> Option<usize> {
+        self.leftmost.find(held).map(|m| m.start())
+    }
+
+    /// Feeds newly decoded bytes; returns the length of the longest suffix of
+    /// all text so far that is a proper prefix of a stop string (no stop
+    /// string occurs in it: [`Self::first_match`] ran first). That suffix
+    /// begins where a stop string begins, so on a char boundary.
+    fn advance(&mut self, new: &[u8]) -> usize {
+        for &b in new {
+            self.state = self.suffixes.next_state(Anchored::No, self.state, b);
+        }
+        // Every reachable state is a trie node, and all were labelled.
+        self.depth.get(&self.state).copied().unwrap_or(0)
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::*;
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
@@ -152,7 +218,8 @@ pub(crate) mod tests {
     fn stream(t: &Tokenizer, prompt: &str, output: &str, stop: &[&str]) -> (Vec<String>, bool) {
         let prompt = encode(t, prompt);
         let out = encode(t, output);
-        let mut d = Detokenizer::new(prompt.len(), stop.iter().map(|s| s.to_string()).collect());
+        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+        let mut d = Detokenizer::new(prompt.len(), &stop).unwrap();
         let mut tokens = prompt;
         let mut pieces = Vec::new();
         for id in out {
@@ -217,5 +284,126 @@ pub(crate) mod tests {
         let (pieces, _) = stream(&t, "the", "unbelievable tokenization", &[]);
         assert_eq!(pieces.concat(), " unbelievable tokenization");
         assert!(pieces.len() > 3, "several word pieces: {pieces:?}");
+    }
+
+    /// The search this module replaced: every stop string against the held
+    /// text, and every suffix of it against every stop string.
+    fn naive_stop(pieces: &[String], stop: &[String]) -> (Vec<String>, bool) {
+        let max = stop.iter().map(String::len).max().unwrap_or(0);
+        let mut held = String::new();
+        let mut out = Vec::new();
+        for piece in pieces {
+            held.push_str(piece);
+            if let Some(pos) = stop.iter().filter_map(|s| held.find(s.as_str())).min() {
+                out.push(held[..pos].to_string());
+                return (out, true);
+            }
+            let keep = held
+                .char_indices()
+                .map(|(i, _)| i)
+                .filter(|&i| held.len() - i < max)
+                .find(|&i| stop.iter().any(|s| s.starts_with(&held[i..])))
+                .map_or(0, |i| held.len() - i);
+            out.push(held.drain(..held.len() - keep).collect());
+        }
+        out.push(held);
+        (out, false)
+    }
+
+    fn text_over(alphabet: &'static [char], len: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(alphabet), len).prop_map(|c| c.into_iter().collect())
+    }
+
+    /// Multi-byte characters split across tokens, a few spaces.
+    const ALPHABET: &[char] = &['a', 'b', 'c', 'd', 'e', ' ', '→', 'é'];
+
+    /// Emits `pieces` (one per token) through a detokenizer with `stop`.
+    fn emit_all(pieces: &[String], stop: &[String]) -> (Vec<String>, bool) {
+        let mut d = Detokenizer::new(0, stop).unwrap();
+        let mut out = Vec::new();
+        for piece in pieces {
+            let o = d.emit(piece.clone());
+            out.push(o.text);
+            if o.stopped {
+                return (out, true);
+            }
+        }
+        out.push(d.flush());
+        (out, false)
+    }
+
+    #[test]
+    fn the_earliest_starting_match_wins_when_one_piece_completes_several() {
+        let stop = ["abcd".to_string(), "bc".to_string()];
+        // "bc" ends first, but "abcd" starts first: nothing of it is emitted.
+        let (out, stopped) = emit_all(&["a".into(), "bcd".into()], &stop);
+        assert_eq!((out, stopped), (vec!["".to_string(), "".to_string()], true));
+    }
+
+    /// Few short stop strings over three characters overlap a lot.
+    const SMALL: &[char] = &['a', 'b', 'é'];
+
+    /// A string, some of its substrings as stop strings, and the string
+    /// after a short lead, cut into pieces: matches nest and overlap, and one
+    /// piece often completes several.
+    fn nested() -> impl Strategy<Value = (Vec<String>, Vec<String>)> {
+        let cuts = prop::collection::vec((any::<usize>(), any::<usize>()), 1..4);
+        let sizes = prop::collection::vec(1usize..5, 1..8);
+        (text_over(SMALL, 4..9), cuts, text_over(SMALL, 0..4), sizes).prop_map(|(base, cuts, lead, sizes)| {
+            let chars: Vec<char> = base.chars().collect();
+            let mut stop = vec![base.clone()];
+            for (a, b) in cuts {
+                let (i, j) = (a % chars.len(), b % chars.len());
+                stop.push(chars[i.min(j)..=i.max(j)].iter().collect());
+            }
+            let text: Vec<char> = lead.chars().chain(chars).collect();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for n in sizes.iter().cycle() {
+                if at == text.len() {
+                    break;
+                }
+                let end = (at + n).min(text.len());
+                pieces.push(text[at..end].iter().collect());
+                at = end;
+            }
+            (stop, pieces)
+        })
+    }
+
+    /// (stop strings, pieces): about a thousand stop strings, a few short
+    /// ones, or nested ones; pieces of several characters, as real tokens decode.
+    fn case() -> impl Strategy<Value = (Vec<String>, Vec<String>)> {
+        let pieces = |alphabet| prop::collection::vec(text_over(alphabet, 0..5), 0..24);
+        prop_oneof![
+            (
+                prop::collection::vec(text_over(ALPHABET, 4..10), 900..1100),
+                pieces(ALPHABET)
+            ),
+            (prop::collection::vec(text_over(SMALL, 2..5), 1..6), pieces(SMALL)),
+            nested(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+        #[test]
+        fn stop_strings_match_the_naive_search((stop, pieces) in case()) {
+            prop_assert_eq!(emit_all(&pieces, &stop), naive_stop(&pieces, &stop));
+        }
+    }
+
+    /// The same through the tokenizer, one byte per token.
+    #[test]
+    fn byte_tokens_stream_like_the_naive_search() {
+        let t = byte_tokenizer();
+        let stop: Vec<String> = ["dé→", "e ", "→→a", "ab"].map(String::from).to_vec();
+        let refs: Vec<&str> = stop.iter().map(String::as_str).collect();
+        for output in ["xxdé→yy", "cc é→→a", "d d é e", "→→→"] {
+            let (pieces, _) = stream(&t, "q", output, &[]);
+            // Drop the final flush: the naive run flushes its own hold-back.
+            let expected = naive_stop(&pieces[..pieces.len() - 1], &stop);
+            assert_eq!(stream(&t, "q", output, &refs), expected, "{output}");
+        }
     }
 }

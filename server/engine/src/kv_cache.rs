@@ -9,30 +9,47 @@
 //!   one or more block tables), *cached* (refcount 0, holds a full block whose
 //!   hash is in the cache map; evictable, LRU by the time it was released), or
 //!   *free* (refcount 0, no hash);
-//! - a block's hash is chained over (parent block hash, the block's token ids),
-//!   so equal hashes mean equal whole prefixes; only FULL, COMPUTED blocks are
-//!   hashed ([`BlockManager::cache_computed`] runs after the forward pass that
-//!   filled them, so no sequence can reuse a block that is still being written);
-//! - a sequence never writes into a block another sequence also holds: such a
-//!   block is copied first ([`BlockManager::allocate_slots`] returns the copy);
+//! - a block's hash is chained over (parent hash, the block's token ids); the
+//!   chain's root is the sequence's [`CacheDomain`] (tenant salt, adapter), so
+//!   two domains never share a block. The hash is SipHash-1-3 keyed with a
+//!   random per-manager key, so callers cannot aim for collisions, and a hit is
+//!   only taken when the cached block's stored parent hash and token ids equal
+//!   the lookup's (a colliding hash is a miss). A sequence whose block collides
+//!   registers none of its later blocks, so every registered chain is verified
+//!   link by link;
+//! - only FULL, COMPUTED blocks are registered ([`BlockManager::cache_computed`]
+//!   runs after the forward pass that filled them, so no sequence can reuse a
+//!   block that is still being written);
+//! - a sequence never writes into a block another sequence also holds: shared
+//!   blocks come only from prefix hits, which are full and lie before the
+//!   first position the sequence computes;
 //! - a prefix hit never covers the whole prompt: at least one token is always
 //!   computed so the model yields logits.
 //!
 //! Tested by unit tests on tiny pools (exact block ids, refcounts, eviction
-//! order) and a proptest that runs thousands of random admit / grow / fork /
-//! compute / free operations while modelling every block's contents as token
-//! lists, checking leaks, refcounts, prefix reuse and copy-on-write isolation.
+//! order, domains, forced collisions) and a proptest that runs thousands of
+//! random admit / grow / compute / free operations while modelling every
+//! block's contents as token lists, checking leaks, refcounts and prefix reuse.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, RandomState};
 
 /// Identifies a sequence inside the engine.
-pub type SeqId = u64;
+pub(crate) type SeqId = u64;
 
 /// Not enough free (or evictable) blocks for the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutOfBlocks;
+pub(crate) struct OutOfBlocks;
+
+/// Whose prefix cache a sequence reads and fills: blocks are shared only
+/// between sequences of the same domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub(crate) struct CacheDomain {
+    /// 0 = the shared default domain.
+    pub(crate) salt: u64,
+    /// LoRA slot; None = the base model.
+    pub(crate) adapter: Option<u32>,
+}
 
 #[derive(Debug, Clone, Default)]
 struct Block {
@@ -43,29 +60,43 @@ struct Block {
     lru_stamp: u64,
 }
 
+/// What a registered block holds, checked on every hit.
+#[derive(Debug)]
+struct Cached {
+    block: u32,
+    parent: u64,
+    tokens: Box<[u32]>,
+}
+
 #[derive(Debug, Clone, Default)]
 struct SeqTable {
     blocks: Vec<u32>,
+    /// Hash of the domain: the parent of the first block.
+    root: u64,
     /// Chained hashes of the sequence's computed full blocks, in order
     /// (kept even when a duplicate block was not registered, for chaining).
     hashes: Vec<u64>,
+    /// A block of this sequence collided with a different cached block: its
+    /// later blocks are not registered (their parent is not the cached one).
+    collided: bool,
 }
 
 /// Snapshot of the pool for stats and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct KvUsage {
-    pub total: usize,
+pub(crate) struct KvUsage {
+    pub(crate) total: usize,
     /// Blocks held by at least one sequence.
-    pub used: usize,
+    pub(crate) used: usize,
     /// Unheld blocks that still hold a reusable prefix.
-    pub cached: usize,
+    pub(crate) cached: usize,
     /// Unheld blocks without content.
-    pub free: usize,
+    pub(crate) free: usize,
 }
 
-/// The block manager. Single-threaded: lives on the engine thread.
+/// The block manager. Single-threaded: lives on the engine thread. `S` is the
+/// keyed hash (tests substitute a colliding one).
 #[derive(Debug)]
-pub struct BlockManager {
+pub(crate) struct BlockManager<S = RandomState> {
     block_size: usize,
     blocks: Vec<Block>,
     /// Free blocks without a hash; popped from the end (cheapest to reuse).
@@ -73,23 +104,20 @@ pub struct BlockManager {
     /// Cached blocks with refcount 0, oldest release first (LRU eviction).
     evictable: BTreeMap<u64, u32>,
     next_stamp: u64,
-    cache: HashMap<u64, u32>,
+    cache: HashMap<u64, Cached>,
     seqs: HashMap<SeqId, SeqTable>,
-    prefix_queries: u64,
-    prefix_hits: u64,
-}
-
-/// Chained block hash over the parent hash and the block's tokens.
-fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
-    // DefaultHasher::new() uses fixed keys: deterministic within a build.
-    let mut h = DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
+    hasher: S,
 }
 
 impl BlockManager {
-    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+    /// A pool with a fresh random hash key.
+    pub(crate) fn new(num_blocks: usize, block_size: usize) -> Self {
+        Self::with_hasher(num_blocks, block_size, RandomState::new())
+    }
+}
+
+impl<S: BuildHasher> BlockManager<S> {
+    pub(crate) fn with_hasher(num_blocks: usize, block_size: usize, hasher: S) -> Self {
         assert!(block_size > 0, "block_size must be > 0");
         Self {
             block_size,
@@ -100,25 +128,24 @@ impl BlockManager {
             next_stamp: 0,
             cache: HashMap::new(),
             seqs: HashMap::new(),
-            prefix_queries: 0,
-            prefix_hits: 0,
+            hasher,
         }
     }
 
-    pub fn block_size(&self) -> usize {
+    pub(crate) fn block_size(&self) -> usize {
         self.block_size
     }
 
-    pub fn num_blocks(&self) -> usize {
+    pub(crate) fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
 
     /// Blocks obtainable now without preempting anyone (free + evictable).
-    pub fn num_available(&self) -> usize {
+    pub(crate) fn num_available(&self) -> usize {
         self.free.len() + self.evictable.len()
     }
 
-    pub fn usage(&self) -> KvUsage {
+    pub(crate) fn usage(&self) -> KvUsage {
         let available = self.num_available();
         KvUsage {
             total: self.blocks.len(),
@@ -131,7 +158,7 @@ impl BlockManager {
     /// KV slots holding a computed token, given `(sequence, computed length)` pairs: a block shared by
     /// several sequences counts once, as filled as the furthest of them. With [`Self::usage`] this
     /// gives the pool's internal waste (held slots not holding a token).
-    pub fn live_tokens(&self, computed: impl IntoIterator<Item = (SeqId, usize)>) -> usize {
+    pub(crate) fn live_tokens(&self, computed: impl IntoIterator<Item = (SeqId, usize)>) -> usize {
         let bs = self.block_size;
         let mut fill: HashMap<u32, usize> = HashMap::new();
         for (seq, n) in computed {
@@ -144,55 +171,63 @@ impl BlockManager {
         fill.values().sum()
     }
 
-    /// Prompt tokens looked up in the prefix cache / found there, since start.
-    pub fn prefix_counters(&self) -> (u64, u64) {
-        (self.prefix_queries, self.prefix_hits)
-    }
-
-    pub fn block_table(&self, seq: SeqId) -> Option<&[u32]> {
+    pub(crate) fn block_table(&self, seq: SeqId) -> Option<&[u32]> {
         self.seqs.get(&seq).map(|t| t.blocks.as_slice())
-    }
-
-    pub fn ref_count(&self, block: u32) -> u32 {
-        self.blocks[block as usize].ref_count
-    }
-
-    pub fn contains(&self, seq: SeqId) -> bool {
-        self.seqs.contains_key(&seq)
     }
 
     fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_size)
     }
 
+    fn root_hash(&self, domain: CacheDomain) -> u64 {
+        self.hasher.hash_one(domain)
+    }
+
+    /// Chained block hash over the parent hash and the block's tokens.
+    fn block_hash(&self, parent: u64, tokens: &[u32]) -> u64 {
+        self.hasher.hash_one((parent, tokens))
+    }
+
+    /// The cached block holding exactly `tokens` after `parent`, if any.
+    fn lookup(&self, hash: u64, parent: u64, tokens: &[u32]) -> Option<u32> {
+        self.cache
+            .get(&hash)
+            .filter(|c| c.parent == parent && *c.tokens == *tokens)
+            .map(|c| c.block)
+    }
+
     /// Cached blocks matching the longest prefix of `tokens`, leaving at
     /// least one token to compute. Returns (blocks, their chained hashes).
-    fn find_prefix(&self, tokens: &[u32]) -> (Vec<u32>, Vec<u64>) {
+    fn find_prefix(&self, root: u64, tokens: &[u32]) -> (Vec<u32>, Vec<u64>) {
         let max_blocks = tokens.len().saturating_sub(1) / self.block_size;
         let mut blocks = Vec::new();
         let mut hashes = Vec::new();
-        let mut parent = None;
+        let mut parent = root;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
-            let h = block_hash(parent, chunk);
-            match self.cache.get(&h) {
-                Some(&b) => {
-                    blocks.push(b);
-                    hashes.push(h);
-                    parent = Some(h);
-                }
-                None => break,
-            }
+            let h = self.block_hash(parent, chunk);
+            let Some(b) = self.lookup(h, parent, chunk) else { break };
+            blocks.push(b);
+            hashes.push(h);
+            parent = h;
         }
         (blocks, hashes)
     }
 
-    /// Admits a new sequence whose known tokens are `tokens`: reuses the
-    /// cached prefix and allocates slots for the first `num_new` tokens after
-    /// it (capped at the tokens left). All or nothing: on `OutOfBlocks`
-    /// nothing changed. Returns the number of tokens served from the cache.
-    pub fn admit(&mut self, seq: SeqId, tokens: &[u32], num_new: usize) -> Result<usize, OutOfBlocks> {
+    /// Admits a sequence whose known tokens are `tokens`: reuses the cached
+    /// prefix of its domain and allocates slots for the first `num_new`
+    /// tokens after it (capped at the tokens left). All or nothing: on
+    /// `OutOfBlocks` nothing changed. Returns the number of tokens served
+    /// from the cache.
+    pub(crate) fn admit(
+        &mut self,
+        seq: SeqId,
+        domain: CacheDomain,
+        tokens: &[u32],
+        num_new: usize,
+    ) -> Result<usize, OutOfBlocks> {
         assert!(!self.seqs.contains_key(&seq), "sequence {seq} admitted twice");
-        let (hit_blocks, hashes) = self.find_prefix(tokens);
+        let root = self.root_hash(domain);
+        let (hit_blocks, hashes) = self.find_prefix(root, tokens);
         let cached = hit_blocks.len() * self.block_size;
         let num_new = num_new.min(tokens.len() - cached);
         let needed = self.blocks_for(cached + num_new) - hit_blocks.len();
@@ -209,105 +244,101 @@ impl BlockManager {
         }
         let mut table = SeqTable {
             blocks: hit_blocks,
+            root,
             hashes,
+            collided: false,
         };
         for _ in 0..needed {
             let b = self.pop_free().expect("availability checked above");
             table.blocks.push(b);
         }
         self.seqs.insert(seq, table);
-        self.prefix_queries += tokens.len() as u64;
-        self.prefix_hits += cached as u64;
         Ok(cached)
     }
 
-    /// Ensures `seq` has slots for positions `0..num_computed + num_new`,
-    /// where writing starts at `num_computed`. A block about to be written
-    /// that is shared with another sequence is replaced by a private copy;
-    /// the returned (src, dst) pairs must be copied before the forward pass.
+    /// Ensures `seq` has slots for positions `0..num_computed + num_new`.
     /// All or nothing.
-    pub fn allocate_slots(
+    pub(crate) fn allocate_slots(
         &mut self,
         seq: SeqId,
         num_computed: usize,
         num_new: usize,
-    ) -> Result<Vec<(u32, u32)>, OutOfBlocks> {
-        let bs = self.block_size;
-        let table = self.seqs.get(&seq).expect("allocate_slots on an unknown sequence");
-        let have = table.blocks.len();
+    ) -> Result<(), OutOfBlocks> {
         let want = self.blocks_for(num_computed + num_new);
-        let extra = want.saturating_sub(have);
-        // Existing blocks written by this step (positions num_computed..): the
-        // first one may be partially filled and shared (after a fork).
-        let first_write = num_computed / bs;
-        let shared: Vec<usize> = (first_write..have.min(want))
-            .filter(|&i| self.blocks[table.blocks[i] as usize].ref_count > 1)
-            .collect();
-        if extra + shared.len() > self.num_available() {
+        let table = self.seqs.get(&seq).expect("allocate_slots on an unknown sequence");
+        debug_assert!(
+            table.blocks[(num_computed / self.block_size).min(table.blocks.len())..]
+                .iter()
+                .all(|&b| self.blocks[b as usize].ref_count == 1),
+            "sequence {seq} would write into a shared block"
+        );
+        let extra = want.saturating_sub(table.blocks.len());
+        if extra > self.num_available() {
             return Err(OutOfBlocks);
-        }
-        let mut copies = Vec::with_capacity(shared.len());
-        for i in shared {
-            let dst = self.pop_free().expect("availability checked above");
-            let table = self.seqs.get_mut(&seq).expect("checked above");
-            let src = std::mem::replace(&mut table.blocks[i], dst);
-            self.blocks[src as usize].ref_count -= 1;
-            copies.push((src, dst));
         }
         for _ in 0..extra {
             let b = self.pop_free().expect("availability checked above");
             self.seqs.get_mut(&seq).expect("checked above").blocks.push(b);
         }
-        Ok(copies)
+        Ok(())
     }
 
-    /// How many more tokens `seq` could get slots for right now, assuming
-    /// no copy-on-write is needed.
-    pub fn slot_capacity(&self, seq: SeqId, num_computed: usize) -> usize {
+    /// How many more tokens `seq` could get slots for right now.
+    pub(crate) fn slot_capacity(&self, seq: SeqId, num_computed: usize) -> usize {
         let have = self.seqs.get(&seq).map_or(0, |t| t.blocks.len());
         (have + self.num_available()) * self.block_size - num_computed
     }
 
     /// Registers the sequence's full blocks among its first `num_computed`
     /// tokens (whose KV is now written) in the prefix cache.
-    pub fn cache_computed(&mut self, seq: SeqId, tokens: &[u32], num_computed: usize) {
+    pub(crate) fn cache_computed(&mut self, seq: SeqId, tokens: &[u32], num_computed: usize) {
         let bs = self.block_size;
-        let Some(table) = self.seqs.get_mut(&seq) else { return };
+        let Some(table) = self.seqs.get(&seq) else { return };
         let full = (num_computed / bs).min(table.blocks.len());
         for i in table.hashes.len()..full {
-            let parent = table.hashes.last().copied();
-            let h = block_hash(parent, &tokens[i * bs..(i + 1) * bs]);
-            table.hashes.push(h);
+            let table = &self.seqs[&seq];
+            let parent = table.hashes.last().copied().unwrap_or(table.root);
+            let chunk = &tokens[i * bs..(i + 1) * bs];
+            let h = self.block_hash(parent, chunk);
             let b = table.blocks[i];
-            // A block with the same content may already be cached (computed
-            // concurrently by another sequence): keep the first, don't alias.
-            if self.blocks[b as usize].hash.is_none() && !self.cache.contains_key(&h) {
-                self.cache.insert(h, b);
-                self.blocks[b as usize].hash = Some(h);
+            let mut collided = table.collided;
+            match self.cache.get(&h) {
+                // Same content computed concurrently by another sequence: keep
+                // the first, don't alias.
+                Some(c) if c.parent == parent && *c.tokens == *chunk => {}
+                Some(_) => collided = true,
+                None if !collided && self.blocks[b as usize].hash.is_none() => {
+                    let cached = Cached {
+                        block: b,
+                        parent,
+                        tokens: chunk.into(),
+                    };
+                    self.cache.insert(h, cached);
+                    self.blocks[b as usize].hash = Some(h);
+                }
+                None => {}
             }
+            let table = self.seqs.get_mut(&seq).expect("checked above");
+            table.hashes.push(h);
+            table.collided = collided;
         }
-    }
-
-    /// Makes `child` share all of `parent`'s blocks (parallel sampling):
-    /// later writes to shared blocks are copied on write.
-    pub fn fork(&mut self, parent: SeqId, child: SeqId) {
-        assert!(!self.seqs.contains_key(&child), "sequence {child} exists");
-        let table = self.seqs.get(&parent).expect("fork of an unknown sequence").clone();
-        for &b in &table.blocks {
-            self.blocks[b as usize].ref_count += 1;
-        }
-        self.seqs.insert(child, table);
     }
 
     /// Releases all of the sequence's blocks (finished, cancelled or
     /// preempted). Cached blocks become evictable, last block first, so a
     /// sequence's tail is evicted before its (more shareable) head.
-    pub fn free(&mut self, seq: SeqId) {
+    pub(crate) fn free(&mut self, seq: SeqId) {
         let Some(table) = self.seqs.remove(&seq) else { return };
         for &b in table.blocks.iter().rev() {
             let block = &mut self.blocks[b as usize];
-            block.ref_count -= 1;
-            if block.ref_count == 0 {
+            debug_assert!(block.ref_count > 0, "block {b} of sequence {seq} released twice");
+            let Some(rc) = block.ref_count.checked_sub(1) else {
+                // Leave it where it is rather than wrap around to a huge count.
+                tracing::error!(block = b, seq, "KV block released more often than acquired");
+                continue;
+            };
+            block.ref_count = rc;
+            if rc == 0 {
                 if block.hash.is_some() {
                     block.lru_stamp = self.next_stamp;
                     self.evictable.insert(self.next_stamp, b);
@@ -348,9 +379,19 @@ impl BlockManager {
 }
 
 #[cfg(test)]
+impl<S> BlockManager<S> {
+    fn ref_count(&self, block: u32) -> u32 {
+        self.blocks[block as usize].ref_count
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::hash::{BuildHasherDefault, Hasher};
+
+    const SHARED: CacheDomain = CacheDomain { salt: 0, adapter: None };
 
     fn toks(range: std::ops::Range<u32>) -> Vec<u32> {
         range.collect()
@@ -359,9 +400,9 @@ mod tests {
     #[test]
     fn allocates_lowest_ids_first_and_frees_everything() {
         let mut m = BlockManager::new(8, 4);
-        assert_eq!(m.admit(1, &toks(0..10), 10), Ok(0));
+        assert_eq!(m.admit(1, SHARED, &toks(0..10), 10), Ok(0));
         assert_eq!(m.block_table(1).unwrap(), &[0, 1, 2]);
-        assert_eq!(m.allocate_slots(1, 10, 3), Ok(vec![]));
+        assert_eq!(m.allocate_slots(1, 10, 3), Ok(()));
         assert_eq!(m.block_table(1).unwrap(), &[0, 1, 2, 3]);
         assert_eq!(m.usage().used, 4);
         m.free(1);
@@ -381,16 +422,16 @@ mod tests {
     fn shared_prefix_pair() -> (BlockManager, Result<usize, OutOfBlocks>) {
         let mut m = BlockManager::new(8, 4);
         let prompt = toks(0..10);
-        m.admit(1, &prompt, 10).unwrap();
+        m.admit(1, SHARED, &prompt, 10).unwrap();
         m.cache_computed(1, &prompt, 10);
         let mut other = toks(0..8);
         other.extend([99, 98, 97]);
-        let admitted = m.admit(2, &other, 11);
+        let admitted = m.admit(2, SHARED, &other, 11);
         (m, admitted)
     }
 
     #[test]
-    fn prefix_hit_reuses_full_blocks_and_counts_tokens() {
+    fn prefix_hit_reuses_full_blocks() {
         let (mut m, admitted) = shared_prefix_pair();
         // Shares blocks 0 and 1 (8 tokens); the partial third block is private.
         assert_eq!(admitted, Ok(8));
@@ -399,10 +440,64 @@ mod tests {
             (m.ref_count(0), m.ref_count(1), m.ref_count(2), m.ref_count(3)),
             (2, 2, 1, 1)
         );
-        assert_eq!(m.prefix_counters(), (21, 8));
         // Diverging in the first block: no hit at all.
-        assert_eq!(m.admit(3, &[5, 1, 2, 3, 4, 5], 6), Ok(0));
+        assert_eq!(m.admit(3, SHARED, &[5, 1, 2, 3, 4, 5], 6), Ok(0));
         assert_eq!(m.block_table(3).unwrap(), &[4, 5]);
+    }
+
+    #[test]
+    fn domains_never_share_blocks() {
+        let mut m = BlockManager::new(16, 4);
+        let prompt = toks(0..10);
+        let tenant = |salt| CacheDomain { salt, adapter: None };
+        m.admit(1, tenant(7), &prompt, 10).unwrap();
+        m.cache_computed(1, &prompt, 10);
+        assert_eq!(m.admit(2, tenant(7), &prompt, 10), Ok(8), "same salt");
+        assert_eq!(m.admit(3, tenant(8), &prompt, 10), Ok(0), "other salt");
+        assert_eq!(
+            m.admit(4, SHARED, &prompt, 10),
+            Ok(0),
+            "the shared domain is a domain too"
+        );
+        let adapter = CacheDomain {
+            salt: 7,
+            adapter: Some(1),
+        };
+        assert_eq!(m.admit(5, adapter, &prompt, 10), Ok(0), "same salt, other adapter");
+        // Each domain fills its own cache.
+        m.cache_computed(5, &prompt, 10);
+        assert_eq!(m.admit(6, adapter, &prompt, 10), Ok(8));
+    }
+
+    /// Every hash is 0: each lookup and registration after the first collides.
+    #[derive(Default)]
+    struct Collide;
+
+    impl Hasher for Collide {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    #[test]
+    fn a_colliding_hash_is_a_miss_and_stops_registration() {
+        let mut m = BlockManager::with_hasher(16, 4, BuildHasherDefault::<Collide>::default());
+        let a = toks(0..10);
+        m.admit(1, SHARED, &a, 10).unwrap();
+        m.cache_computed(1, &a, 10);
+        // Only a's first block is registered: its second collides with it.
+        assert_eq!(m.cache.len(), 1);
+        // Different tokens under the same hash: a miss, not a's KV.
+        let b = toks(100..110);
+        assert_eq!(m.admit(2, SHARED, &b, 10), Ok(0));
+        // The same tokens: the first block is verified and reused; the second
+        // block's hash finds the first block's entry, whose tokens differ.
+        assert_eq!(m.admit(3, SHARED, &a, 10), Ok(4));
+        // b collides from its first block on: none of its blocks is registered.
+        m.cache_computed(2, &b, 10);
+        assert_eq!(m.cache.len(), 1);
+        assert_eq!(m.admit(4, SHARED, &b, 10), Ok(0));
     }
 
     #[test]
@@ -421,10 +516,10 @@ mod tests {
     fn never_reuses_the_block_that_is_the_whole_prompt() {
         let mut m = BlockManager::new(8, 4);
         let prompt = toks(0..8);
-        m.admit(1, &prompt, 8).unwrap();
+        m.admit(1, SHARED, &prompt, 8).unwrap();
         m.cache_computed(1, &prompt, 8);
         // Both blocks cached, but the last must be computed to get logits.
-        assert_eq!(m.admit(2, &prompt, 8), Ok(4));
+        assert_eq!(m.admit(2, SHARED, &prompt, 8), Ok(4));
         assert_eq!(m.block_table(2).unwrap(), &[0, 2]);
     }
 
@@ -432,7 +527,7 @@ mod tests {
     fn cached_blocks_survive_free_and_are_evicted_lru_only_when_needed() {
         let mut m = BlockManager::new(4, 2);
         let a = [1, 2, 3, 4, 5];
-        m.admit(1, &a, 5).unwrap(); // blocks 0,1,2
+        m.admit(1, SHARED, &a, 5).unwrap(); // blocks 0,1,2
         m.cache_computed(1, &a, 5); // 0 and 1 hashed
         m.free(1);
         // Released tail first: block 1 then block 0 become evictable; 2 is free.
@@ -446,7 +541,7 @@ mod tests {
             }
         );
         // Two fresh blocks come from the empty pool (2, just released, then 3): no eviction.
-        m.admit(2, &[9, 9, 9], 3).unwrap();
+        m.admit(2, SHARED, &[9, 9, 9], 3).unwrap();
         assert_eq!(m.block_table(2).unwrap(), &[2, 3]);
         assert_eq!(m.usage().cached, 2);
         // Next allocation evicts the least recently released: block 1 (the tail).
@@ -455,7 +550,7 @@ mod tests {
         assert_eq!(m.usage().cached, 1);
         // Block 0 (prefix [1,2]) is still a hit; [3,4] was evicted.
         m.free(2);
-        assert_eq!(m.admit(3, &a, 5), Ok(2));
+        assert_eq!(m.admit(3, SHARED, &a, 5), Ok(2));
         assert_eq!(m.block_table(3).unwrap()[0], 0);
     }
 
@@ -463,41 +558,34 @@ mod tests {
     fn revived_cached_block_is_not_counted_as_available_twice() {
         let mut m = BlockManager::new(2, 2);
         let a = [1, 2, 3];
-        m.admit(1, &a, 3).unwrap();
+        m.admit(1, SHARED, &a, 3).unwrap();
         m.cache_computed(1, &a, 3);
         m.free(1);
         // Hit on block 0 plus one new block: fits exactly.
-        assert_eq!(m.admit(2, &a, 3), Ok(2));
+        assert_eq!(m.admit(2, SHARED, &a, 3), Ok(2));
         assert_eq!(m.num_available(), 0);
-        assert_eq!(m.admit(3, &[7], 1), Err(OutOfBlocks));
-        assert!(!m.contains(3));
+        assert_eq!(m.admit(3, SHARED, &[7], 1), Err(OutOfBlocks));
+        assert!(m.block_table(3).is_none());
         assert_eq!(m.allocate_slots(2, 3, 2), Err(OutOfBlocks));
         assert_eq!(m.block_table(2).unwrap(), &[0, 1]);
     }
 
     #[test]
-    fn fork_then_write_copies_the_shared_partial_block() {
-        let mut m = BlockManager::new(8, 4);
-        m.admit(1, &toks(0..6), 6).unwrap(); // [0, 1], block 1 half full
-        m.fork(1, 2);
-        assert_eq!(m.ref_count(1), 2);
-        // Seq 2 writes position 6 (block 1): gets a private copy.
-        assert_eq!(m.allocate_slots(2, 6, 1), Ok(vec![(1, 2)]));
-        assert_eq!(m.block_table(2).unwrap(), &[0, 2]);
-        assert_eq!((m.ref_count(0), m.ref_count(1), m.ref_count(2)), (2, 1, 1));
-        // Seq 1 now owns block 1 alone: writes in place, no copy.
-        assert_eq!(m.allocate_slots(1, 6, 1), Ok(vec![]));
+    fn a_double_free_is_logged_not_wrapped() {
+        let mut m = BlockManager::new(4, 2);
+        m.admit(1, SHARED, &[1, 2, 3], 3).unwrap();
         m.free(1);
-        m.free(2);
-        assert_eq!(m.usage().used, 0);
+        // Freeing an unknown (already freed) sequence changes nothing.
+        m.free(1);
+        assert_eq!(m.usage().free, 4);
+        assert!((0..4).all(|b| m.ref_count(b) == 0));
     }
 
     /// Random operations against a content model of every physical block.
     #[derive(Debug, Clone)]
     enum Op {
-        Admit { prompt: Vec<u32>, chunk: usize },
+        Admit { prompt: Vec<u32>, chunk: usize, salt: u64 },
         Step { pick: usize, n: usize },
-        Fork { pick: usize },
         Free { pick: usize },
     }
 
@@ -508,30 +596,33 @@ mod tests {
             rest
         });
         prop_oneof![
-            3 => (prompt, 1usize..16).prop_map(|(prompt, chunk)| Op::Admit { prompt, chunk }),
+            3 => (prompt, 1usize..16, 0u64..2).prop_map(|(prompt, chunk, salt)| Op::Admit { prompt, chunk, salt }),
             4 => (any::<usize>(), 1usize..6).prop_map(|(pick, n)| Op::Step { pick, n }),
-            1 => any::<usize>().prop_map(|pick| Op::Fork { pick }),
             2 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         ]
     }
 
     struct Live {
         id: SeqId,
+        salt: u64,
         tokens: Vec<u32>,
         computed: usize,
     }
 
-    /// What position `p` of a sequence holds: like real KV, it depends on
-    /// the whole prefix, so a block reused under another prefix is caught.
-    fn kv(tokens: &[u32], p: usize) -> Option<(u32, u64)> {
-        Some((tokens[p], block_hash(None, &tokens[..=p])))
+    /// What position `p` of a sequence holds: like real KV, it depends on the
+    /// whole prefix and the domain, so a block reused under another prefix or
+    /// in another domain is caught.
+    type Slot = Option<(u64, Vec<u32>)>;
+
+    fn kv(s: &Live, p: usize) -> Slot {
+        Some((s.salt, s.tokens[..=p].to_vec()))
     }
 
     /// Writes tokens `from..to` of `s` into the modelled pool.
-    fn write(store: &mut [Vec<Option<(u32, u64)>>], m: &BlockManager, s: &Live, from: usize, to: usize) {
+    fn write(store: &mut [Vec<Slot>], m: &BlockManager, s: &Live, from: usize, to: usize) {
         let table = m.block_table(s.id).unwrap();
         for p in from..to {
-            store[table[p / m.block_size()] as usize][p % m.block_size()] = kv(&s.tokens, p);
+            store[table[p / m.block_size()] as usize][p % m.block_size()] = kv(s, p);
         }
     }
 
@@ -546,13 +637,12 @@ mod tests {
             let mut next_id = 0;
             for op in ops {
                 match op {
-                    Op::Admit { prompt, chunk } => {
+                    Op::Admit { prompt, chunk, salt } => {
                         next_id += 1;
-                        let (q0, h0) = m.prefix_counters();
-                        if let Ok(cached) = m.admit(next_id, &prompt, chunk) {
+                        let domain = CacheDomain { salt, adapter: None };
+                        if let Ok(cached) = m.admit(next_id, domain, &prompt, chunk) {
                             prop_assert!(cached < prompt.len());
-                            prop_assert_eq!(m.prefix_counters(), (q0 + prompt.len() as u64, h0 + cached as u64));
-                            let s = Live { id: next_id, tokens: prompt, computed: cached };
+                            let s = Live { id: next_id, salt, tokens: prompt, computed: cached };
                             let end = (cached + chunk).min(s.tokens.len());
                             write(&mut store, &m, &s, cached, end);
                             let s = Live { computed: end, ..s };
@@ -567,24 +657,13 @@ mod tests {
                         while s.tokens.len() < s.computed + n {
                             s.tokens.push((s.tokens.len() as u32 * 7 + s.id as u32) % 5);
                         }
-                        if let Ok(copies) = m.allocate_slots(s.id, s.computed, n) {
-                            for (src, dst) in copies {
-                                prop_assert_eq!(m.ref_count(dst), 1);
-                                store[dst as usize] = store[src as usize].clone();
-                            }
+                        if m.allocate_slots(s.id, s.computed, n).is_ok() {
                             let s = &live[i];
                             write(&mut store, &m, s, s.computed, s.computed + n);
                             let s = &mut live[i];
                             s.computed += n;
                             m.cache_computed(s.id, &s.tokens, s.computed);
                         }
-                    }
-                    Op::Fork { pick } if !live.is_empty() => {
-                        let parent = &live[pick % live.len()];
-                        next_id += 1;
-                        m.fork(parent.id, next_id);
-                        let tokens = parent.tokens[..parent.computed].to_vec();
-                        live.push(Live { id: next_id, computed: tokens.len(), tokens });
                     }
                     Op::Free { pick } if !live.is_empty() => {
                         let s = live.swap_remove(pick % live.len());
@@ -597,7 +676,7 @@ mod tests {
                     let table = m.block_table(s.id).unwrap();
                     prop_assert!(table.len() * bs >= s.computed);
                     for p in 0..s.computed {
-                        prop_assert_eq!(store[table[p / bs] as usize][p % bs], kv(&s.tokens, p), "seq {} pos {}", s.id, p);
+                        prop_assert_eq!(&store[table[p / bs] as usize][p % bs], &kv(s, p), "seq {} pos {}", s.id, p);
                     }
                 }
                 // Refcount of each block = number of tables holding it.

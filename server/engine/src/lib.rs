@@ -10,30 +10,57 @@
 //! schedule → forward → sample → detokenize → send deltas → free finished
 //! sequences. When idle the thread blocks on the command channel.
 //!
+//! Supervision: every step runs under `catch_unwind`, and the engine keeps
+//! every accepted request's sender until its final event, so each request
+//! ends with `Finished` or `Failed` whatever breaks in a step.
+//! - The forward pass returns an error or panics: that batch fails; the
+//!   scheduler did not record it, so the engine continues.
+//! - Anything else in a step panics (scheduling, block manager, sampling,
+//!   detokenizing, retiring): the scheduler and the block manager can no
+//!   longer be trusted, so every running and waiting request fails with
+//!   `internal engine error: …`, both are rebuilt empty (the KV pool is
+//!   reused; nothing cached survives) and the engine keeps serving.
+//! - The engine cannot continue, and stops, when the reset itself panics or
+//!   after three consecutive failed steps (`MAX_FAILED_STEPS`: a forward
+//!   error or a panic anywhere, with no good step between; e.g. a lost
+//!   device). Every request still held fails, the thread exits,
+//!   [`EngineHandle::is_up`] turns false and `genai_engine_up` drops to 0;
+//!   later submissions get [`SubmitError::EngineStopped`]. A drop guard in the
+//!   thread does the same if it ever dies outside this supervision.
+//!
+//! Panics are logged and counted in `genai_engine_panics_total`. The
+//! `GENAI_FAULT_INJECT` test hook (see `fault.rs`) makes steps panic outside
+//! the forward pass for end-to-end tests.
+//!
 //! Tested in `tests` below with a scripted paged model (see `ScriptedRunner`);
 //! the parts have their own unit tests. Design note: `README.md` here.
 
-pub mod config;
-pub mod detokenizer;
-pub mod kv_cache;
+mod config;
+mod detokenizer;
+mod fault;
+mod kv_cache;
+pub mod metric_names;
 pub mod runner;
-pub mod sampler;
-pub mod scheduler;
-pub mod sequence;
+mod sampler;
+mod scheduler;
+mod sequence;
+mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use config::EngineConfig;
-use kv_cache::{BlockManager, SeqId};
+use fault::Fault;
+use kv_cache::BlockManager;
 use runner::{ModelInfo, ModelRunner};
 use scheduler::Scheduler;
 use sequence::Sequence;
+use worker::{Command, Engine, Shared, UpGuard};
 
 /// How a request samples and when it stops.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,11 +166,17 @@ impl SamplingParams {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub request_id: String,
     pub prompt_tokens: Vec<u32>,
     pub params: SamplingParams,
+    /// Prefix-cache domain (e.g. per tenant): KV blocks are only shared between
+    /// requests with the same salt and adapter, so `cached_prompt_tokens` only
+    /// reports the caller's own domain. 0 = the shared default domain.
+    pub cache_salt: u64,
+    /// LoRA adapter slot; None = the base model.
+    pub adapter: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -163,7 +196,6 @@ pub struct PositionLogprobs {
 pub enum FinishReason {
     Stop,
     Length,
-    Cancelled,
 }
 
 impl FinishReason {
@@ -171,7 +203,6 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
-            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -180,6 +211,7 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache of the request's own domain.
     pub cached_prompt_tokens: u32,
 }
 
@@ -196,6 +228,8 @@ pub enum EngineEvent {
         reason: FinishReason,
         usage: Usage,
     },
+    /// The request failed: the model's forward pass or sampling failed, or
+    /// (`internal engine error: …`) the engine hit a bug or stopped.
     Failed {
         message: String,
     },
@@ -225,7 +259,7 @@ pub struct EngineStats {
     /// Slots of the used blocks that hold a computed token (shared blocks counted once); the rest of
     /// `kv_blocks_used * block_size` is the paging waste.
     pub kv_tokens_live: usize,
-    /// In tokens.
+    /// In tokens, at each request's first admission.
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
     pub preemptions: u64,
@@ -235,28 +269,13 @@ pub struct EngineStats {
 /// Suggested back-off for a full queue (the HTTP layer's `Retry-After`).
 const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// State shared by the handles and the engine thread.
-#[derive(Debug)]
-struct Shared {
-    stats: Mutex<EngineStats>,
-    /// Requests accepted but never admitted yet (channel + waiting queue).
-    queued: AtomicUsize,
-    shutting_down: AtomicBool,
-    next_id: AtomicU64,
-}
-
-enum Command {
-    Submit(Box<Sequence>),
-    /// Wakes an idle engine thread (shutdown).
-    Wake,
-}
-
 /// Cheap, cloneable entry point to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     info: Arc<ModelInfo>,
+    /// Longest prompt + max_tokens accepted (model, config and KV pool bound).
     max_context: usize,
     max_waiting: usize,
 }
@@ -270,11 +289,21 @@ impl std::fmt::Debug for EngineHandle {
 }
 
 impl EngineHandle {
-    /// Sizes and allocates the KV pool, then starts the engine thread.
+    /// Sizes and allocates the KV pool, then starts the engine thread. Reads
+    /// the `GENAI_FAULT_INJECT` test hook once.
     pub fn start(
+        runner: Box<dyn ModelRunner>,
+        tokenizer: Arc<Tokenizer>,
+        cfg: &EngineConfig,
+    ) -> anyhow::Result<EngineHandle> {
+        Self::start_with(runner, tokenizer, cfg, Fault::from_env()?)
+    }
+
+    fn start_with(
         mut runner: Box<dyn ModelRunner>,
         tokenizer: Arc<Tokenizer>,
         cfg: &EngineConfig,
+        fault: Fault,
     ) -> anyhow::Result<EngineHandle> {
         let info = runner.info().clone();
         if info.kv_bytes_per_token == 0 || cfg.block_size == 0 {
@@ -296,6 +325,9 @@ impl EngineHandle {
         runner
             .allocate_kv(num_blocks, cfg.block_size)
             .with_context(|| format!("allocating {num_blocks} KV blocks"))?;
+        if fault != Fault::None {
+            tracing::warn!(?fault, "test fault injection is on");
+        }
         let shared = Arc::new(Shared {
             stats: Mutex::new(EngineStats {
                 kv_blocks_total: num_blocks,
@@ -303,6 +335,7 @@ impl EngineHandle {
             }),
             queued: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
+            up: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
         });
         let (tx, rx) = mpsc::channel();
@@ -311,17 +344,16 @@ impl EngineHandle {
             cfg.max_batch_tokens,
             cfg.max_running,
         );
-        let mut engine = Engine {
-            runner,
-            tokenizer,
-            scheduler,
-            shared: shared.clone(),
-            eos: info.eos_token_ids.clone(),
-            steps: 0,
-        };
+        let engine = Engine::new(runner, tokenizer, scheduler, shared.clone(), fault);
+        metrics::gauge!(metric_names::ENGINE_UP).set(1.0);
+        // Dropped with the closure if the thread never starts.
+        let guard = UpGuard(shared.clone());
         std::thread::Builder::new()
             .name("genai-engine".into())
-            .spawn(move || engine.run(rx))
+            .spawn(move || {
+                let _guard = guard;
+                engine.run(rx);
+            })
             .context("spawning the engine thread")?;
         tracing::info!(num_blocks, block_size = cfg.block_size, max_context, "engine started");
         Ok(EngineHandle {
@@ -336,15 +368,33 @@ impl EngineHandle {
     /// Validates and queues a request; never blocks.
     pub fn submit(&self, req: GenerateRequest) -> Result<UnboundedReceiver<EngineEvent>, SubmitError> {
         let rejected =
-            |reason: &'static str| metrics::counter!("genai_requests_rejected_total", "reason" => reason).increment(1);
-        if self.shared.shutting_down.load(Ordering::Acquire) {
-            rejected("shutting_down");
-            return Err(SubmitError::ShuttingDown);
+            |reason: &'static str| metrics::counter!(metric_names::REQUESTS_REJECTED, "reason" => reason).increment(1);
+        // Shutting down is the expected stop; an engine that stopped on its own is not.
+        let stopped = || {
+            if self.shared.shutting_down.load(Ordering::Acquire) {
+                rejected("shutting_down");
+                SubmitError::ShuttingDown
+            } else {
+                rejected("engine_stopped");
+                SubmitError::EngineStopped
+            }
+        };
+        if self.shared.shutting_down.load(Ordering::Acquire) || !self.is_up() {
+            return Err(stopped());
         }
         if let Err(e) = self.check(&req) {
             rejected("invalid");
             return Err(SubmitError::Invalid(e));
         }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let seq = match Sequence::new(id, req, &self.info.eos_token_ids, tx) {
+            Ok(seq) => seq,
+            Err(e) => {
+                rejected("invalid");
+                return Err(SubmitError::Invalid(invalid("stop", format!("{e:#}"))));
+            }
+        };
         let admitted = self
             .shared
             .queued
@@ -357,13 +407,9 @@ impl EngineHandle {
                 retry_after: QUEUE_FULL_RETRY_AFTER,
             });
         }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let seq = Sequence::new(id, req.request_id, req.prompt_tokens, req.params, tx);
         if self.commands.send(Command::Submit(Box::new(seq))).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            rejected("shutting_down");
-            return Err(SubmitError::ShuttingDown);
+            return Err(stopped());
         }
         Ok(rx)
     }
@@ -402,13 +448,20 @@ impl EngineHandle {
         &self.info
     }
 
-    /// Longest prompt + max_tokens accepted (model, config and KV pool bound).
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Longest prompt + completion a request may have, in tokens (the model's context, capped by
+    /// the KV pool and `engine.max_context`).
     pub fn max_context(&self) -> usize {
         self.max_context
     }
 
-    pub fn stats(&self) -> EngineStats {
-        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// False once the engine thread has exited: shut down, given up after
+    /// internal errors, or died. Health checks follow it.
+    pub fn is_up(&self) -> bool {
+        self.shared.up.load(Ordering::Acquire)
     }
 
     /// Stops admitting; accepted requests still finish, then the thread exits.
@@ -420,294 +473,13 @@ impl EngineHandle {
     }
 }
 
-/// The engine thread's state.
-struct Engine {
-    runner: Box<dyn ModelRunner>,
-    tokenizer: Arc<Tokenizer>,
-    scheduler: Scheduler,
-    shared: Arc<Shared>,
-    eos: Vec<u32>,
-    steps: u64,
-}
-
-/// Why a sequence leaves the engine after a step.
-enum Outcome {
-    Finished(FinishReason),
-    Failed(String),
-    /// The receiver is gone: nothing to send.
-    Dropped,
-}
-
-impl Engine {
-    fn run(&mut self, rx: mpsc::Receiver<Command>) {
-        loop {
-            while let Ok(cmd) = rx.try_recv() {
-                self.accept(cmd);
-            }
-            if !self.scheduler.is_idle() {
-                self.step();
-                continue;
-            }
-            self.publish_stats();
-            // The channel was drained just above: no accepted work is left.
-            if self.shared.shutting_down.load(Ordering::Acquire) {
-                break;
-            }
-            match rx.recv() {
-                Ok(cmd) => self.accept(cmd),
-                Err(_) => break, // every handle dropped and no work left
-            }
-        }
-        // A submission that raced with shutdown is failed, not lost.
-        while let Ok(cmd) = rx.try_recv() {
-            if let Command::Submit(seq) = cmd {
-                let message = "the engine shut down before the request started".to_string();
-                let _ = seq.events.send(EngineEvent::Failed { message });
-            }
-        }
-        tracing::info!("engine thread stopped");
-    }
-
-    fn accept(&mut self, cmd: Command) {
-        if let Command::Submit(seq) = cmd {
-            metrics::counter!("genai_prompt_tokens_total").increment(seq.prompt_len as u64);
-            self.scheduler.add(*seq);
-        }
-    }
-
-    fn step(&mut self) {
-        for s in self.scheduler.remove_cancelled() {
-            if s.admitted_at.is_none() {
-                self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            }
-            tracing::debug!(request_id = %s.request_id, "request cancelled by the client");
-        }
-        let (q0, h0) = self.scheduler.prefix_counters();
-        let batch = self.scheduler.schedule();
-        self.note_admissions();
-        let (q1, h1) = self.scheduler.prefix_counters();
-        metrics::counter!("genai_prefix_cache_queries_total").increment(q1 - q0);
-        metrics::counter!("genai_prefix_cache_hits_total").increment(h1 - h0);
-        if batch.entries.is_empty() {
-            // Only when every sequence was just cancelled: the loop then
-            // blocks on the channel again.
-            self.publish_stats();
-            return;
-        }
-        let started = Instant::now();
-        // A panicking runner fails this batch instead of killing the engine thread.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.runner.forward(&batch)))
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(anyhow::anyhow!("model runner panicked: {what}"))
-            });
-        let elapsed = started.elapsed().as_secs_f64();
-        self.steps += 1;
-        let num_tokens: usize = batch.entries.iter().map(|e| e.tokens.len()).sum();
-        let prefill = batch.entries.iter().any(|e| e.tokens.len() > 1 || !e.want_logits);
-        let step_metric = if prefill {
-            "genai_prefill_step_seconds"
-        } else {
-            "genai_decode_step_seconds"
-        };
-        metrics::histogram!(step_metric).record(elapsed);
-        metrics::histogram!("genai_batch_size").record(batch.entries.len() as f64);
-        metrics::histogram!("genai_iteration_tokens").record(num_tokens as f64);
-
-        let mut outcomes: Vec<(SeqId, Outcome)> = Vec::new();
-        match result {
-            Err(e) => {
-                let message = format!("model forward failed: {e:#}");
-                tracing::error!("{message}");
-                outcomes.extend(
-                    batch
-                        .entries
-                        .iter()
-                        .map(|e| (e.seq_id, Outcome::Failed(message.clone()))),
-                );
-            }
-            Ok(rows) => {
-                self.scheduler.complete(&batch);
-                let wanted = batch.entries.iter().filter(|e| e.want_logits);
-                let vocab = self.runner.info().vocab_size;
-                if rows.len() != wanted.clone().count() || rows.iter().any(|r| r.len() != vocab) {
-                    let message = format!(
-                        "model returned {} logit rows (widths {:?}) for {} sequences, vocabulary {vocab}",
-                        rows.len(),
-                        rows.iter().map(Vec::len).collect::<Vec<_>>(),
-                        wanted.count()
-                    );
-                    outcomes.extend(
-                        batch
-                            .entries
-                            .iter()
-                            .map(|e| (e.seq_id, Outcome::Failed(message.clone()))),
-                    );
-                } else {
-                    for (e, row) in wanted.zip(rows) {
-                        if let Some(o) = self.advance(e.seq_id, row) {
-                            outcomes.push((e.seq_id, o));
-                        }
-                    }
-                }
-            }
-        }
-        // Free first, publish, then tell the clients: a client that has its final
-        // event never reads gauges that still count its blocks.
-        let finals: Vec<_> = outcomes.into_iter().filter_map(|(id, o)| self.retire(id, o)).collect();
-        self.publish_stats();
-        for (events, event) in finals {
-            let _ = events.send(event);
-        }
-    }
-
-    /// Queue-time bookkeeping for sequences admitted for the first time.
-    fn note_admissions(&mut self) {
-        for (arrival, admitted) in self.scheduler.take_first_admissions() {
-            metrics::histogram!("genai_request_queue_time_seconds")
-                .record(admitted.duration_since(arrival).as_secs_f64());
-            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Samples the next token of `id`, streams it; Some(outcome) if done.
-    fn advance(&mut self, id: SeqId, logits: Vec<f32>) -> Option<Outcome> {
-        let tokenizer = self.tokenizer.clone();
-        let eos = &self.eos;
-        let s = self.scheduler.get_mut(id)?;
-        let mut end_ids = s.params.stop_token_ids.clone();
-        if !s.params.ignore_eos {
-            end_ids.extend_from_slice(eos);
-        }
-        let sampled = s.sampler.sample(logits, &s.params, &s.tokens, s.prompt_len, &end_ids);
-        let token = sampled.token;
-        s.tokens.push(token);
-        metrics::counter!("genai_generation_tokens_total").increment(1);
-        let now = Instant::now();
-        let since = s.last_token_at.unwrap_or(s.arrival);
-        let latency = if s.last_token_at.is_some() {
-            "genai_inter_token_latency_seconds"
-        } else {
-            "genai_time_to_first_token_seconds"
-        };
-        metrics::histogram!(latency).record(now.duration_since(since).as_secs_f64());
-        s.last_token_at = Some(now);
-
-        let mut finish = None;
-        let mut text = String::new();
-        if end_ids.contains(&token) {
-            // EOS / stop token: ends the sequence and is never text.
-            finish = Some(FinishReason::Stop);
-        } else {
-            match s.detok.push(&tokenizer, &s.tokens) {
-                Ok(out) => {
-                    text = out.text;
-                    if out.stopped {
-                        finish = Some(FinishReason::Stop);
-                    }
-                }
-                Err(e) => return Some(Outcome::Failed(format!("{e:#}"))),
-            }
-        }
-        if finish.is_none() && s.num_output() >= s.params.max_tokens {
-            finish = Some(FinishReason::Length);
-        }
-        if finish.is_some() {
-            // Text held back for a possible stop string is real output when
-            // no stop string matched (after a match nothing is held).
-            text.push_str(&s.detok.flush());
-        }
-        let logprobs = sampled
-            .logprobs
-            .map(|(lp, top)| {
-                let entry = |token_id: u32, logprob: f32| TokenLogprob {
-                    token_id,
-                    token: tokenizer.decode(&[token_id], false).unwrap_or_default(),
-                    logprob,
-                };
-                vec![PositionLogprobs {
-                    sampled: entry(token, lp),
-                    top: top.into_iter().map(|(t, l)| entry(t, l)).collect(),
-                }]
-            })
-            .unwrap_or_default();
-        let delta = EngineEvent::Delta {
-            text,
-            token_ids: vec![token],
-            logprobs,
-        };
-        if s.events.send(delta).is_err() {
-            return Some(Outcome::Dropped);
-        }
-        finish.map(Outcome::Finished)
-    }
-
-    /// Removes a sequence for good (freeing its blocks); returns the final event for its client.
-    fn retire(&mut self, id: SeqId, outcome: Outcome) -> Option<(UnboundedSender<EngineEvent>, EngineEvent)> {
-        let s = self.scheduler.finish(id)?;
-        let event = match outcome {
-            Outcome::Finished(reason) => {
-                metrics::histogram!("genai_e2e_request_latency_seconds").record(s.arrival.elapsed().as_secs_f64());
-                EngineEvent::Finished {
-                    reason,
-                    usage: Usage {
-                        prompt_tokens: s.prompt_len as u32,
-                        completion_tokens: s.num_output() as u32,
-                        cached_prompt_tokens: s.cached_prompt_tokens as u32,
-                    },
-                }
-            }
-            Outcome::Failed(message) => EngineEvent::Failed { message },
-            Outcome::Dropped => return None,
-        };
-        Some((s.events, event))
-    }
-
-    fn publish_stats(&self) {
-        let kv = self.scheduler.kv_usage();
-        let (queries, hits) = self.scheduler.prefix_counters();
-        let stats = EngineStats {
-            running: self.scheduler.num_running(),
-            waiting: self.scheduler.num_waiting(),
-            kv_blocks_total: kv.total,
-            kv_blocks_used: kv.used,
-            kv_blocks_cached: kv.cached,
-            kv_tokens_live: self.scheduler.kv_live_tokens(),
-            prefix_cache_queries: queries,
-            prefix_cache_hits: hits,
-            preemptions: self.scheduler.preemptions(),
-            steps: self.steps,
-        };
-        let prev_preemptions = {
-            let mut guard = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::replace(&mut *guard, stats.clone()).preemptions
-        };
-        metrics::counter!("genai_preemptions_total").increment(stats.preemptions - prev_preemptions);
-        metrics::gauge!("genai_num_requests_running").set(stats.running as f64);
-        metrics::gauge!("genai_num_requests_waiting").set(stats.waiting as f64);
-        metrics::gauge!("genai_kv_cache_blocks_used").set(kv.used as f64);
-        metrics::gauge!("genai_kv_cache_blocks_free").set((kv.cached + kv.free) as f64);
-        metrics::gauge!("genai_kv_cache_usage_ratio").set(kv.used as f64 / kv.total.max(1) as f64);
-        metrics::gauge!("genai_kv_cache_live_tokens").set(stats.kv_tokens_live as f64);
-        let held_slots = kv.used * self.scheduler.block_size();
-        let waste = if held_slots == 0 {
-            0.0
-        } else {
-            1.0 - stats.kv_tokens_live as f64 / held_slots as f64
-        };
-        metrics::gauge!("genai_kv_cache_waste_ratio").set(waste);
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::kv_cache::SeqId;
     use super::runner::{BatchEntry, ForwardBatch};
     use super::*;
     use std::collections::HashSet;
+    use std::time::Instant;
 
     /// Token ids 0..93 of the byte-level test tokenizer are printable ASCII
     /// ('!'..='}'); the model only ever generates those.
@@ -723,8 +495,8 @@ mod tests {
 
     /// A model whose logits are a pure function of the sequence's token
     /// history, where the history is read back from its own paged store
-    /// through the block table it is given: a wrong block table, a missed
-    /// copy-on-write or a bad prefix hit changes (or fails) the output.
+    /// through the block table it is given: a wrong block table or a bad
+    /// prefix hit changes (or fails) the output.
     struct ScriptedRunner {
         info: ModelInfo,
         block_size: usize,
@@ -737,6 +509,8 @@ mod tests {
         entered: Option<mpsc::Sender<()>>,
         /// EOS becomes the best token once a history is this long.
         eos_at: Option<usize>,
+        /// The logits of a history this long hold a NaN.
+        nan_at: Option<usize>,
     }
 
     fn info(num_blocks: usize, block_size: usize) -> ModelInfo {
@@ -780,6 +554,7 @@ mod tests {
                 permits: None,
                 entered: None,
                 eos_at: None,
+                nan_at: None,
             }
         }
 
@@ -799,6 +574,9 @@ mod tests {
             }
             if self.eos_at.is_some_and(|n| history.len() >= n) {
                 row[EOS as usize] = 100.0;
+            }
+            if self.nan_at == Some(history.len()) {
+                row[7] = f32::NAN;
             }
             row
         }
@@ -908,8 +686,12 @@ mod tests {
     }
 
     fn start(runner: ScriptedRunner, cfg: &EngineConfig) -> EngineHandle {
+        start_with_fault(runner, cfg, Fault::None)
+    }
+
+    fn start_with_fault(runner: ScriptedRunner, cfg: &EngineConfig, fault: Fault) -> EngineHandle {
         let tok = Arc::new(detokenizer::tests::byte_tokenizer());
-        EngineHandle::start(Box::new(runner), tok, cfg).unwrap()
+        EngineHandle::start_with(Box::new(runner), tok, cfg, fault).unwrap()
     }
 
     fn request(id: &str, prompt: Vec<u32>, params: SamplingParams) -> GenerateRequest {
@@ -917,6 +699,7 @@ mod tests {
             request_id: id.into(),
             prompt_tokens: prompt,
             params,
+            ..GenerateRequest::default()
         }
     }
 
@@ -1042,6 +825,9 @@ mod tests {
         let s = wait_for(&h, |s| s.running == 0);
         assert!(s.preemptions > 0, "{s:?}");
         assert_eq!(s.kv_blocks_used, 0);
+        // Re-admissions after preemption are not prefix-cache queries again.
+        let prompts: usize = reqs.iter().map(|r| r.prompt_tokens.len()).sum();
+        assert_eq!(s.prefix_cache_queries, prompts as u64);
     }
 
     #[test]
@@ -1252,7 +1038,7 @@ mod tests {
     #[test]
     fn submit_validates_and_shutdown_drains() {
         let h = start(ScriptedRunner::new(64, 4), &config(64, 8, 8));
-        assert_eq!(h.max_context(), 256, "bounded by the 64 x 4 token pool");
+        assert_eq!(h.max_context, 256, "bounded by the 64 x 4 token pool");
         let field = |r: GenerateRequest| match h.submit(r) {
             Err(SubmitError::Invalid(e)) => e.field,
             other => panic!("expected Invalid, got {other:?}"),
@@ -1319,5 +1105,148 @@ mod tests {
             "logprobs"
         );
         assert_eq!(bad(SamplingParams { min_tokens: 300, ..d() }), "min_tokens");
+    }
+
+    #[test]
+    fn stop_token_ids_end_the_sequence_and_are_not_text() {
+        let greedy = SamplingParams {
+            max_tokens: 20,
+            ..SamplingParams::default()
+        };
+        let h = start(ScriptedRunner::new(64, 4), &config(64, 8, 8));
+        let full = collect(h.submit(request("a", prompt(1, 6), greedy.clone())).unwrap());
+        let stop_at = full.tokens[6];
+        let first = full.tokens.iter().position(|&t| t == stop_at).unwrap();
+        let p = SamplingParams {
+            stop_token_ids: vec![250, stop_at, 3],
+            ..greedy
+        };
+        let o = collect(h.submit(request("b", prompt(1, 6), p)).unwrap());
+        assert_eq!(o.finish, Some(FinishReason::Stop));
+        assert_eq!(o.tokens, full.tokens[..=first]);
+        assert_eq!(o.text, full.text[..first]);
+    }
+
+    #[test]
+    fn prefix_cache_hits_stay_within_the_salt_and_adapter() {
+        let h = start(ScriptedRunner::new(256, 4), &config(64, 8, 8));
+        let run = |salt: u64, adapter: Option<u32>| {
+            let req = GenerateRequest {
+                cache_salt: salt,
+                adapter,
+                ..request("r", prompt(5, 33), sampled(1, 2))
+            };
+            collect(h.submit(req).unwrap())
+        };
+        let first = run(1, None);
+        assert_eq!(first.usage.cached_prompt_tokens, 0);
+        assert_eq!(run(2, None).usage.cached_prompt_tokens, 0, "another tenant");
+        assert_eq!(run(0, None).usage.cached_prompt_tokens, 0, "the shared domain");
+        assert_eq!(run(1, Some(3)).usage.cached_prompt_tokens, 0, "another adapter");
+        let again = run(1, None);
+        assert_eq!(again.usage.cached_prompt_tokens, 32, "same tenant");
+        assert_eq!(again.tokens, first.tokens, "cached KV gives the same output");
+    }
+
+    #[test]
+    fn nan_logits_fail_the_sequence_not_the_engine() {
+        let mut runner = ScriptedRunner::new(64, 4);
+        runner.nan_at = Some(9);
+        let h = start(runner, &config(64, 8, 8));
+        let o = collect(h.submit(request("a", prompt(1, 6), sampled(1, 10))).unwrap());
+        assert_eq!(o.tokens.len(), 3, "tokens sampled from histories of 6, 7, 8");
+        let message = o.failed.unwrap();
+        assert!(message.contains("non-finite logit (NaN) for token 7"), "{message}");
+        let good = collect(h.submit(request("b", prompt(2, 20), sampled(2, 5))).unwrap());
+        assert_eq!(good.finish, Some(FinishReason::Length));
+        assert!(h.is_up());
+    }
+
+    #[test]
+    fn a_panic_outside_forward_fails_every_request_and_the_engine_recovers() {
+        let mut runner = ScriptedRunner::new(64, 4);
+        let (permit, permits) = mpsc::channel();
+        runner.permits = Some(permits);
+        // One running sequence at a time: `b` waits while `a` runs.
+        let h = start_with_fault(runner, &config(64, 1, 8), Fault::StepPanicAt(2));
+        let a = h.submit(request("a", prompt(1, 6), sampled(1, 10))).unwrap();
+        let b = h.submit(request("b", prompt(2, 6), sampled(2, 10))).unwrap();
+        permit.send(()).unwrap();
+        permit.send(()).unwrap();
+        let (a, b) = (collect(a), collect(b));
+        // `a` got its two tokens (step 2 panicked after sampling), then the error.
+        assert_eq!(a.tokens.len(), 2);
+        for o in [&a, &b] {
+            let message = o.failed.as_deref().unwrap();
+            assert!(
+                message.starts_with("internal engine error: injected fault"),
+                "{message}"
+            );
+        }
+        assert!(b.tokens.is_empty(), "waiting requests fail too");
+        let s = wait_for(&h, |s| s.running == 0 && s.waiting == 0);
+        assert_eq!((s.kv_blocks_used, s.kv_blocks_cached), (0, 0), "a fresh pool");
+        assert_eq!(h.shared.queued.load(Ordering::Acquire), 0);
+        assert!(h.is_up());
+        for _ in 0..5 {
+            permit.send(()).unwrap();
+        }
+        let c = collect(h.submit(request("c", prompt(3, 6), sampled(3, 5))).unwrap());
+        assert_eq!(c.finish, Some(FinishReason::Length));
+    }
+
+    #[test]
+    fn panicking_steps_in_a_row_take_the_engine_down() {
+        let h = start_with_fault(ScriptedRunner::new(64, 4), &config(64, 8, 8), Fault::StepPanicAlways);
+        for i in 0..worker::MAX_FAILED_STEPS {
+            assert!(h.is_up());
+            let o = collect(h.submit(request("r", prompt(i, 6), sampled(1, 5))).unwrap());
+            let message = o.failed.unwrap();
+            assert!(message.starts_with("internal engine error"), "{message}");
+        }
+        // The last failure was sent after the engine was marked down.
+        assert!(!h.is_up());
+        assert_eq!(
+            h.submit(request("late", prompt(9, 6), sampled(1, 5))).unwrap_err(),
+            SubmitError::EngineStopped
+        );
+        h.shutdown();
+        assert_eq!(
+            h.submit(request("late", prompt(9, 6), sampled(1, 5))).unwrap_err(),
+            SubmitError::ShuttingDown
+        );
+    }
+
+    #[test]
+    fn a_thread_that_dies_anyhow_marks_the_engine_down() {
+        let h = start(ScriptedRunner::new(64, 4), &config(64, 8, 8));
+        let guard = UpGuard(h.shared.clone());
+        assert!(std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("engine thread died");
+        })
+        .join()
+        .is_err());
+        assert!(!h.is_up());
+        assert_eq!(
+            h.submit(request("r", prompt(1, 6), sampled(1, 5))).unwrap_err(),
+            SubmitError::EngineStopped
+        );
+    }
+
+    #[test]
+    fn shutdown_marks_the_engine_down_once_the_thread_exits() {
+        let h = start(ScriptedRunner::new(64, 4), &config(64, 8, 8));
+        assert!(h.is_up());
+        h.shutdown();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while h.is_up() {
+            assert!(Instant::now() < deadline, "the engine thread did not exit");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            h.submit(request("r", prompt(1, 6), sampled(1, 5))).unwrap_err(),
+            SubmitError::ShuttingDown
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! The scheduler decides *what* runs (which sequences, how many tokens each,
 //! which KV blocks they own); a [`ModelRunner`] only runs the forward pass over
 //! the paged KV pool it owns. Tests drive the engine with a scripted runner;
-//! the real one is `model::llama`.
+//! the real ones are in `genai-models`.
 
 /// Static facts about a loaded generation model the engine needs.
 #[derive(Debug, Clone)]
@@ -41,7 +41,8 @@ pub struct BatchEntry {
 pub struct ForwardBatch {
     pub entries: Vec<BatchEntry>,
     /// Copy-on-write: copy every layer's K/V of block `src` into block `dst`
-    /// before the forward pass.
+    /// before the forward pass. This engine never writes into a shared block,
+    /// so it plans none; runners still honour the contract.
     pub block_copies: Vec<(u32, u32)>,
 }
 

@@ -1,48 +1,76 @@
-//! Token sampling from one row of logits: penalties, temperature, top-k,
-//! top-p, min-p, min_tokens masking, seeded RNG and top-n logprobs.
+//! Token sampling from one row of logits: penalties, temperature, min-p,
+//! top-k, top-p, min_tokens masking, seeded RNG and top-n logprobs.
 //!
-//! Order (as vLLM): min_tokens mask → repetition penalty (HF style, on
-//! prompt and output) → presence/frequency penalties (OpenAI style, on
-//! output) → temperature → (logprobs are taken here) → greedy argmax, or
-//! top-k → top-p → min-p → draw. Logprobs are the log-softmax of the *processed* logits
-//! (after masking, penalties and temperature; temperature 0 counts as 1),
-//! before the top-k/top-p/min-p truncation, so every returned logprob is
-//! finite and comparable across requests with different truncation.
+//! Order (vLLM V1's, see its `Sampler` docstring): min_tokens mask →
+//! repetition penalty (HF style, on prompt and output) → presence/frequency
+//! penalties (OpenAI style, on output) → temperature → (logprobs are taken
+//! here) → greedy argmax, or min-p → top-k → top-p → draw. Logprobs are the
+//! log-softmax of the *processed* logits (after masking, penalties and
+//! temperature; temperature 0 counts as 1), before the min-p/top-k/top-p
+//! truncation, so every returned logprob is finite and comparable across
+//! requests with different truncation.
 //!
-//! Determinism: each sequence owns a [`SeqSampler`] whose `StdRng` (ChaCha12)
-//! is seeded from `seed` (or from entropy); exactly one uniform draw per
-//! non-greedy token, so the output depends only on the sequence's own logits,
-//! never on batching or preemption. Tested below on hand-made logits.
+//! A row holding NaN or +inf is a model fault: [`SeqSampler::sample`] returns
+//! an error (the engine fails that sequence) rather than picking some token.
+//! -inf is a masked token; a row with nothing left to draw is an error too.
+//!
+//! Cost: top-p does not sort the vocabulary. It selects the best candidates
+//! into a prefix that grows geometrically (256, ×4) until its mass reaches
+//! `top_p`, sorting only that prefix, so it sorts at most four times the
+//! nucleus (or 256) plus linear selection passes; the walk over the prefix
+//! performs the same float operations as after a full sort, so the nucleus is
+//! identical.
+//!
+//! Determinism: each sequence owns a [`SeqSampler`] whose `ChaCha12Rng` (named,
+//! so a `rand` upgrade cannot change the stream) is seeded from `seed` (or from
+//! the OS); exactly one uniform draw per non-greedy token, so the output
+//! depends only on the sequence's own logits, never on batching or preemption.
+//! Tested below on hand-made logits and against a full sort on random rows.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 
 use super::SamplingParams;
 
 /// Result of sampling one position.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    pub token: u32,
+pub(crate) struct Sampled {
+    pub(crate) token: u32,
     /// Present when the request asked for logprobs: the sampled token's
     /// logprob and the top-n (id, logprob), best first.
-    pub logprobs: Option<(f32, Vec<(u32, f32)>)>,
+    pub(crate) logprobs: Option<(f32, Vec<(u32, f32)>)>,
 }
+
+/// Why a row of logits could not be sampled.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum SampleError {
+    #[error("the model returned a non-finite logit ({value}) for token {token}")]
+    NonFinite { token: u32, value: f32 },
+    #[error("every token of the vocabulary is masked: nothing to sample")]
+    AllMasked,
+}
+
+/// Candidates selected before the first top-p walk; ×4 each time the mass
+/// falls short. Small enough that a peaked distribution sorts only a few
+/// hundred entries, large enough that a flat one needs few rounds.
+const NUCLEUS_FIRST: usize = 256;
 
 /// Per-sequence sampling state.
 #[derive(Debug)]
-pub struct SeqSampler {
-    rng: StdRng,
+pub(crate) struct SeqSampler {
+    rng: ChaCha12Rng,
     /// Output token counts for presence/frequency penalties.
     output_counts: HashMap<u32, u32>,
 }
 
 impl SeqSampler {
-    pub fn new(seed: Option<u64>) -> Self {
+    pub(crate) fn new(seed: Option<u64>) -> Self {
         let rng = match seed {
-            Some(s) => StdRng::seed_from_u64(s),
-            None => StdRng::from_os_rng(),
+            Some(s) => ChaCha12Rng::seed_from_u64(s),
+            None => ChaCha12Rng::from_os_rng(),
         };
         Self {
             rng,
@@ -53,14 +81,21 @@ impl SeqSampler {
     /// Samples the next token. `tokens` = prompt + output so far, of which
     /// `prompt_len` are prompt; `end_ids` are EOS and stop token ids (masked
     /// until `min_tokens` outputs exist).
-    pub fn sample(
+    pub(crate) fn sample(
         &mut self,
         mut logits: Vec<f32>,
         params: &SamplingParams,
         tokens: &[u32],
         prompt_len: usize,
         end_ids: &[u32],
-    ) -> Sampled {
+    ) -> Result<Sampled, SampleError> {
+        if let Some((i, &value)) = logits
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.is_nan() || **l == f32::INFINITY)
+        {
+            return Err(SampleError::NonFinite { token: i as u32, value });
+        }
         let num_output = tokens.len() - prompt_len;
         if num_output < params.min_tokens {
             for &id in end_ids {
@@ -98,23 +133,21 @@ impl SeqSampler {
                 *l /= params.temperature;
             }
         }
+        let best = argmax(&logits).ok_or(SampleError::AllMasked)?;
         let logprobs_of = params.logprobs.map(|n| log_softmax(&logits, n));
-        let token = if greedy {
-            argmax(&logits)
-        } else {
-            self.draw(&logits, params)
-        };
+        let token = if greedy { best } else { self.draw(&logits, best, params) };
         *self.output_counts.entry(token).or_insert(0) += 1;
         let logprobs = logprobs_of.map(|(lse, top)| (logits[token as usize] - lse, top));
-        Sampled { token, logprobs }
+        Ok(Sampled { token, logprobs })
     }
 
-    /// Temperature-scaled logits → truncated distribution → one draw.
-    fn draw(&mut self, logits: &[f32], params: &SamplingParams) -> u32 {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() {
-            // All masked, or an infinite logit: nothing to draw from.
-            return argmax(logits);
+    /// Temperature-scaled logits → truncated distribution → one draw. `best`
+    /// is the argmax (its logit is not -inf).
+    fn draw(&mut self, logits: &[f32], best: u32, params: &SamplingParams) -> u32 {
+        let max = logits[best as usize];
+        if max == f32::INFINITY {
+            // Scaling overflowed: no distribution to draw from.
+            return best;
         }
         // Unnormalised probabilities (the best token has 1). Any fixed order
         // works for the draw; top-k/top-p order by probability, ties by id.
@@ -124,29 +157,16 @@ impl SeqSampler {
             .filter(|(_, l)| l.is_finite())
             .map(|(i, &l)| (i as u32, (l - max).exp()))
             .collect();
-        let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if params.min_p > 0.0 {
+            // Relative to the most likely token (probability 1 here).
+            cand.retain(|c| c.1 >= params.min_p);
+        }
         if params.top_k > 0 && params.top_k < cand.len() {
             cand.select_nth_unstable_by(params.top_k - 1, by_prob);
             cand.truncate(params.top_k);
         }
         if params.top_p < 1.0 {
-            // Only nucleus sampling needs the full order (49k-entry sorts
-            // per token are avoided otherwise).
-            cand.sort_unstable_by(by_prob);
-            let total: f32 = cand.iter().map(|c| c.1).sum();
-            let mut cum = 0.0;
-            let keep = cand
-                .iter()
-                .position(|c| {
-                    cum += c.1 / total;
-                    cum >= params.top_p
-                })
-                .map_or(cand.len(), |i| i + 1);
-            cand.truncate(keep);
-        }
-        if params.min_p > 0.0 {
-            // Relative to the most likely token (probability 1 before scaling).
-            cand.retain(|c| c.1 >= params.min_p);
+            nucleus(&mut cand, params.top_p);
         }
         let mass: f32 = cand.iter().map(|c| c.1).sum();
         let mut u = self.rng.random::<f32>() * mass;
@@ -156,18 +176,60 @@ impl SeqSampler {
             }
             u -= p;
         }
-        cand.last().map_or(0, |c| c.0)
+        cand.last().map_or(best, |c| c.0)
     }
 }
 
-fn argmax(logits: &[f32]) -> u32 {
+/// Higher probability first, ties by lower id: a total order, so the nucleus
+/// does not depend on how the candidates were permuted before.
+fn by_prob(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Truncates `cand` to the smallest [`by_prob`]-ordered prefix whose share of
+/// the total mass reaches `top_p` (all of it if rounding never gets there),
+/// leaving that prefix sorted. Only a geometrically growing prefix is
+/// selected and sorted; every selected element beats every unselected one, so
+/// the walk sees exactly the order of a full sort.
+fn nucleus(cand: &mut Vec<(u32, f32)>, top_p: f32) {
+    let total: f64 = cand.iter().map(|c| f64::from(c.1)).sum();
+    let top_p = f64::from(top_p);
+    let mut cum = 0.0f64;
+    // cand[..sorted] holds the best `sorted` candidates in order.
+    let mut sorted = 0;
+    let mut end = NUCLEUS_FIRST.min(cand.len());
+    while sorted < end {
+        let rest = &mut cand[sorted..];
+        let take = end - sorted;
+        if take < rest.len() {
+            rest.select_nth_unstable_by(take - 1, by_prob);
+        }
+        rest[..take].sort_unstable_by(by_prob);
+        for i in sorted..end {
+            cum += f64::from(cand[i].1) / total;
+            if cum >= top_p {
+                cand.truncate(i + 1);
+                return;
+            }
+        }
+        sorted = end;
+        end = (end * 4).min(cand.len());
+    }
+}
+
+/// Index of the largest logit (the first on ties); None when all are -inf
+/// (or the row is empty).
+fn argmax(logits: &[f32]) -> Option<u32> {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] {
             best = i;
         }
     }
-    best as u32
+    logits
+        .get(best)
+        .is_some_and(|&l| l > f32::NEG_INFINITY)
+        .then_some(best as u32)
 }
 
 /// Log-sum-exp of the row and its top-n (id, logprob), best first.
@@ -189,6 +251,7 @@ fn log_softmax(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn params() -> SamplingParams {
         SamplingParams::default()
@@ -198,14 +261,14 @@ mod tests {
     fn greedy_takes_argmax_and_min_tokens_masks_eos() {
         let mut s = SeqSampler::new(Some(1));
         let logits = vec![5.0, 1.0, 2.0];
-        assert_eq!(s.sample(logits.clone(), &params(), &[1], 1, &[0]).token, 0);
+        assert_eq!(s.sample(logits.clone(), &params(), &[1], 1, &[0]).unwrap().token, 0);
         let p = SamplingParams {
             min_tokens: 2,
             ..params()
         };
         // One output so far (< 2): EOS (0) masked, next best is 2.
-        assert_eq!(s.sample(logits.clone(), &p, &[1, 1], 1, &[0]).token, 2);
-        assert_eq!(s.sample(logits, &p, &[1, 1, 1], 1, &[0]).token, 0);
+        assert_eq!(s.sample(logits.clone(), &p, &[1, 1], 1, &[0]).unwrap().token, 2);
+        assert_eq!(s.sample(logits, &p, &[1, 1, 1], 1, &[0]).unwrap().token, 0);
     }
 
     #[test]
@@ -217,7 +280,7 @@ mod tests {
             ..params()
         };
         // Token 0 (logit 3 → 1.5) and token 1 (-1 → -2) were seen; 2 (2.0) wins.
-        let out = s.sample(vec![3.0, -1.0, 2.0], &p, &[0, 1], 2, &[]);
+        let out = s.sample(vec![3.0, -1.0, 2.0], &p, &[0, 1], 2, &[]).unwrap();
         assert_eq!(out.token, 2);
         let (lp, top) = out.logprobs.unwrap();
         let lse = (1.5f32.exp() + (-2.0f32).exp() + 2.0f32.exp()).ln();
@@ -234,28 +297,51 @@ mod tests {
             frequency_penalty: 1.0,
             ..params()
         };
+        let mut token = |logits: Vec<f32>, tokens: &[u32]| s.sample(logits, &p, tokens, 1, &[]).unwrap().token;
         // Prompt contains token 0 but no penalty applies to prompt tokens.
-        assert_eq!(s.sample(vec![3.0, 2.0], &p, &[0], 1, &[]).token, 0);
+        assert_eq!(token(vec![3.0, 2.0], &[0]), 0);
         // Token 0 emitted once: 3 - 0.5 - 1 = 1.5 < 2.
-        assert_eq!(s.sample(vec![3.0, 2.0], &p, &[0, 0], 1, &[]).token, 1);
+        assert_eq!(token(vec![3.0, 2.0], &[0, 0]), 1);
         // Both once: 1.5 vs 0.5 → 0; then 0 twice: 3 - 0.5 - 2 = 0.5 vs 2.5 - 1.5 = 1.0 → 1.
-        assert_eq!(s.sample(vec![3.0, 2.0], &p, &[0, 0, 1], 1, &[]).token, 0);
-        assert_eq!(s.sample(vec![3.0, 2.5], &p, &[0, 0, 1, 0], 1, &[]).token, 1);
+        assert_eq!(token(vec![3.0, 2.0], &[0, 0, 1]), 0);
+        assert_eq!(token(vec![3.0, 2.5], &[0, 0, 1, 0]), 1);
     }
 
     #[test]
-    fn degenerate_logits_do_not_panic() {
-        let mut s = SeqSampler::new(Some(3));
+    fn non_finite_or_fully_masked_rows_are_errors_not_token_zero() {
+        for temperature in [0.0, 1.0] {
+            let p = SamplingParams {
+                temperature,
+                logprobs: Some(2),
+                ..params()
+            };
+            let mut s = SeqSampler::new(Some(3));
+            let mut sample = |row: Vec<f32>| s.sample(row, &p, &[0], 1, &[]);
+            assert!(matches!(
+                sample(vec![1.0, f32::NAN, 2.0]),
+                Err(SampleError::NonFinite { token: 1, value }) if value.is_nan()
+            ));
+            assert_eq!(
+                sample(vec![0.0, f32::INFINITY]),
+                Err(SampleError::NonFinite {
+                    token: 1,
+                    value: f32::INFINITY
+                })
+            );
+            assert_eq!(sample(vec![f32::NEG_INFINITY; 4]), Err(SampleError::AllMasked));
+            // -inf is a masked token, not a fault.
+            assert_eq!(sample(vec![f32::NEG_INFINITY, 0.5]).unwrap().token, 1);
+        }
+        // Masking the only candidate (min_tokens) leaves nothing to sample.
         let p = SamplingParams {
-            temperature: 1.0,
-            logprobs: Some(2),
+            min_tokens: 1,
             ..params()
         };
-        let nan = s.sample(vec![f32::NAN, 1.0, f32::NAN], &p, &[0], 1, &[]);
-        assert_eq!(nan.token, 1);
-        let masked = s.sample(vec![f32::NEG_INFINITY; 4], &p, &[0], 1, &[]);
-        assert!(masked.token < 4);
-        assert_eq!(s.sample(vec![0.0, f32::INFINITY], &p, &[0], 1, &[]).token, 1);
+        let mut s = SeqSampler::new(Some(3));
+        assert_eq!(
+            s.sample(vec![1.0, f32::NEG_INFINITY], &p, &[0], 1, &[0]),
+            Err(SampleError::AllMasked)
+        );
     }
 
     #[test]
@@ -269,7 +355,7 @@ mod tests {
         let run = |p: &SamplingParams| {
             let mut s = SeqSampler::new(p.seed);
             (0..200)
-                .map(|_| s.sample(logits.clone(), p, &[0], 1, &[]).token)
+                .map(|_| s.sample(logits.clone(), p, &[0], 1, &[]).unwrap().token)
                 .collect::<Vec<_>>()
         };
         let a = run(&p);
@@ -297,5 +383,93 @@ mod tests {
         // top_k = 3 keeps the three best: 6, 13, 20.
         let k3 = run(&SamplingParams { top_k: 3, ..p });
         assert!(k3.iter().all(|t| [6, 13, 20].contains(t)));
+    }
+
+    /// Recorded from this implementation.
+    const PINNED_DRAWS: [u32; 12] = [133, 526, 248, 542, 868, 636, 990, 405, 969, 34, 617, 414];
+
+    #[test]
+    fn the_stream_of_a_seed_is_pinned() {
+        // ChaCha12 from `seed_from_u64(42)`: a rand upgrade must not change these.
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            ..params()
+        };
+        let mut s = SeqSampler::new(p.seed);
+        let draws: Vec<u32> = (0..12)
+            .map(|_| s.sample(vec![0.0; 1000], &p, &[0], 1, &[]).unwrap().token)
+            .collect();
+        assert_eq!(draws, PINNED_DRAWS);
+    }
+
+    #[test]
+    fn min_p_applies_before_top_p() {
+        // Relative probabilities 1, 0.5, 0.5, then 100 tokens of 0.01 (mass 1).
+        let mut logits = vec![0.0, 0.5f32.ln(), 0.5f32.ln()];
+        logits.extend([0.01f32.ln(); 100]);
+        let p = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.4,
+            top_p: 0.5,
+            seed: Some(5),
+            ..params()
+        };
+        // min-p first leaves mass 2, of which token 0 alone is 0.5: only it is kept.
+        // (top-p first would keep tokens 0 and 1 of the total 3, and min-p both of them.)
+        let mut s = SeqSampler::new(p.seed);
+        for _ in 0..200 {
+            assert_eq!(s.sample(logits.clone(), &p, &[0], 1, &[]).unwrap().token, 0);
+        }
+    }
+
+    /// The nucleus by sorting every candidate, walked as [`nucleus`] walks it.
+    fn nucleus_by_full_sort(mut cand: Vec<(u32, f32)>, top_p: f32) -> Vec<(u32, f32)> {
+        let total: f64 = cand.iter().map(|c| f64::from(c.1)).sum();
+        cand.sort_unstable_by(by_prob);
+        let mut cum = 0.0f64;
+        let keep = cand
+            .iter()
+            .position(|c| {
+                cum += f64::from(c.1) / total;
+                cum >= f64::from(top_p)
+            })
+            .map_or(cand.len(), |i| i + 1);
+        cand.truncate(keep);
+        cand
+    }
+
+    fn candidates(logits: &[f32]) -> Vec<(u32, f32)> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, (l - max).exp()))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        /// Random rows up to 6000 entries (several growth rounds), with ties
+        /// when `steps` quantizes the logits, peaked and flat alike.
+        #[test]
+        fn nucleus_equals_the_full_sort(
+            logits in prop::collection::vec(-12.0f32..12.0, 1..6000),
+            steps in prop_oneof![Just(0u32), 1u32..8],
+            scale in prop_oneof![Just(0.05f32), Just(1.0f32), Just(8.0f32)],
+            top_p in prop_oneof![0.0001f32..1.0, 0.98f32..1.0],
+        ) {
+            let row: Vec<f32> = logits
+                .iter()
+                .map(|&l| if steps == 0 { l * scale } else { (l * steps as f32).round() / steps as f32 * scale })
+                .collect();
+            let cand = candidates(&row);
+            let expected = nucleus_by_full_sort(cand.clone(), top_p);
+            // Any prior permutation (top-k's selection) gives the same nucleus.
+            for mut c in [cand.clone(), cand.into_iter().rev().collect()] {
+                nucleus(&mut c, top_p);
+                prop_assert_eq!(&c, &expected);
+            }
+        }
     }
 }

@@ -4,18 +4,24 @@
 //!
 //! Per step, under `max_batch_tokens`:
 //! 1. running sequences with exactly one uncomputed token (decodes) get it,
-//!    oldest first, so a long prompt never stalls decoding;
+//!    oldest arrival first, so a long prompt never stalls decoding;
 //! 2. running sequences still prefilling get a chunk of the remaining budget
 //!    (shrunk to the free KV space);
-//! 3. waiting sequences are admitted in FIFO order (with their cached prefix)
-//!    while budget, `max_running` and free blocks allow; none are admitted in
-//!    a step that had to preempt.
+//! 3. waiting sequences are admitted in arrival order (with their cached
+//!    prefix) while budget, `max_running` and free blocks allow; none are
+//!    admitted in a step that had to preempt.
 //!
-//! When a running sequence cannot get blocks, the most recently admitted
-//! running sequence not yet scheduled this step is preempted (blocks freed,
-//! back to the head of the waiting queue, recomputed later with its generated
-//! tokens; its full blocks usually come back as prefix-cache hits). If that
-//! would be an older one, the sequence itself is preempted instead.
+//! Arrival order is sequence id order (ids are handed out at submission);
+//! both queues are kept in it, so a preempted and re-admitted sequence keeps
+//! its seniority. When a running sequence cannot get blocks, the newest
+//! arrival among the running sequences not yet scheduled this step is
+//! preempted (blocks freed, back to the waiting queue, recomputed later with
+//! its generated tokens; its full blocks usually come back as prefix-cache
+//! hits). If that would be an older one, the sequence itself is preempted
+//! instead.
+//!
+//! Prefix-cache queries and hits are counted at a sequence's first admission
+//! only: re-admissions after preemption would count its own blocks again.
 //!
 //! Tested below with exact budgets and block counts; the engine tests run it
 //! against a scripted model.
@@ -27,22 +33,29 @@ use super::kv_cache::{BlockManager, KvUsage, SeqId};
 use super::runner::{BatchEntry, ForwardBatch};
 use super::sequence::Sequence;
 
+/// A sequence admitted for the first time: (id, arrival, admission).
+pub(crate) type FirstAdmission = (SeqId, Instant, Instant);
+
 #[derive(Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     max_batch_tokens: usize,
     max_running: usize,
     kv: BlockManager,
+    /// In arrival order.
     waiting: VecDeque<Sequence>,
-    /// In admission order (newest last).
+    /// In arrival order (oldest first).
     running: Vec<Sequence>,
     preemptions: u64,
-    /// (arrival, admission) of sequences admitted for the first time since
-    /// the last [`Scheduler::take_first_admissions`].
-    first_admissions: Vec<(Instant, Instant)>,
+    /// Prompt tokens looked up in the prefix cache / found there (first admissions).
+    prefix_queries: u64,
+    prefix_hits: u64,
+    /// Sequences admitted for the first time since the last
+    /// [`Scheduler::take_first_admissions`].
+    first_admissions: Vec<FirstAdmission>,
 }
 
 impl Scheduler {
-    pub fn new(kv: BlockManager, max_batch_tokens: usize, max_running: usize) -> Self {
+    pub(crate) fn new(kv: BlockManager, max_batch_tokens: usize, max_running: usize) -> Self {
         Self {
             max_batch_tokens,
             max_running,
@@ -50,53 +63,65 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            prefix_queries: 0,
+            prefix_hits: 0,
             first_admissions: Vec::new(),
         }
     }
 
-    pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq);
+    /// Queues a sequence by arrival (a new one normally goes last).
+    pub(crate) fn add(&mut self, seq: Sequence) {
+        let at = self.waiting.partition_point(|s| s.id < seq.id);
+        self.waiting.insert(at, seq);
     }
 
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
-    pub fn num_running(&self) -> usize {
+    pub(crate) fn num_running(&self) -> usize {
         self.running.len()
     }
 
-    pub fn num_waiting(&self) -> usize {
+    pub(crate) fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
 
-    pub fn preemptions(&self) -> u64 {
+    pub(crate) fn preemptions(&self) -> u64 {
         self.preemptions
     }
 
-    pub fn kv_usage(&self) -> KvUsage {
+    pub(crate) fn kv_usage(&self) -> KvUsage {
         self.kv.usage()
     }
 
-    pub fn block_size(&self) -> usize {
+    pub(crate) fn block_size(&self) -> usize {
         self.kv.block_size()
     }
 
     /// Distinct KV slots holding a running sequence's computed token.
-    pub fn kv_live_tokens(&self) -> usize {
+    pub(crate) fn kv_live_tokens(&self) -> usize {
         self.kv.live_tokens(self.running.iter().map(|s| (s.id, s.num_computed)))
     }
 
-    pub fn prefix_counters(&self) -> (u64, u64) {
-        self.kv.prefix_counters()
+    /// Prompt tokens looked up in the prefix cache / found there, since start
+    /// (first admissions only).
+    pub(crate) fn prefix_counters(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
     }
 
-    pub fn get_mut(&mut self, id: SeqId) -> Option<&mut Sequence> {
-        self.running.iter_mut().find(|s| s.id == id)
+    /// Index of a running sequence (`running` is sorted by id).
+    fn position(&self, id: SeqId) -> Option<usize> {
+        self.running.binary_search_by_key(&id, |s| s.id).ok()
+    }
+
+    pub(crate) fn get_mut(&mut self, id: SeqId) -> Option<&mut Sequence> {
+        let i = self.position(id)?;
+        Some(&mut self.running[i])
     }
 
     /// Removes sequences whose client went away, freeing their blocks now.
-    pub fn remove_cancelled(&mut self) -> Vec<Sequence> {
+    pub(crate) fn remove_cancelled(&mut self) -> Vec<Sequence> {
         let mut gone = Vec::new();
         let mut i = 0;
         while i < self.running.len() {
@@ -115,18 +140,17 @@ impl Scheduler {
     }
 
     /// Removes a running sequence (finished or failed) and frees its blocks.
-    pub fn finish(&mut self, id: SeqId) -> Option<Sequence> {
-        let i = self.running.iter().position(|s| s.id == id)?;
+    pub(crate) fn finish(&mut self, id: SeqId) -> Option<Sequence> {
+        let i = self.position(id)?;
         self.kv.free(id);
         Some(self.running.remove(i))
     }
 
     /// Plans one step. Empty when nothing can run.
-    pub fn schedule(&mut self) -> ForwardBatch {
+    pub(crate) fn schedule(&mut self) -> ForwardBatch {
         let mut budget = self.max_batch_tokens;
         let mut planned: Vec<(SeqId, usize)> = Vec::new();
         let mut scheduled: HashSet<SeqId> = HashSet::new();
-        let mut copies = Vec::new();
         let mut preempted = false;
 
         for decode_pass in [true, false] {
@@ -140,38 +164,30 @@ impl Scheduler {
                 }
                 let (id, computed) = (s.id, s.num_computed);
                 let n = left.min(budget).min(self.kv.slot_capacity(id, computed));
-                let got = if n > 0 {
-                    self.kv.allocate_slots(id, computed, n).ok()
-                } else {
-                    None
-                };
-                match got {
-                    Some(c) => {
-                        copies.extend(c);
-                        planned.push((id, n));
-                        scheduled.insert(id);
-                        budget -= n;
-                        i += 1;
-                    }
-                    None => {
-                        preempted = true;
-                        let victim = (0..self.running.len())
-                            .rev()
-                            .find(|&j| j != i && !scheduled.contains(&self.running[j].id));
-                        match victim {
-                            // Retry the same sequence with the freed blocks.
-                            Some(j) if j > i => self.preempt(j),
-                            // Itself is the newest candidate; `i` now points at the next one.
-                            _ => self.preempt(i),
-                        }
-                    }
+                if n > 0 && self.kv.allocate_slots(id, computed, n).is_ok() {
+                    planned.push((id, n));
+                    scheduled.insert(id);
+                    budget -= n;
+                    i += 1;
+                    continue;
+                }
+                preempted = true;
+                // `running` is in arrival order: the last unscheduled one is the newest.
+                let victim = (0..self.running.len())
+                    .rev()
+                    .find(|&j| j != i && !scheduled.contains(&self.running[j].id));
+                match victim {
+                    // Retry the same sequence with the freed blocks.
+                    Some(j) if j > i => self.preempt(j),
+                    // Itself is the newest candidate; `i` now points at the next one.
+                    _ => self.preempt(i),
                 }
             }
         }
 
         while budget > 0 && !preempted && self.running.len() < self.max_running {
             let Some(s) = self.waiting.front_mut() else { break };
-            let Ok(cached) = self.kv.admit(s.id, &s.tokens, budget) else {
+            let Ok(cached) = self.kv.admit(s.id, s.cache_domain, &s.tokens, budget) else {
                 break;
             };
             let n = (s.tokens.len() - cached).min(budget);
@@ -180,18 +196,21 @@ impl Scheduler {
                 let now = Instant::now();
                 s.admitted_at = Some(now);
                 s.cached_prompt_tokens = cached.min(s.prompt_len);
-                self.first_admissions.push((s.arrival, now));
+                self.prefix_queries += s.tokens.len() as u64;
+                self.prefix_hits += cached as u64;
+                self.first_admissions.push((s.id, s.arrival, now));
             }
             planned.push((s.id, n));
             budget -= n;
             let s = self.waiting.pop_front().expect("front exists");
-            self.running.push(s);
+            let at = self.running.partition_point(|r| r.id < s.id);
+            self.running.insert(at, s);
         }
 
         let entries = planned
             .into_iter()
             .map(|(id, n)| {
-                let s = self.running.iter().find(|s| s.id == id).expect("planned sequences run");
+                let s = &self.running[self.position(id).expect("planned sequences run")];
                 let end = s.num_computed + n;
                 let table = self.kv.block_table(id).expect("running sequences hold blocks");
                 BatchEntry {
@@ -205,23 +224,33 @@ impl Scheduler {
             .collect();
         ForwardBatch {
             entries,
-            block_copies: copies,
+            block_copies: Vec::new(),
         }
     }
 
-    pub fn take_first_admissions(&mut self) -> Vec<(Instant, Instant)> {
+    pub(crate) fn take_first_admissions(&mut self) -> Vec<FirstAdmission> {
         std::mem::take(&mut self.first_admissions)
     }
 
     /// Marks the batch's tokens computed and offers the newly full blocks to
     /// the prefix cache. Call after a successful forward pass.
-    pub fn complete(&mut self, batch: &ForwardBatch) {
+    pub(crate) fn complete(&mut self, batch: &ForwardBatch) {
         for e in &batch.entries {
-            if let Some(s) = self.running.iter_mut().find(|s| s.id == e.seq_id) {
+            if let Some(i) = self.position(e.seq_id) {
+                let s = &mut self.running[i];
                 s.num_computed = e.start_pos + e.tokens.len();
                 self.kv.cache_computed(s.id, &s.tokens, s.num_computed);
             }
         }
+    }
+
+    /// Drops every sequence and starts over with an empty pool of the same
+    /// size (after a panic left the state untrustworthy); counters carry on.
+    pub(crate) fn reset(&mut self) {
+        self.kv = BlockManager::new(self.kv.num_blocks(), self.kv.block_size());
+        self.waiting.clear();
+        self.running.clear();
+        self.first_admissions.clear();
     }
 
     fn preempt(&mut self, i: usize) {
@@ -229,19 +258,31 @@ impl Scheduler {
         self.kv.free(s.id);
         s.num_computed = 0;
         self.preemptions += 1;
-        self.waiting.push_front(s);
+        self.add(s);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::SamplingParams;
+    use crate::GenerateRequest;
+
+    fn request(id: SeqId, prompt: Vec<u32>) -> GenerateRequest {
+        GenerateRequest {
+            request_id: format!("r{id}"),
+            prompt_tokens: prompt,
+            ..GenerateRequest::default()
+        }
+    }
 
     fn seq(id: SeqId, prompt: Vec<u32>) -> Sequence {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::mem::forget(rx); // keep the channel open: not cancelled
-        Sequence::new(id, format!("r{id}"), prompt, SamplingParams::default(), tx)
+        Sequence::new(id, request(id, prompt), &[], tx).unwrap()
+    }
+
+    fn ids<'a>(seqs: impl IntoIterator<Item = &'a Sequence>) -> Vec<SeqId> {
+        seqs.into_iter().map(|s| s.id).collect()
     }
 
     /// Pretends the model sampled `tok` for every entry that wanted logits.
@@ -330,13 +371,7 @@ mod tests {
     fn cancelled_sequences_free_their_blocks_immediately() {
         let mut s = Scheduler::new(BlockManager::new(8, 2), 100, 8);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        s.add(Sequence::new(
-            1,
-            "r".into(),
-            vec![1, 2, 3],
-            SamplingParams::default(),
-            tx,
-        ));
+        s.add(Sequence::new(1, request(1, vec![1, 2, 3]), &[], tx).unwrap());
         let b = s.schedule();
         run(&mut s, &b, 4);
         assert_eq!(s.kv_usage().used, 2);
@@ -357,8 +392,38 @@ mod tests {
         victim.num_computed = 0;
         s.add(victim);
         let b = s.schedule();
-        // Its computed full blocks [1,2],[3,4] were cached and are reused.
+        // Its computed full blocks [1,2],[3,4] were cached and are reused,
+        // but only its first admission counts as a prefix-cache query.
         assert_eq!(plan(&b), vec![(1, 4, 2, true)]);
-        assert_eq!(s.prefix_counters(), (5 + 6, 4));
+        assert_eq!(s.prefix_counters(), (5, 0));
+    }
+
+    #[test]
+    fn the_newest_arrival_is_preempted_not_the_newest_admission() {
+        // 4 blocks of 2 tokens. Sequence 3 runs first; sequence 1 (an older
+        // arrival, e.g. back from a preemption) is admitted after it.
+        let mut s = Scheduler::new(BlockManager::new(4, 2), 100, 8);
+        s.add(seq(3, vec![7, 7, 7]));
+        let b = s.schedule();
+        run(&mut s, &b, 9);
+        s.add(seq(1, vec![8, 8, 8]));
+        let b = s.schedule();
+        assert_eq!(plan(&b), vec![(3, 3, 1, true), (1, 0, 3, true)]);
+        run(&mut s, &b, 9);
+        assert_eq!(ids(&s.running), vec![1, 3], "running in arrival order");
+        // 3 needs a third block and none is free: though admitted first, it
+        // is the newest arrival, so it is preempted rather than 1.
+        let b = s.schedule();
+        assert_eq!(plan(&b), vec![(1, 3, 1, true)]);
+        assert_eq!((s.preemptions(), ids(&s.waiting)), (1, vec![3]));
+    }
+
+    #[test]
+    fn the_waiting_queue_stays_in_arrival_order() {
+        let mut s = Scheduler::new(BlockManager::new(4, 2), 100, 8);
+        for id in [4, 2, 5, 1] {
+            s.add(seq(id, vec![1]));
+        }
+        assert_eq!(ids(&s.waiting), vec![1, 2, 4, 5]);
     }
 }

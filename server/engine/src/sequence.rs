@@ -13,69 +13,122 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::Detokenizer;
-use super::kv_cache::SeqId;
+use super::kv_cache::{CacheDomain, SeqId};
 use super::sampler::SeqSampler;
-use super::{EngineEvent, SamplingParams};
+use super::{EngineEvent, GenerateRequest, SamplingParams};
 
 #[derive(Debug)]
-pub struct Sequence {
-    pub id: SeqId,
-    pub request_id: String,
+pub(crate) struct Sequence {
+    /// Also the arrival order: ids are handed out at submission.
+    pub(crate) id: SeqId,
+    pub(crate) request_id: String,
     /// Prompt followed by the generated tokens.
-    pub tokens: Vec<u32>,
-    pub prompt_len: usize,
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) prompt_len: usize,
     /// Tokens whose KV is in the cache (the vLLM V1 progress counter).
-    pub num_computed: usize,
+    pub(crate) num_computed: usize,
     /// Prompt tokens served from the prefix cache at first admission.
-    pub cached_prompt_tokens: usize,
-    pub params: SamplingParams,
-    pub sampler: SeqSampler,
-    pub detok: Detokenizer,
-    pub events: UnboundedSender<EngineEvent>,
-    pub arrival: Instant,
+    pub(crate) cached_prompt_tokens: usize,
+    pub(crate) cache_domain: CacheDomain,
+    pub(crate) params: SamplingParams,
+    /// EOS (unless `ignore_eos`) and the stop token ids, sorted and
+    /// deduplicated once: the per-token check is a binary search.
+    pub(crate) end_ids: Vec<u32>,
+    pub(crate) sampler: SeqSampler,
+    pub(crate) detok: Detokenizer,
+    pub(crate) events: UnboundedSender<EngineEvent>,
+    pub(crate) arrival: Instant,
     /// First admission (end of queueing).
-    pub admitted_at: Option<Instant>,
+    pub(crate) admitted_at: Option<Instant>,
     /// When the newest token was sampled (TTFT / inter-token latency).
-    pub last_token_at: Option<Instant>,
+    pub(crate) last_token_at: Option<Instant>,
 }
 
 impl Sequence {
-    pub fn new(
+    /// Fails only when the stop strings are too large for the matcher.
+    pub(crate) fn new(
         id: SeqId,
-        request_id: String,
-        prompt: Vec<u32>,
-        params: SamplingParams,
+        req: GenerateRequest,
+        eos: &[u32],
         events: UnboundedSender<EngineEvent>,
-    ) -> Self {
-        let prompt_len = prompt.len();
-        Self {
+    ) -> anyhow::Result<Self> {
+        let GenerateRequest {
+            request_id,
+            prompt_tokens,
+            params,
+            cache_salt,
+            adapter,
+        } = req;
+        let prompt_len = prompt_tokens.len();
+        let mut end_ids = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            end_ids.extend_from_slice(eos);
+        }
+        end_ids.sort_unstable();
+        end_ids.dedup();
+        Ok(Self {
             id,
             request_id,
             sampler: SeqSampler::new(params.seed),
-            detok: Detokenizer::new(prompt_len, params.stop.clone()),
-            tokens: prompt,
+            detok: Detokenizer::new(prompt_len, &params.stop)?,
+            tokens: prompt_tokens,
             prompt_len,
             num_computed: 0,
             cached_prompt_tokens: 0,
+            cache_domain: CacheDomain {
+                salt: cache_salt,
+                adapter,
+            },
             params,
+            end_ids,
             events,
             arrival: Instant::now(),
             admitted_at: None,
             last_token_at: None,
-        }
+        })
     }
 
-    pub fn num_output(&self) -> usize {
+    pub(crate) fn num_output(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
 
     /// Known tokens whose KV is not computed yet.
-    pub fn num_uncomputed(&self) -> usize {
+    pub(crate) fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed
     }
 
     /// The client dropped its receiver.
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.events.is_closed()
+    }
+
+    /// Whether `token` ends the sequence (EOS or a stop token id).
+    pub(crate) fn is_end(&self, token: u32) -> bool {
+        self.end_ids.binary_search(&token).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_ids_are_eos_and_stop_ids_once_each() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = |ignore_eos| GenerateRequest {
+            prompt_tokens: vec![1],
+            params: SamplingParams {
+                stop_token_ids: vec![9, 3, 9, 7],
+                ignore_eos,
+                ..SamplingParams::default()
+            },
+            ..GenerateRequest::default()
+        };
+        let s = Sequence::new(1, req(false), &[7, 2], tx.clone()).unwrap();
+        assert_eq!(s.end_ids, [2, 3, 7, 9]);
+        assert!(s.is_end(2) && s.is_end(9) && !s.is_end(4));
+        let s = Sequence::new(2, req(true), &[2], tx).unwrap();
+        assert_eq!(s.end_ids, [3, 7, 9]);
+        assert!(!s.is_end(2));
     }
 }

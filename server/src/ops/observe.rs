@@ -115,10 +115,6 @@ impl Observer {
         });
     }
 
-    pub fn request_id(&self) -> &str {
-        &self.record.request_id
-    }
-
     fn ok_status(&self) -> &'static str {
         if self.record.api == "grpc" {
             "OK"

@@ -56,6 +56,7 @@ pub fn from_request<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// The id from a tonic request's metadata (after [`layer`] ran, always present).
+#[cfg(test)]
 pub fn from_metadata(md: &tonic::metadata::MetadataMap) -> Option<&str> {
     md.get(HEADER).and_then(|v| v.to_str().ok())
 }

@@ -101,24 +101,6 @@ impl RequestContext {
             None => Ok(ctx.clone()),
         }
     }
-
-    /// A context for work the server starts itself (tests, jobs).
-    #[cfg(test)]
-    pub(crate) fn internal(tenant: &str) -> Self {
-        Self {
-            request_id: uuid::Uuid::new_v4().to_string(),
-            tenant: tenant.to_owned(),
-            principal: Principal::Anonymous,
-            deadline: None,
-            priority: Priority::Interactive,
-            invalid: None,
-        }
-    }
-
-    /// Time left before the deadline, if any.
-    pub(crate) fn remaining(&self) -> Option<Duration> {
-        self.deadline.map(|d| d.saturating_duration_since(Instant::now()))
-    }
 }
 
 fn is_valid_tenant(t: &str) -> bool {

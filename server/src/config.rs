@@ -332,7 +332,11 @@ impl Config {
         }
         if with_env {
             // Only `GENAI_<SECTION>__<KEY>`: tools and tests keep their own GENAI_* variables.
-            fig = fig.merge(Env::prefixed("GENAI_").filter(|k| k.as_str().contains("__")).split("__"));
+            fig = fig.merge(
+                Env::prefixed("GENAI_")
+                    .filter(|k| k.as_str().contains("__"))
+                    .split("__"),
+            );
         }
         if let Some(a) = args.grpc_addr {
             fig = fig.merge(("server.grpc_addr", a));

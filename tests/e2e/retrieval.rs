@@ -260,7 +260,10 @@ async fn cli_ingest_while_the_server_runs_loses_nothing() {
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--server") && err.contains(&server.pid().to_string()), "{err}");
+    assert!(
+        err.contains("--server") && err.contains(&server.pid().to_string()),
+        "{err}"
+    );
 
     // Through the server.
     let out = run_to_exit(
@@ -276,11 +279,17 @@ async fn cli_ingest_while_the_server_runs_loses_nothing() {
         &[],
         Duration::from_secs(300),
     );
-    assert!(out.status.success(), "ingest --server failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ingest --server failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let resp = reqwest::Client::new()
         .post(server.http_url("/v1/knowledge/documents"))
-        .json(&json!({"documents": [{"id": "tides", "tenant": "acme", "source": "tides.md",
-                       "content": "Tides are caused by the gravitational pull of the Moon."}]}))
+        .json(
+            &json!({"documents": [{"id": "tides", "tenant": "acme", "source": "tides.md",
+                       "content": "Tides are caused by the gravitational pull of the Moon."}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -308,10 +317,16 @@ async fn cli_ingest_while_the_server_runs_loses_nothing() {
     };
     let cli_hits = search(&server, "volcano eruption lava").await;
     assert!(!cli_hits.is_empty(), "the CLI's documents are searchable");
-    assert_eq!(search(&server, "What causes tides?").await.first().map(String::as_str), Some("tides"));
+    assert_eq!(
+        search(&server, "What causes tides?").await.first().map(String::as_str),
+        Some("tides")
+    );
     assert!(server.terminate(Duration::from_secs(40)).await.success());
 
     let server = Server::builder().env("GENAI_INDEX__DIR", &index_env).start().await;
     assert_eq!(search(&server, "volcano eruption lava").await, cli_hits);
-    assert_eq!(search(&server, "What causes tides?").await.first().map(String::as_str), Some("tides"));
+    assert_eq!(
+        search(&server, "What causes tides?").await.first().map(String::as_str),
+        Some("tides")
+    );
 }

@@ -118,7 +118,11 @@ impl PromptEncoder {
                 .ok_or_else(|| anyhow!("chat template produced an unknown message index"))?
                 .content;
             let start = text.len();
-            smuggled.extend(self.special_spans(content).into_iter().map(|(a, b)| (start + a, start + b)));
+            smuggled.extend(
+                self.special_spans(content)
+                    .into_iter()
+                    .map(|(a, b)| (start + a, start + b)),
+            );
             text.push_str(content);
             rest = after;
         }

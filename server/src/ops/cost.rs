@@ -185,7 +185,6 @@ impl CostMonitor {
         let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         st.tenants.get(tenant).map_or(0.0, |s| s.usd)
     }
-
 }
 
 #[cfg(test)]

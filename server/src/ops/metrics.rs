@@ -31,28 +31,14 @@ use std::time::Duration;
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-// Recorded by genai-engine, which spells these names out itself (it does not depend on this crate).
-pub const TIME_TO_FIRST_TOKEN: &str = "genai_time_to_first_token_seconds";
-pub const INTER_TOKEN_LATENCY: &str = "genai_inter_token_latency_seconds";
-pub const E2E_REQUEST_LATENCY: &str = "genai_e2e_request_latency_seconds";
-pub const REQUEST_QUEUE_TIME: &str = "genai_request_queue_time_seconds";
-pub const PREFILL_STEP: &str = "genai_prefill_step_seconds";
-pub const DECODE_STEP: &str = "genai_decode_step_seconds";
-pub const BATCH_SIZE: &str = "genai_batch_size";
-pub const ITERATION_TOKENS: &str = "genai_iteration_tokens";
-pub const PROMPT_TOKENS: &str = "genai_prompt_tokens_total";
-pub const GENERATION_TOKENS: &str = "genai_generation_tokens_total";
-pub const PREFIX_CACHE_QUERIES: &str = "genai_prefix_cache_queries_total";
-pub const PREFIX_CACHE_HITS: &str = "genai_prefix_cache_hits_total";
-pub const PREEMPTIONS: &str = "genai_preemptions_total";
-pub const REQUESTS_REJECTED: &str = "genai_requests_rejected_total";
-pub const REQUESTS_RUNNING: &str = "genai_num_requests_running";
-pub const REQUESTS_WAITING: &str = "genai_num_requests_waiting";
-pub const KV_BLOCKS_USED: &str = "genai_kv_cache_blocks_used";
-pub const KV_BLOCKS_FREE: &str = "genai_kv_cache_blocks_free";
-pub const KV_USAGE_RATIO: &str = "genai_kv_cache_usage_ratio";
-pub const KV_LIVE_TOKENS: &str = "genai_kv_cache_live_tokens";
-pub const KV_WASTE_RATIO: &str = "genai_kv_cache_waste_ratio";
+// Recorded by genai-engine and by the embedder, which own their names.
+pub use genai_engine::metric_names::{
+    BATCH_SIZE, DECODE_STEP, E2E_REQUEST_LATENCY, ENGINE_PANICS, ENGINE_UP, GENERATION_TOKENS, INTER_TOKEN_LATENCY,
+    ITERATION_TOKENS, KV_BLOCKS_FREE, KV_BLOCKS_USED, KV_LIVE_TOKENS, KV_USAGE_RATIO, KV_WASTE_RATIO, PREEMPTIONS,
+    PREFILL_STEP, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES, PROMPT_TOKENS, REQUESTS_REJECTED, REQUESTS_RUNNING,
+    REQUESTS_WAITING, REQUEST_QUEUE_TIME, TIME_TO_FIRST_TOKEN,
+};
+pub use genai_models::embedder::metric_names::{EMBEDDER_PANICS, EMBEDDER_UP};
 // Recorded by the API layer and by `ops`.
 pub const REQUESTS: &str = "genai_requests_total";
 pub const REQUEST_DURATION: &str = "genai_request_duration_seconds";
@@ -318,6 +304,34 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Fraction of the slots in used KV-cache blocks that hold no token (paging waste), 0 to 1.",
     ),
     def(
+        ENGINE_UP,
+        Kind::Gauge,
+        &[],
+        None,
+        "1 while the generation engine's thread serves, 0 once it stopped (health turns NOT_SERVING).",
+    ),
+    def(
+        ENGINE_PANICS,
+        Kind::Counter,
+        &[],
+        N,
+        "Engine steps that panicked; their requests failed and the engine reset (or stopped).",
+    ),
+    def(
+        EMBEDDER_UP,
+        Kind::Gauge,
+        &[],
+        None,
+        "1 while the embedding worker's thread runs, 0 once it exited (health turns NOT_SERVING).",
+    ),
+    def(
+        EMBEDDER_PANICS,
+        Kind::Counter,
+        &[],
+        N,
+        "Embedding micro-batches whose forward pass panicked; their jobs got an error.",
+    ),
+    def(
         REQUESTS,
         Kind::Counter,
         &["api", "method", "status", "tenant"],
@@ -475,7 +489,6 @@ impl MetricsHandle {
         self.floats.render_into(&mut out);
         out
     }
-
 }
 
 static INSTALLED: OnceLock<MetricsHandle> = OnceLock::new();

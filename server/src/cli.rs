@@ -98,6 +98,10 @@ pub struct IngestArgs {
     /// Index directory (overrides `index.dir`).
     #[arg(long)]
     pub index_dir: Option<PathBuf>,
+    /// Send the documents to the running server at this gRPC address (e.g. http://127.0.0.1:50051)
+    /// instead of opening the index, which the server holds.
+    #[arg(long, value_name = "URL", conflicts_with = "index_dir")]
+    pub server: Option<String>,
     /// No progress bar (logs and CI).
     #[arg(long)]
     pub quiet: bool,

@@ -1,23 +1,32 @@
 //! `genai-factory ingest PATH...`: walks files and directories (txt, md, html,
-//! pdf), ingests them straight into the configured index (no server needed)
-//! with a progress bar, then saves the index atomically once. PDF text comes
-//! from `pdf-extract` (text layer only: scanned pages without one yield
-//! nothing and are skipped as empty).
+//! pdf) and ingests them with a progress bar, either straight into the
+//! configured index (saved atomically once at the end) or, with `--server URL`,
+//! through a running server: the documents are streamed to its gRPC
+//! `genai.v1.Knowledge/IngestStream`, because the server holds the index
+//! directory's lock. Without `--server`, an index held by a server fails the
+//! command at once with the holder and the fix. PDF text comes from
+//! `pdf-extract` (text layer only: scanned pages without one yield nothing and
+//! are skipped as empty).
 //!
 //! Invariants: a file's document id and source are its canonical path, so
 //! re-running the command skips unchanged files and replaces edited ones; the
-//! index on disk changes only at the final save. A file that cannot be read
-//! or parsed is reported by name and skipped; the others are still ingested
-//! and saved, and the command then fails listing the skipped files.
+//! index on disk changes only at the final save (or, through a server, as the
+//! server saves). A file that cannot be read or parsed is reported by name and
+//! skipped; the others are still ingested, and the command then fails listing
+//! the skipped files.
 //!
 //! Tested by unit tests that ingest `tests/data/corpus` twice into a temporary
-//! index (second run: everything unchanged) and search it, and that ingest a
-//! PDF written by lopdf next to a corrupt one.
+//! index (second run: everything unchanged) and search it, that ingest a PDF
+//! written by lopdf next to a corrupt one, and that ingest through an
+//! in-process gRPC server holding the index while a direct ingest is refused.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use genai_proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
+use pb::knowledge_client::KnowledgeClient;
+use tokio_stream::wrappers::ReceiverStream;
 
 use genai_retrieval::chunker::DocFormat;
 use genai_retrieval::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService};
@@ -27,6 +36,8 @@ use crate::config::Config;
 
 /// Files per ingest call: the embedder batches across their chunks.
 const FILES_PER_CALL: usize = 16;
+/// Documents read ahead of the gRPC stream.
+const STREAM_AHEAD: usize = 4;
 
 /// Runs the command; prints a summary line.
 pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
@@ -37,7 +48,6 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("no .txt, .md, .html or .pdf files under the given paths");
     }
-    let svc = KnowledgeService::load(&config.models, &config.embedding, &config.index, false)?;
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -47,54 +57,12 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} files {msg}")
             .context("progress bar template")?,
     );
-    let mut results: Vec<IngestResult> = Vec::with_capacity(files.len());
     let mut failed: Vec<String> = Vec::new();
-    for group in files.chunks(FILES_PER_CALL) {
-        let mut docs = Vec::with_capacity(group.len());
-        for (path, kind) in group {
-            let (content, format) = match read_document(path, *kind) {
-                Ok(read) => read,
-                Err(e) => {
-                    bar.println(format!("skipping {}: {e:#}", path.display()));
-                    failed.push(format!("{}: {e:#}", path.display()));
-                    bar.inc(1);
-                    continue;
-                }
-            };
-            if content.trim().is_empty() {
-                bar.println(format!("skipping empty file {}", path.display()));
-                bar.inc(1);
-                continue;
-            }
-            let id = path.display().to_string();
-            docs.push(DocumentInput {
-                id: id.clone(),
-                tenant: args.tenant.clone(),
-                source: id,
-                tags: args.tags.clone(),
-                format,
-                content,
-            });
-        }
-        let n = docs.len() as u64;
-        results.extend(svc.ingest(docs).await?);
-        bar.inc(n);
-        bar.set_message(format!("{} chunks", results.iter().map(|r| r.chunks).sum::<usize>()));
-    }
-    bar.finish_and_clear();
-    svc.save().await.context("saving the index")?;
-    let count = |s: IngestStatus| results.iter().filter(|r| r.status == s).count();
-    let stats = svc.stats();
-    println!(
-        "ingested {} files: {} added, {} updated, {} unchanged; index {} now holds {} documents, {} chunks",
-        results.len(),
-        count(IngestStatus::Added),
-        count(IngestStatus::Updated),
-        count(IngestStatus::Unchanged),
-        config.index.dir.display(),
-        stats.documents,
-        stats.chunks
-    );
+    let summary = match &args.server {
+        Some(url) => ingest_remote(url, &args, files, &bar, &mut failed).await?,
+        None => ingest_local(&args, &config, &files, &bar, &mut failed).await?,
+    };
+    println!("{summary}");
     if !failed.is_empty() {
         bail!(
             "{} file(s) could not be ingested:\n  {}",
@@ -103,6 +71,188 @@ pub async fn run(args: IngestArgs, mut config: Config) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Opens the index itself (it must not be held by a server) and saves it once at the end.
+async fn ingest_local(
+    args: &IngestArgs,
+    config: &Config,
+    files: &[(PathBuf, FileKind)],
+    bar: &ProgressBar,
+    failed: &mut Vec<String>,
+) -> anyhow::Result<String> {
+    let svc = KnowledgeService::load(&config.models, &config.embedding, &config.index, false)?;
+    let mut results: Vec<IngestResult> = Vec::with_capacity(files.len());
+    for group in files.chunks(FILES_PER_CALL) {
+        let mut docs = Vec::with_capacity(group.len());
+        for (path, kind) in group {
+            match document(path, *kind, args) {
+                Ok(Some(doc)) => docs.push(doc),
+                outcome => skip(path, outcome.err(), bar, failed),
+            }
+        }
+        let n = docs.len() as u64;
+        results.extend(svc.ingest(docs).await?);
+        bar.inc(n);
+        bar.set_message(format!("{} chunks", results.iter().map(|r| r.chunks).sum::<usize>()));
+    }
+    bar.finish_and_clear();
+    svc.save().await.context("saving the index")?;
+    let stats = svc.stats();
+    Ok(summary(
+        results.iter().map(|r| r.status),
+        &format!("index {}", config.index.dir.display()),
+        stats.documents,
+        stats.chunks,
+    ))
+}
+
+/// Streams the documents to the server at `url` (`Knowledge/IngestStream`), one message per
+/// document, reading files while earlier ones are sent.
+async fn ingest_remote(
+    url: &str,
+    args: &IngestArgs,
+    files: Vec<(PathBuf, FileKind)>,
+    bar: &ProgressBar,
+    failed: &mut Vec<String>,
+) -> anyhow::Result<String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("--server {url:?} is not a gRPC address like http://127.0.0.1:50051"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the server at {url}"))?;
+    let mut client = KnowledgeClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if !args.tenant.is_empty() {
+        let tenant = args
+            .tenant
+            .parse()
+            .with_context(|| format!("--tenant {:?} cannot be sent as an x-tenant-id header", args.tenant))?;
+        request.metadata_mut().insert("x-tenant-id", tenant);
+    }
+    let producer = tokio::spawn(stream_documents(files, args.clone(), bar.clone(), tx));
+    let response = client.ingest_stream(request).await;
+    let (sent, skipped) = producer.await.context("reading the files")?;
+    failed.extend(skipped);
+    bar.finish_and_clear();
+    let results = match response {
+        Ok(r) => r.into_inner().results,
+        // Every file was skipped: the server refuses an empty stream, and there is nothing to report.
+        Err(s) if sent == 0 && s.code() == tonic::Code::InvalidArgument => Vec::new(),
+        Err(s) => bail!(
+            "the server at {url} failed the ingest ({:?}): {}",
+            s.code(),
+            s.message()
+        ),
+    };
+    let stats = client
+        .stats(pb::StatsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("asking the server at {url} for its stats: {}", s.message()))?
+        .into_inner();
+    let statuses = results.iter().map(|r| match pb::IngestStatus::try_from(r.status) {
+        Ok(pb::IngestStatus::Updated) => IngestStatus::Updated,
+        Ok(pb::IngestStatus::Unchanged) => IngestStatus::Unchanged,
+        _ => IngestStatus::Added,
+    });
+    Ok(summary(
+        statuses,
+        &format!("the server at {url}"),
+        stats.documents as usize,
+        stats.chunks as usize,
+    ))
+}
+
+/// Reads the files (off the async workers) into stream messages; returns how many were sent and
+/// the files that could not be read. Stops early when the call has ended (its error is reported).
+async fn stream_documents(
+    files: Vec<(PathBuf, FileKind)>,
+    args: IngestArgs,
+    bar: ProgressBar,
+    tx: tokio::sync::mpsc::Sender<pb::IngestStreamRequest>,
+) -> (usize, Vec<String>) {
+    let (mut sent, mut failed) = (0, Vec::new());
+    for (path, kind) in files {
+        let read = {
+            let (path, args) = (path.clone(), args.clone());
+            tokio::task::spawn_blocking(move || document(&path, kind, &args))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("reading task: {e}")))
+        };
+        let doc = match read {
+            Ok(Some(doc)) => doc,
+            outcome => {
+                skip(&path, outcome.err(), &bar, &mut failed);
+                continue;
+            }
+        };
+        let format = match doc.format {
+            DocFormat::Text => pb::DocumentFormat::Text,
+            DocFormat::Markdown => pb::DocumentFormat::Markdown,
+            DocFormat::Html => pb::DocumentFormat::Html,
+        };
+        let msg = pb::IngestStreamRequest {
+            document: Some(pb::Document {
+                id: doc.id,
+                tenant: doc.tenant,
+                source: doc.source,
+                tags: doc.tags,
+                format: format as i32,
+                content: doc.content,
+            }),
+        };
+        if tx.send(msg).await.is_err() {
+            break;
+        }
+        sent += 1;
+        bar.inc(1);
+        bar.set_message(format!("{sent} sent"));
+    }
+    (sent, failed)
+}
+
+/// A file as a document to ingest; `Ok(None)` for a file without text.
+fn document(path: &Path, kind: FileKind, args: &IngestArgs) -> anyhow::Result<Option<DocumentInput>> {
+    let (content, format) = read_document(path, kind)?;
+    if content.trim().is_empty() {
+        return Ok(None);
+    }
+    let id = path.display().to_string();
+    Ok(Some(DocumentInput {
+        id: id.clone(),
+        tenant: args.tenant.clone(),
+        source: id,
+        tags: args.tags.clone(),
+        format,
+        content,
+    }))
+}
+
+/// Reports a file that yields no document: empty (`error` None) or unreadable (kept in `failed`).
+fn skip(path: &Path, error: Option<anyhow::Error>, bar: &ProgressBar, failed: &mut Vec<String>) {
+    match error {
+        None => bar.println(format!("skipping empty file {}", path.display())),
+        Some(e) => {
+            bar.println(format!("skipping {}: {e:#}", path.display()));
+            failed.push(format!("{}: {e:#}", path.display()));
+        }
+    }
+    bar.inc(1);
+}
+
+/// The summary line: what happened to each file, and what `target` holds now.
+fn summary(statuses: impl Iterator<Item = IngestStatus>, target: &str, documents: usize, chunks: usize) -> String {
+    let statuses: Vec<IngestStatus> = statuses.collect();
+    let count = |want: IngestStatus| statuses.iter().filter(|s| **s == want).count();
+    format!(
+        "ingested {} files: {} added, {} updated, {} unchanged; {target} now holds {documents} documents, {chunks} chunks",
+        statuses.len(),
+        count(IngestStatus::Added),
+        count(IngestStatus::Updated),
+        count(IngestStatus::Unchanged),
+    )
 }
 
 /// How a file's text is obtained.
@@ -222,6 +372,7 @@ mod tests {
             tenant: "docs".into(),
             tags: vec!["manual".into()],
             index_dir: Some(tmp.path().join("index")),
+            server: None,
             quiet: true,
         };
         run(args.clone(), config.clone()).await.unwrap();
@@ -255,6 +406,7 @@ mod tests {
             .unwrap()
             .is_empty());
         // Second run: nothing changed, nothing re-embedded (a save still happens).
+        drop(store); // one writer per index directory
         run(args, config).await.unwrap();
         let again = VectorStore::open(
             &crate::config::IndexConfig {
@@ -342,6 +494,7 @@ mod tests {
             tenant: "docs".into(),
             tags: vec![],
             index_dir: Some(tmp.path().join("index")),
+            server: None,
             quiet: true,
         };
         let err = run(args, config).await.unwrap_err().to_string();
@@ -365,5 +518,82 @@ mod tests {
         let pdf_id = docs.join("geology.pdf").canonicalize().unwrap().display().to_string();
         assert_eq!(hits[0].chunk.document_id, pdf_id, "{hits:?}");
         assert!(hits[0].chunk.text.contains("hexagonal pillars"), "{hits:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ingests_through_a_running_server_which_holds_the_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        let index = crate::config::IndexConfig {
+            dir: tmp.path().join("index"),
+            ..Default::default()
+        };
+        let svc = std::sync::Arc::new(genai_retrieval::test_support::service(index.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(crate::api::knowledge::grpc_service(svc.clone(), 16 << 20))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let docs = tmp.path().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::copy(repo_path("tests/data/corpus/tides.md"), docs.join("tides.md")).unwrap();
+        std::fs::write(docs.join("notes.txt"), "Basalt is a dark volcanic rock.").unwrap();
+        std::fs::write(docs.join("empty.txt"), "  \n").unwrap();
+        std::fs::write(docs.join("broken.pdf"), b"%PDF-1.4\nnot a pdf\n%%EOF").unwrap();
+        let mut config = Config::default();
+        config.models.dir = repo_path("models");
+        let mut args = IngestArgs {
+            paths: vec![docs.clone()],
+            tenant: "acme".into(),
+            tags: vec!["manual".into()],
+            index_dir: None,
+            server: None,
+            quiet: true,
+        };
+
+        // Straight into the held index: refused at once, naming the holder and the fix.
+        let local = IngestArgs {
+            index_dir: Some(index.dir.clone()),
+            ..args.clone()
+        };
+        let started = std::time::Instant::now();
+        let err = format!("{:#}", run(local, config.clone()).await.unwrap_err());
+        assert!(
+            err.contains(&format!("process {}", std::process::id())) && err.contains("--server http://"),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "not at once");
+        assert_eq!(svc.stats().documents, 0);
+
+        args.server = Some(url.clone());
+        let err = run(args.clone(), config.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("1 file(s)") && err.contains("broken.pdf"), "{err}");
+        let s = svc.stats();
+        assert_eq!(s.documents, 2);
+        let generation = s.generation;
+        let query = genai_retrieval::knowledge::SearchQuery {
+            query: "what causes the tides?".into(),
+            top_k: 1,
+            filter: Filter::tenant("acme"),
+            min_score: -1.0,
+        };
+        let hit = &svc.search(&query).await.unwrap()[0];
+        let id = docs.join("tides.md").canonicalize().unwrap().display().to_string();
+        assert_eq!(
+            (hit.chunk.document_id.as_str(), hit.chunk.source.as_str()),
+            (id.as_str(), id.as_str())
+        );
+        assert_eq!(hit.chunk.tags, vec!["manual".to_string()]);
+        assert!(!hit.chunk.text.contains('#'), "sent as markdown: {:?}", hit.chunk.text);
+
+        // Again: unchanged, nothing saved; a bad address fails clearly.
+        std::fs::remove_file(docs.join("broken.pdf")).unwrap();
+        run(args.clone(), config.clone()).await.unwrap();
+        assert_eq!(svc.stats().generation, generation);
+        args.server = Some("not a url".into());
+        let err = run(args, config).await.unwrap_err().to_string();
+        assert!(err.contains("--server"), "{err}");
+        server.abort();
     }
 }

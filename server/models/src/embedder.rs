@@ -697,14 +697,24 @@ impl Queues {
         }
     }
 
-    /// Fails every job that had a sequence in `batch`.
-    fn fail(&mut self, batch: &[(usize, usize, usize)], message: &str) {
+    /// Fails every job that had a sequence in `batch` with `error()`.
+    fn fail(&mut self, batch: &[(usize, usize, usize)], error: impl Fn() -> EmbedError) {
         for (q, jobs) in self.0.iter_mut().enumerate() {
             let touched = batch.iter().filter(|b| b.0 == q).map(|b| b.1 + 1).max().unwrap_or(0);
             for j in jobs.drain(..touched) {
-                let _ = j.reply.send(Err(EmbedError::Model(message.to_string())));
+                let _ = j.reply.send(Err(error()));
             }
         }
+    }
+}
+
+/// The same error again, for each job of a failed micro-batch.
+fn copy(e: &EmbedError) -> EmbedError {
+    match e {
+        EmbedError::InvalidArgument { field, message } => EmbedError::invalid(field.clone(), message.clone()),
+        EmbedError::Overloaded(m) => EmbedError::Overloaded(m.clone()),
+        EmbedError::Unavailable(m) => EmbedError::Unavailable(m.clone()),
+        EmbedError::Model(m) => EmbedError::Model(m.clone()),
     }
 }
 
@@ -767,15 +777,15 @@ fn batch_loop(
             shared.hooks.before_forward(&batch);
             embedder.embed_tokens(&seqs)
         }));
-        drop(seqs);
         match result {
             Ok(Ok(vectors)) => queues.finish(&batch, vectors),
-            Ok(Err(e)) => queues.fail(&batch, &e.to_string()),
+            Ok(Err(e)) => queues.fail(&batch, || copy(&e)),
             Err(payload) => {
                 let msg = panic_message(&*payload);
                 tracing::error!(panic = msg, sequences = batch.len(), "embedding micro-batch panicked");
                 metrics::counter!(metric_names::EMBEDDER_PANICS).increment(1);
-                queues.fail(&batch, &format!("internal embedder error (the batch panicked: {msg})"));
+                let msg = format!("internal embedder error (the batch panicked: {msg})");
+                queues.fail(&batch, || EmbedError::Model(msg.clone()));
             }
         }
     }

@@ -42,5 +42,6 @@ impl AppState {
 
     pub(crate) fn start_draining(&self) {
         self.draining.send_replace(true);
+        self.pipeline.notify_changed();
     }
 }

@@ -78,6 +78,8 @@ async fn preemption_under_a_tight_kv_budget_keeps_outputs() {
     let server = Server::builder()
         .env("GENAI_ENGINE__KV_CACHE_MIB", "10")
         .env("GENAI_ENGINE__MAX_BATCH_TOKENS", "64")
+        // As vLLM, the step's token budget must cover one decode per running sequence.
+        .env("GENAI_ENGINE__MAX_RUNNING", "64")
         .start()
         .await;
     let (alone, batched) = alone_vs_batched(&server, 48).await;

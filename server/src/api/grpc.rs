@@ -40,13 +40,17 @@ pub(crate) async fn serve(
     for s in SERVICES {
         health.set_service_status(*s, ServingStatus::NotServing).await;
     }
-    // Follows the pipeline's health: loading, serving, an engine or embedder that stopped, draining.
+    // Follows the pipeline's health: loading, serving, draining (notified at once), an engine or
+    // embedder that stopped (noticed within a tick).
     let watched = state.clone();
     tokio::spawn(async move {
         let mut last = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = watched.pipeline.changed() => {}
+            }
             let serving = watched.pipeline.health() == Health::Serving;
             if last != Some(serving) {
                 let status = if serving {

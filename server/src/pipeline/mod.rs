@@ -23,7 +23,7 @@ use genai_engine::EngineEvent;
 use genai_models::chat_template::ChatMessage;
 use genai_retrieval::index::Filter;
 use genai_retrieval::rag::{Citation, RagPipeline};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -84,6 +84,9 @@ pub(crate) struct Pipeline {
     local: OnceLock<Arc<LocalEngine>>,
     draining: watch::Receiver<bool>,
     default_max_tokens: usize,
+    /// Wakes the health reporters when the models load or draining starts (a stopped engine or
+    /// embedder is noticed by their polling).
+    changed: Notify,
 }
 
 impl Pipeline {
@@ -99,6 +102,7 @@ impl Pipeline {
             local: OnceLock::new(),
             draining,
             default_max_tokens,
+            changed: Notify::new(),
         }
     }
 
@@ -109,6 +113,17 @@ impl Pipeline {
     /// Called once, when the models are loaded.
     pub(crate) fn set_local(&self, local: LocalEngine) {
         let _ = self.local.set(Arc::new(local));
+        self.changed.notify_one();
+    }
+
+    /// Health may have changed (draining started).
+    pub(crate) fn notify_changed(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Resolves at the next [`Pipeline::notify_changed`] (or model load); one waiter.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await
     }
 
     pub(crate) fn local(&self) -> Option<&Arc<LocalEngine>> {

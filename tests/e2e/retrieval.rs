@@ -170,27 +170,22 @@ async fn embeddings_agree_across_doors_and_are_normalised() {
     assert!(bad.message().contains("input[0]"), "{}", bad.message());
 }
 
+/// `genai-factory ingest` of the test corpus into tenant "acme", plus `target` (an index
+/// directory or a server), to completion.
+fn ingest_corpus(target: &[&str]) -> std::process::Output {
+    let corpus = repo_root().join("tests/data/corpus");
+    let models = crate::harness::models_dir();
+    let mut args = vec!["ingest", "--models-dir", models.to_str().unwrap()];
+    args.extend_from_slice(target);
+    args.extend(["--tenant", "acme", "--quiet", corpus.to_str().unwrap()]);
+    run_to_exit(&args, &[], Duration::from_secs(300))
+}
+
 #[tokio::test]
 async fn ingest_command_then_index_survives_restart() {
     let work = tempfile::tempdir().unwrap();
     let index = work.path().join("index");
-    let corpus = repo_root().join("tests/data/corpus");
-    let models = crate::harness::models_dir();
-    let out = run_to_exit(
-        &[
-            "ingest",
-            "--models-dir",
-            models.to_str().unwrap(),
-            "--index-dir",
-            index.to_str().unwrap(),
-            "--tenant",
-            "acme",
-            "--quiet",
-            corpus.to_str().unwrap(),
-        ],
-        &[],
-        Duration::from_secs(300),
-    );
+    let out = ingest_corpus(&["--index-dir", index.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "ingest failed: {}",
@@ -238,26 +233,10 @@ async fn cli_ingest_while_the_server_runs_loses_nothing() {
     let work = tempfile::tempdir().unwrap();
     let index = work.path().join("index");
     let index_env = index.to_str().unwrap().to_owned();
-    let corpus = repo_root().join("tests/data/corpus");
-    let models = crate::harness::models_dir();
     let server = Server::builder().env("GENAI_INDEX__DIR", &index_env).start().await;
 
     // Straight into the directory the server holds: refused at once, naming the server and the fix.
-    let out = run_to_exit(
-        &[
-            "ingest",
-            "--models-dir",
-            models.to_str().unwrap(),
-            "--index-dir",
-            index.to_str().unwrap(),
-            "--tenant",
-            "acme",
-            "--quiet",
-            corpus.to_str().unwrap(),
-        ],
-        &[],
-        Duration::from_secs(120),
-    );
+    let out = ingest_corpus(&["--index-dir", index.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -266,19 +245,7 @@ async fn cli_ingest_while_the_server_runs_loses_nothing() {
     );
 
     // Through the server.
-    let out = run_to_exit(
-        &[
-            "ingest",
-            "--server",
-            &server.grpc_url(),
-            "--tenant",
-            "acme",
-            "--quiet",
-            corpus.to_str().unwrap(),
-        ],
-        &[],
-        Duration::from_secs(300),
-    );
+    let out = ingest_corpus(&["--server", &server.grpc_url()]);
     assert!(
         out.status.success(),
         "ingest --server failed: {}",

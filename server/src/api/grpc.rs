@@ -20,7 +20,7 @@ use super::error::ApiError;
 use super::observer;
 use crate::llm::Health;
 use crate::ops::observe::Observer;
-use crate::pipeline::context::{ContextLayer, RequestContext};
+use crate::pipeline::context::RequestContext;
 use crate::pipeline::sampling::SamplingInput;
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::state::AppState;
@@ -84,7 +84,7 @@ pub(crate) async fn serve(
 
     tonic::transport::Server::builder()
         .layer(crate::ops::request_id::layer())
-        .layer(ContextLayer)
+        .layer(crate::pipeline::context::layer())
         .layer(super::grpc_guard::EmbedGuardLayer {
             max_inputs: state.config.limits.max_embedding_inputs,
             max_message_bytes: limits.max_message_bytes,

@@ -17,7 +17,6 @@ use tokio::sync::watch;
 use super::error::ApiError;
 use super::openai;
 use crate::llm::Health;
-use crate::pipeline::context::ContextLayer;
 use crate::state::AppState;
 
 pub(crate) async fn serve(
@@ -38,7 +37,7 @@ pub(crate) async fn serve(
         .with_state(state.clone())
         .merge(super::knowledge::router(state.knowledge.clone()))
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
-        .layer(ContextLayer)
+        .layer(crate::pipeline::context::layer())
         .layer(crate::ops::request_id::layer());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -5,8 +5,7 @@
 //! `request_id`.
 //!
 //! [`layer`] is one tower layer for both axum (`Router::layer`) and tonic
-//! (`Server::builder().layer`). From outside in: [`SanitizeRequestIdLayer`]
-//! drops a client id that is empty, longer than [`MAX_LEN`] or has characters
+//! (`Server::builder().layer`). From outside in: a sanitizer drops a client id that is empty, longer than [`MAX_LEN`] or has characters
 //! outside `[A-Za-z0-9._:-]` (it ends up in logs, in the request log and in
 //! downstream tools); tower-http's `SetRequestId` adds
 //! a UUID when there is none; `TraceLayer` opens the span (also entered while
@@ -24,7 +23,7 @@
 
 use std::task::{Context, Poll};
 
-use axum::http::{HeaderName, Request};
+use axum::http::{Extensions, HeaderMap, HeaderName, Request};
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
@@ -72,23 +71,25 @@ impl<B> MakeSpan<B> for MakeRequestSpan {
     }
 }
 
-/// Removes an `x-request-id` that [`is_valid`] rejects, so a fresh one is generated.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SanitizeRequestIdLayer;
+/// A layer that edits a request's headers and extensions before the inner service sees it, for
+/// any body type (axum's and tonic's alike).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MapPartsLayer(pub fn(&mut HeaderMap, &mut Extensions));
 
-impl<S> Layer<S> for SanitizeRequestIdLayer {
-    type Service = SanitizeRequestId<S>;
+impl<S> Layer<S> for MapPartsLayer {
+    type Service = MapParts<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        SanitizeRequestId { inner }
+        MapParts { inner, f: self.0 }
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct SanitizeRequestId<S> {
+pub(crate) struct MapParts<S> {
     inner: S,
+    f: fn(&mut HeaderMap, &mut Extensions),
 }
 
-impl<S, B> Service<Request<B>> for SanitizeRequestId<S>
+impl<S, B> Service<Request<B>> for MapParts<S>
 where
     S: Service<Request<B>>,
 {
@@ -100,11 +101,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if req.headers().get(HEADER).is_some_and(|v| !is_valid(v.as_bytes())) {
-            req.headers_mut().remove(HEADER);
-        }
-        self.inner.call(req)
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        (self.f)(&mut parts.headers, &mut parts.extensions);
+        self.inner.call(Request::from_parts(parts, body))
+    }
+}
+
+/// Removes an `x-request-id` that [`is_valid`] rejects, so a fresh one is generated.
+fn sanitize(headers: &mut HeaderMap, _: &mut Extensions) {
+    if headers.get(HEADER).is_some_and(|v| !is_valid(v.as_bytes())) {
+        headers.remove(HEADER);
     }
 }
 
@@ -114,7 +121,7 @@ pub type RequestIdLayer = ServiceBuilder<
         PropagateRequestIdLayer,
         Stack<
             TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeRequestSpan>,
-            Stack<SetRequestIdLayer<MakeRequestUuid>, Stack<SanitizeRequestIdLayer, Identity>>,
+            Stack<SetRequestIdLayer<MakeRequestUuid>, Stack<MapPartsLayer, Identity>>,
         >,
     >,
 >;
@@ -122,7 +129,7 @@ pub type RequestIdLayer = ServiceBuilder<
 /// Sanitize → set (UUID if absent) → span → propagate to the response.
 pub fn layer() -> RequestIdLayer {
     ServiceBuilder::new()
-        .layer(SanitizeRequestIdLayer)
+        .layer(MapPartsLayer(sanitize))
         .layer(SetRequestIdLayer::new(header_name(), MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(MakeRequestSpan))
         .layer(PropagateRequestIdLayer::new(header_name()))

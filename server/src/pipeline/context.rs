@@ -1,5 +1,5 @@
 //! [`RequestContext`]: who is asking, for whom, until when, and how urgently. Built once per
-//! request by [`ContextLayer`], one tower layer applied to both axum and tonic (after the
+//! request by [`layer`], one tower layer applied to both axum and tonic (after the
 //! request-id layer), and stored as a request extension; handlers read only that, never raw
 //! headers.
 //!
@@ -8,17 +8,15 @@
 //!
 //! Tested below through a real axum router (extension present, tenant validated, deadline parsed).
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Request};
+use axum::http::HeaderMap;
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use crate::error::ApiError;
-use crate::ops::request_id;
+use crate::ops::request_id::{self, MapPartsLayer};
 
 /// Header naming the caller's tenant in open mode.
 pub(crate) const TENANT_HEADER: &str = "x-tenant-id";
@@ -91,11 +89,11 @@ impl RequestContext {
         }
     }
 
-    /// The context of a request that went through [`ContextLayer`], or the header error it found.
+    /// The context of a request that went through [`layer`], or the header error it found.
     pub(crate) fn of(extensions: &axum::http::Extensions) -> Result<Self, ApiError> {
         let ctx = extensions
             .get::<RequestContext>()
-            .ok_or_else(|| ApiError::Internal("request context missing (ContextLayer not applied)".into()))?;
+            .ok_or_else(|| ApiError::Internal("request context missing (the context layer is not applied)".into()))?;
         match &ctx.invalid {
             Some(e) => Err(e.clone()),
             None => Ok(ctx.clone()),
@@ -127,39 +125,12 @@ pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// Attaches a [`RequestContext`] to every request (axum and tonic alike).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ContextLayer;
-
-impl<S> Layer<S> for ContextLayer {
-    type Service = WithContext<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        WithContext { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct WithContext<S> {
-    inner: S,
-}
-
-impl<S, B> Service<Request<B>> for WithContext<S>
-where
-    S: Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let ctx = RequestContext::from_headers(req.headers());
-        req.extensions_mut().insert(ctx);
-        self.inner.call(req)
-    }
+/// Attaches a [`RequestContext`] to every request (axum and tonic alike); after the request-id
+/// layer, which it reads.
+pub(crate) fn layer() -> MapPartsLayer {
+    MapPartsLayer(|headers, extensions| {
+        extensions.insert(RequestContext::from_headers(headers));
+    })
 }
 
 /// axum extractor: the request's context, or a 400 naming the bad header.
@@ -192,7 +163,7 @@ mod tests {
     async fn call(headers: &[(&str, &str)]) -> (u16, String) {
         let app = Router::new()
             .route("/t", get(handler))
-            .layer(ContextLayer)
+            .layer(layer())
             .layer(request_id::layer());
         let mut req = Request::builder().uri("/t");
         for (k, v) in headers {

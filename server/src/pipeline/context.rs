@@ -146,6 +146,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
 mod tests {
     use super::*;
     use axum::body::Body;
+    use axum::http::Request;
     use axum::routing::get;
     use axum::Router;
     use tower::ServiceExt;

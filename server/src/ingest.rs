@@ -376,14 +376,7 @@ mod tests {
             quiet: true,
         };
         run(args.clone(), config.clone()).await.unwrap();
-        let store = VectorStore::open(
-            &crate::config::IndexConfig {
-                dir: tmp.path().join("index"),
-                ..Default::default()
-            },
-            384,
-        )
-        .unwrap();
+        let store = open_index(&tmp.path().join("index"));
         let s = store.stats();
         assert_eq!(s.documents, 3);
         let generation = s.generation;
@@ -408,19 +401,21 @@ mod tests {
         // Second run: nothing changed, nothing re-embedded (a save still happens).
         drop(store); // one writer per index directory
         run(args, config).await.unwrap();
-        let again = VectorStore::open(
-            &crate::config::IndexConfig {
-                dir: tmp.path().join("index"),
-                ..Default::default()
-            },
-            384,
-        )
-        .unwrap();
+        let again = open_index(&tmp.path().join("index"));
         assert_eq!(again.stats().chunks, s.chunks);
         assert!(again.stats().generation > generation);
     }
 
     /// A one-page PDF with `lines` in Helvetica, written with lopdf.
+    /// The index an ingest wrote (MiniLM vectors), opened for inspection.
+    fn open_index(dir: &Path) -> VectorStore {
+        let cfg = crate::config::IndexConfig {
+            dir: dir.to_path_buf(),
+            ..Default::default()
+        };
+        VectorStore::open(&cfg, 384).unwrap()
+    }
+
     fn write_pdf(path: &Path, lines: &[&str]) {
         use lopdf::content::{Content, Operation};
         use lopdf::{dictionary, Document, Object, Stream};
@@ -502,14 +497,7 @@ mod tests {
         assert!(!err.contains("geology.pdf"), "{err}");
 
         // The good files were ingested and saved; the PDF's text is searchable.
-        let store = VectorStore::open(
-            &crate::config::IndexConfig {
-                dir: tmp.path().join("index"),
-                ..Default::default()
-            },
-            384,
-        )
-        .unwrap();
+        let store = open_index(&tmp.path().join("index"));
         assert_eq!(store.stats().documents, 2);
         let q = genai_models::test_support::embedder()
             .embed(&["how do hexagonal basalt columns form?"], 8192)

@@ -168,6 +168,24 @@ impl Server {
         Self::builder().start().await
     }
 
+    /// POSTs a JSON body (any bytes: some tests send malformed or huge ones) to the HTTP door:
+    /// the status and the parsed reply (a JSON string when the reply is not JSON).
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(self.http_url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{}", self.http, path)
     }

@@ -25,19 +25,6 @@ fn rss_mib(pid: u32) -> f64 {
     kb / 1024.0
 }
 
-async fn post(server: &Server, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(server.http_url(path))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
 fn error_param(v: &Value) -> &str {
     v["error"]["param"].as_str().unwrap_or_default()
 }
@@ -45,7 +32,9 @@ fn error_param(v: &Value) -> &str {
 #[tokio::test]
 async fn a_flood_of_tiny_embedding_inputs_is_refused_at_once_on_both_doors() {
     let server = Server::start().await;
-    let (status, _) = post(&server, "/v1/embeddings", json!({"input": ["warm up"]}).to_string()).await;
+    let (status, _) = server
+        .post("/v1/embeddings", json!({"input": ["warm up"]}).to_string())
+        .await;
     assert_eq!(status, 200);
     let before = rss_mib(server.pid());
 
@@ -60,7 +49,7 @@ async fn a_flood_of_tiny_embedding_inputs_is_refused_at_once_on_both_doors() {
     body.push_str("]}");
     assert!(body.len() < limit);
     let t = Instant::now();
-    let (status, v) = post(&server, "/v1/embeddings", body).await;
+    let (status, v) = server.post("/v1/embeddings", body).await;
     let took = t.elapsed();
     assert_eq!(status, 400, "{v}");
     assert_eq!(error_param(&v), "input");
@@ -93,12 +82,9 @@ async fn a_flood_of_tiny_embedding_inputs_is_refused_at_once_on_both_doors() {
     assert!(after - before < 100.0, "RSS {before:.0} MiB -> {after:.0} MiB");
     // The next request is served at once.
     let t = Instant::now();
-    let (status, v) = post(
-        &server,
-        "/v1/embeddings",
-        json!({"input": ["hello", "world"]}).to_string(),
-    )
-    .await;
+    let (status, v) = server
+        .post("/v1/embeddings", json!({"input": ["hello", "world"]}).to_string())
+        .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     assert!(t.elapsed() < Duration::from_secs(2));
@@ -110,12 +96,12 @@ async fn stop_lists_and_prompts_beyond_the_limits_get_400_before_tokenization() 
     // the context bound (bytes per token x context) can refuse it.
     let server = Server::builder().env("GENAI_ENGINE__MAX_CONTEXT", "64").start().await;
     let stops: Vec<String> = (0..1000).map(|i| format!("stop{i}")).collect();
-    let (status, v) = post(
-        &server,
-        "/v1/completions",
-        json!({"prompt": "hi", "max_tokens": 4, "stop": stops}).to_string(),
-    )
-    .await;
+    let (status, v) = server
+        .post(
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 4, "stop": stops}).to_string(),
+        )
+        .await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(error_param(&v), "stop");
     let mut client = InferenceClient::new(server.channel().await);
@@ -135,24 +121,21 @@ async fn stop_lists_and_prompts_beyond_the_limits_get_400_before_tokenization() 
 
     let prompt = "word ".repeat(64 * 1000);
     let t = Instant::now();
-    let (status, v) = post(
-        &server,
-        "/v1/completions",
-        json!({"prompt": prompt, "max_tokens": 4}).to_string(),
-    )
-    .await;
+    let (status, v) = server
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 4}).to_string(),
+        )
+        .await;
     let took = t.elapsed();
     assert_eq!(status, 400, "{v}");
     assert_eq!(error_param(&v), "prompt");
     assert!(v["error"]["message"].as_str().unwrap().contains("context"), "{v}");
     assert!(took < Duration::from_millis(500), "refused after {took:?}");
     let messages = json!([{"role": "user", "content": prompt}]);
-    let (status, v) = post(
-        &server,
-        "/v1/chat/completions",
-        json!({"messages": messages}).to_string(),
-    )
-    .await;
+    let (status, v) = server
+        .post("/v1/chat/completions", json!({"messages": messages}).to_string())
+        .await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(error_param(&v), "messages");
 }
@@ -172,25 +155,25 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     ] {
         let mut body = json!({"messages": msgs, "max_tokens": 2});
         body[field] = value;
-        let (status, v) = post(&server, "/v1/chat/completions", body.to_string()).await;
+        let (status, v) = server.post("/v1/chat/completions", body.to_string()).await;
         assert_eq!(status, 400, "{field}: {v}");
         assert_eq!(error_param(&v), field);
         assert_eq!(v["error"]["code"], "unsupported_parameter");
     }
-    let (status, v) = post(
-        &server,
-        "/v1/completions",
-        json!({"prompt": "hi", "max_tokens": 2, "best_of": 3}).to_string(),
-    )
-    .await;
+    let (status, v) = server
+        .post(
+            "/v1/completions",
+            json!({"prompt": "hi", "max_tokens": 2, "best_of": 3}).to_string(),
+        )
+        .await;
     assert_eq!((status, error_param(&v)), (400, "best_of"));
     // Off values and unknown fields do not fail the request.
-    let (status, v) = post(
-        &server,
-        "/v1/chat/completions",
-        json!({"messages": msgs, "max_tokens": 2, "tools": [], "user": "u1", "some_future_field": 1}).to_string(),
-    )
-    .await;
+    let (status, v) = server
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": msgs, "max_tokens": 2, "tools": [], "user": "u1", "some_future_field": 1}).to_string(),
+        )
+        .await;
     assert_eq!(status, 200, "{v}");
     assert!(
         server.logs().contains("some_future_field"),
@@ -270,33 +253,18 @@ async fn control_tokens_in_messages_stay_plain_text() {
 async fn the_same_seed_gives_the_same_text_alone_and_among_sixteen() {
     let server = Server::start().await;
     let req = |seed: u64| json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": seed});
-    let complete = |body: Value| {
-        let url = server.http_url("/v1/completions");
-        async move {
-            let v: Value = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["choices"][0]["text"].as_str().unwrap().to_owned()
-        }
+    let server = &server;
+    let complete = |body: Value| async move {
+        let (status, v) = server.post("/v1/completions", body.to_string()).await;
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_owned()
     };
     let alone = complete(req(7)).await;
     let again = complete(req(7)).await;
     assert_eq!(alone, again);
-    let mut batch = Vec::new();
-    for i in 0..16 {
-        batch.push(tokio::spawn(complete(req(if i == 5 { 7 } else { 100 + i }))));
-    }
-    let texts: Vec<String> = futures::future::join_all(batch)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    // All 16 in flight at once (polled together), so the engine batches them.
+    let batch = (0..16).map(|i| complete(req(if i == 5 { 7 } else { 100 + i })));
+    let texts: Vec<String> = futures::future::join_all(batch).await;
     assert_eq!(texts[5], alone, "seed 7 among 16 concurrent requests");
     assert!(texts.iter().any(|t| *t != alone), "different seeds differ");
 }
@@ -308,11 +276,11 @@ async fn an_engine_panic_outside_forward_fails_the_step_and_the_engine_recovers(
         .start()
         .await;
     let body = json!({"prompt": "Hello", "max_tokens": 8, "ignore_eos": true}).to_string();
-    let (status, v) = post(&server, "/v1/completions", body.clone()).await;
+    let (status, v) = server.post("/v1/completions", body.clone()).await;
     assert_eq!(status, 500, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("internal"), "{v}");
     // The engine reset itself: the next request is served and health stays SERVING.
-    let (status, v) = post(&server, "/v1/completions", body).await;
+    let (status, v) = server.post("/v1/completions", body).await;
     assert_eq!(status, 200, "{v}");
     assert!(server.metric("genai_engine_panics_total").await >= 1.0);
     assert_eq!(server.metric("genai_engine_up").await, 1.0);
@@ -333,7 +301,7 @@ async fn an_engine_that_cannot_recover_reports_not_serving() {
     let body = json!({"prompt": "Hello", "max_tokens": 8}).to_string();
     let mut down = false;
     for _ in 0..6 {
-        let (status, v) = tokio::time::timeout(Duration::from_secs(30), post(&server, "/v1/completions", body.clone()))
+        let (status, v) = tokio::time::timeout(Duration::from_secs(30), server.post("/v1/completions", body.clone()))
             .await
             .expect("no hang");
         assert!(status == 500 || status == 503, "{status} {v}");
@@ -365,7 +333,7 @@ async fn an_engine_that_cannot_recover_reports_not_serving() {
     }
     assert_eq!(status, ServingStatus::NotServing);
     // New requests are refused at once with a reason that is not "shutting down".
-    let (status, v) = post(&server, "/v1/completions", body).await;
+    let (status, v) = server.post("/v1/completions", body).await;
     assert_eq!(status, 503, "{v}");
     assert!(
         !v["error"]["message"].as_str().unwrap().contains("shutting down"),

@@ -170,6 +170,23 @@ async fn embeddings_agree_across_doors_and_are_normalised() {
     assert!(bad.message().contains("input[0]"), "{}", bad.message());
 }
 
+/// `field` of the top 3 hits of tenant "acme" for `query`, over HTTP.
+async fn search(server: &Server, query: &str, field: &str) -> Vec<String> {
+    let (status, v) = server
+        .post(
+            "/v1/knowledge/search",
+            json!({"query": query, "tenant": "acme", "top_k": 3}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h[field].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// `genai-factory ingest` of the test corpus into tenant "acme", plus `target` (an index
 /// directory or a server), to completion.
 fn ingest_corpus(target: &[&str]) -> std::process::Output {
@@ -193,33 +210,13 @@ async fn ingest_command_then_index_survives_restart() {
     );
 
     let index_env = index.to_str().unwrap().to_owned();
-    let search = |server: &Server| {
-        let url = server.http_url("/v1/knowledge/search");
-        async move {
-            let v: Value = reqwest::Client::new()
-                .post(url)
-                .json(&json!({"query": "volcano eruption lava", "tenant": "acme", "top_k": 3}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["hits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h["chunk_id"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
     let server = Server::builder().env("GENAI_INDEX__DIR", &index_env).start().await;
-    let before = search(&server).await;
+    let before = search(&server, "volcano eruption lava", "chunk_id").await;
     assert!(!before.is_empty());
     assert!(server.terminate(Duration::from_secs(40)).await.success());
     let server = Server::builder().env("GENAI_INDEX__DIR", &index_env).start().await;
     assert_eq!(
-        search(&server).await,
+        search(&server, "volcano eruption lava", "chunk_id").await,
         before,
         "the persisted index must reload unchanged"
     );
@@ -262,38 +259,24 @@ async fn cli_ingest_while_the_server_runs_loses_nothing() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    let search = |server: &Server, q: &'static str| {
-        let url = server.http_url("/v1/knowledge/search");
-        async move {
-            let v: Value = reqwest::Client::new()
-                .post(url)
-                .json(&json!({"query": q, "tenant": "acme", "top_k": 3}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["hits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h["document_id"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
-    let cli_hits = search(&server, "volcano eruption lava").await;
+    let cli_hits = search(&server, "volcano eruption lava", "document_id").await;
     assert!(!cli_hits.is_empty(), "the CLI's documents are searchable");
     assert_eq!(
-        search(&server, "What causes tides?").await.first().map(String::as_str),
+        search(&server, "What causes tides?", "document_id")
+            .await
+            .first()
+            .map(String::as_str),
         Some("tides")
     );
     assert!(server.terminate(Duration::from_secs(40)).await.success());
 
     let server = Server::builder().env("GENAI_INDEX__DIR", &index_env).start().await;
-    assert_eq!(search(&server, "volcano eruption lava").await, cli_hits);
+    assert_eq!(search(&server, "volcano eruption lava", "document_id").await, cli_hits);
     assert_eq!(
-        search(&server, "What causes tides?").await.first().map(String::as_str),
+        search(&server, "What causes tides?", "document_id")
+            .await
+            .first()
+            .map(String::as_str),
         Some("tides")
     );
 }

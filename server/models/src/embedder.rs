@@ -267,17 +267,7 @@ impl Embedder {
 
     /// The hand-written CPU encoder from `model.safetensors`.
     fn load_cpu(dir: &Path, cfg: &BertConfig, max_seq_len: usize) -> Result<Encoder> {
-        let path = dir.join("model.safetensors");
-        // SAFETY: the file is memory-mapped read-only and only while loading;
-        // the weights are copied (repacked) into the encoder.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }
-            .map_err(|e| model_err(format!("{}: {e}", path.display())))?;
-        // sentence-transformers checkpoints have no "bert." prefix; HF BertModel ones do.
-        let prefix = if st.get("embeddings.word_embeddings.weight").is_ok() {
-            ""
-        } else {
-            "bert."
-        };
+        let (st, prefix) = open_safetensors(dir)?;
         let dims = Dims {
             hidden: cfg.hidden_size,
             heads: cfg.num_attention_heads,
@@ -451,6 +441,22 @@ fn gpu_mean_pool(
     let flat = run().map_err(|e| model_err(format!("pooling on the GPU: {e}")))?;
     Ok(flat.chunks(dim).map(<[f32]>::to_vec).collect())
 }
+/// Memory-maps `dir/model.safetensors` and finds its tensor-name prefix: sentence-transformers
+/// checkpoints have none, HF `BertModel` ones have "bert.".
+fn open_safetensors(dir: &Path) -> Result<(candle_core::safetensors::MmapedSafetensors, &'static str)> {
+    let path = dir.join("model.safetensors");
+    // SAFETY: the file is memory-mapped read-only; the model files are not modified while the
+    // server runs (the registry owns them), and the CPU encoder copies its weights at load.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }
+        .map_err(|e| model_err(format!("{}: {e}", path.display())))?;
+    let prefix = if st.get("embeddings.word_embeddings.weight").is_ok() {
+        ""
+    } else {
+        "bert."
+    };
+    Ok((st, prefix))
+}
+
 /// Metric names the embedder records (the server's catalogue lists them).
 pub mod metric_names {
     /// Gauge: 1 while the embedding worker thread runs, 0 once it has exited.
@@ -797,7 +803,7 @@ mod candle_bert {
     use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
     use rayon::prelude::*;
 
-    use super::{model_err, BertConfig, Path, Result};
+    use super::{model_err, open_safetensors, BertConfig, Path, Result};
     use crate::encoder::gelu;
     use genai_kernels::cpu::activation::exp_fast;
 
@@ -888,17 +894,7 @@ mod candle_bert {
                     "config.json: hidden_size must be a multiple of num_attention_heads",
                 ));
             }
-            let path = dir.join("model.safetensors");
-            // SAFETY: the file is memory-mapped read-only; the model files are not
-            // modified while the server runs (the registry owns them).
-            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }
-                .map_err(|e| model_err(format!("{}: {e}", path.display())))?;
-            // sentence-transformers checkpoints have no "bert." prefix; HF BertModel ones do.
-            let prefix = if st.get("embeddings.word_embeddings.weight").is_ok() {
-                ""
-            } else {
-                "bert."
-            };
+            let (st, prefix) = open_safetensors(dir)?;
             let p = |n: &str| format!("{prefix}{n}");
             let load = |n: &str| st.load(&p(n), &device).map_err(model_err);
             let token_types = load("embeddings.token_type_embeddings.weight")?;

@@ -6,6 +6,10 @@
 //! own business (a remote backend has no tokenizer of ours). What it returns is a stream of
 //! backend-neutral events that ends after `Finished` or an error; dropping the stream cancels
 //! the generation.
+//!
+//! Tested through the pipeline's end-to-end tests (`tests/e2e/pipeline.rs`), which exercise the
+//! local backend with the real models; the prompt encoder it relies on has its own unit tests in
+//! `genai_models::prompt`.
 
 pub(crate) mod local;
 

@@ -11,6 +11,11 @@
 //! Invariants: nothing reaches a tokenizer or a queue before the limits passed; a stream always
 //! ends with `Finished` or an error (never silently); health is NOT_SERVING whenever the backend
 //! cannot serve, and "shutting down" is only ever said while draining.
+//!
+//! Tested: the limits and the context have unit tests (`limits`, `context`); the whole path runs
+//! through the real binary in `tests/e2e/pipeline.rs` (floods refused on both doors before any
+//! tokenization, tenant-scoped prefix cache, control tokens kept as text, unsupported fields,
+//! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING).
 
 pub(crate) mod context;
 pub(crate) mod limits;

@@ -137,28 +137,35 @@ impl Knowledge for KnowledgeGrpc {
     ) -> Result<tonic::Response<pb::IngestResponse>, Status> {
         let mut stream = req.into_inner();
         let mut results = Vec::new();
-        let mut group = Vec::with_capacity(STREAM_GROUP);
         let mut seen = 0usize;
-        // Ingest in groups as documents arrive: memory stays bounded by the group.
-        while let Some(msg) = stream.next().await {
-            let msg = msg?;
-            let doc = msg.document.ok_or_else(|| {
-                to_status(RetrievalError::invalid(
-                    format!("messages[{seen}].document"),
-                    "is required",
-                ))
-            })?;
-            let d = doc_from_pb(seen, doc).map_err(to_status)?;
-            // Errors name the position in the stream, not in the group.
-            validate_in_stream(&d, seen)?;
-            group.push(d);
-            seen += 1;
-            if group.len() == STREAM_GROUP {
-                results.extend(self.svc.ingest(std::mem::take(&mut group)).await.map_err(to_status)?);
+        let outcome = async {
+            let mut group = Vec::with_capacity(STREAM_GROUP);
+            // Ingest in groups as documents arrive: memory stays bounded by the group.
+            while let Some(msg) = stream.next().await {
+                let msg = msg?;
+                let doc = msg.document.ok_or_else(|| {
+                    to_status(RetrievalError::invalid(
+                        format!("messages[{seen}].document"),
+                        "is required",
+                    ))
+                })?;
+                let d = doc_from_pb(seen, doc).map_err(to_status)?;
+                // Errors name the position in the stream, not in the group.
+                validate_in_stream(&d, seen)?;
+                group.push(d);
+                seen += 1;
+                if group.len() == STREAM_GROUP {
+                    results.extend(self.svc.ingest(std::mem::take(&mut group)).await.map_err(to_status)?);
+                }
             }
+            if !group.is_empty() {
+                results.extend(self.svc.ingest(group).await.map_err(to_status)?);
+            }
+            Ok::<_, Status>(())
         }
-        if !group.is_empty() {
-            results.extend(self.svc.ingest(group).await.map_err(to_status)?);
+        .await;
+        if let Err(e) = outcome {
+            return Err(partial_ingest_error(e, results.len()));
         }
         if seen == 0 {
             return Err(to_status(RetrievalError::invalid(
@@ -215,6 +222,22 @@ impl Knowledge for KnowledgeGrpc {
 
 /// Stream documents are validated one by one by the service with index 0:
 /// check the required fields here so the error names the stream position.
+/// An `IngestStream` that failed after some groups were stored says how many, in the message and
+/// in the `genai-ingested-documents` trailer: re-sending them is harmless (unchanged documents are
+/// skipped), but the client must know they landed.
+fn partial_ingest_error(e: Status, ingested: usize) -> Status {
+    if ingested == 0 {
+        return e;
+    }
+    let msg = format!(
+        "{}; the {ingested} documents before it were ingested (re-sending them is harmless: unchanged documents are skipped)",
+        e.message()
+    );
+    let mut s = Status::new(e.code(), msg);
+    s.metadata_mut().insert("genai-ingested-documents", ingested.into());
+    s
+}
+
 fn validate_in_stream(d: &DocumentInput, i: usize) -> Result<(), Status> {
     if d.id.trim().is_empty() {
         return Err(to_status(RetrievalError::invalid(
@@ -544,6 +567,27 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(r.results.len(), 40, "two groups of the stream");
+        // A bad document after the first group: the error says the group before it landed.
+        let mut bad: Vec<pb::IngestStreamRequest> = (0..35)
+            .map(|i| pb::IngestStreamRequest {
+                document: Some(pb::Document {
+                    id: format!("p{i}"),
+                    tenant: "partial".into(),
+                    content: format!("Partial document {i}."),
+                    ..Default::default()
+                }),
+            })
+            .collect();
+        bad[34].document.as_mut().unwrap().content.clear();
+        let e = client.ingest_stream(futures::stream::iter(bad)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("documents[34].content"), "{}", e.message());
+        assert!(
+            e.message().contains("the 32 documents before it were ingested"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(e.metadata().get("genai-ingested-documents").unwrap(), "32");
         assert!(r
             .results
             .iter()
@@ -590,7 +634,8 @@ mod tests {
             .into_inner();
         assert_eq!(n.chunks_removed, 1);
         let s = client.stats(pb::StatsRequest {}).await.unwrap().into_inner();
-        assert_eq!((s.documents, s.chunks, s.dimension), (39, 39, 384));
+        // 39 left of the first stream, 32 of the partial one.
+        assert_eq!((s.documents, s.chunks, s.dimension), (39 + 32, 39 + 32, 384));
         assert_eq!(s.embedding_model, "all-minilm-l6-v2");
         server.abort();
     }

@@ -269,7 +269,7 @@ impl Inference for InferenceService {
                 format!("unknown ChatMode value {}", req.get_ref().mode),
             )),
         };
-        let label = route.as_ref().map_or("chat", |r| r.label(false));
+        let label = route.as_ref().map_or("chat", |r| r.label());
         let obs = self.observer(&req, "Chat", label);
         let ctx = RequestContext::of(req.extensions());
         let r = req.into_inner();

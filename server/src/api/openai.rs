@@ -358,13 +358,7 @@ pub async fn chat_completions(
         .as_ref()
         .is_ok_and(|v| v.get("mode").and_then(Value::as_str) == Some("rag"));
     let route = if rag { Route::Rag } else { Route::Chat };
-    let obs = observer(
-        &state,
-        "http",
-        "/v1/chat/completions",
-        route.label(false),
-        ctx.as_ref().ok(),
-    );
+    let obs = observer(&state, "http", "/v1/chat/completions", route.label(), ctx.as_ref().ok());
     generate(&state, ctx, parsed.and_then(|v| decode_chat(&v)), obs).await
 }
 

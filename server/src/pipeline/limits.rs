@@ -98,11 +98,14 @@ impl Limits {
         Ok(())
     }
 
-    /// Embeddings inputs already decoded (gRPC): count first, then each input's length.
+    /// Embeddings inputs already decoded (gRPC): count (at least one), then each input's length.
     pub(crate) fn check_inputs(&self, texts: &[String]) -> Result<(), ApiError> {
         let l = &self.0;
         if texts.len() > l.max_embedding_inputs {
             return Err(too_many_inputs(texts.len(), l.max_embedding_inputs));
+        }
+        if texts.is_empty() {
+            return Err(no_inputs());
         }
         texts.iter().enumerate().try_for_each(|(i, t)| self.check_input(i, t))
     }
@@ -146,6 +149,10 @@ impl Limits {
 
 fn too_long(field: &str, got: usize, max: usize, key: &str) -> ApiError {
     ApiError::invalid(field, format!("{got} bytes; at most {max} ({key})"))
+}
+
+fn no_inputs() -> ApiError {
+    ApiError::invalid("input", "at least one input is required")
 }
 
 fn too_many_inputs(got: usize, max: usize) -> ApiError {
@@ -201,7 +208,7 @@ impl<'de> Visitor<'de> for Inputs<'_> {
             out.push(s.into_owned());
         }
         if out.is_empty() {
-            return Err(self.fail(ApiError::invalid("input", "at least one input is required")));
+            return Err(self.fail(no_inputs()));
         }
         Ok(out)
     }

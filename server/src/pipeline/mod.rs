@@ -57,12 +57,12 @@ pub(crate) enum Route {
 }
 
 impl Route {
-    /// The `route` label of metrics and the request log.
-    pub(crate) fn label(self, prompt_is_text: bool) -> &'static str {
-        match (self, prompt_is_text) {
-            (_, true) => "completion",
-            (Route::Chat, false) => "chat",
-            (Route::Rag, false) => "rag",
+    /// The `route` label of a chat request in metrics and the request log (completions are
+    /// labelled "completion").
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Route::Chat => "chat",
+            Route::Rag => "rag",
         }
     }
 }
@@ -255,9 +255,6 @@ impl Pipeline {
         texts: Vec<String>,
     ) -> Result<(String, Embeddings), ApiError> {
         self.limits.check_inputs(&texts)?;
-        if texts.is_empty() {
-            return Err(ApiError::invalid("input", "at least one input is required"));
-        }
         let backend = self.serving()?;
         let name = backend.embedding_model().unwrap_or_default().to_owned();
         if !(model.is_empty() || model == name) {

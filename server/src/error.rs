@@ -31,6 +31,27 @@ pub enum ApiError {
     Unavailable(String),
     /// The request's deadline passed.
     DeadlineExceeded,
+    /// No API key, or one that is unknown or revoked.
+    Unauthenticated(String),
+    /// The key is valid but lacks `scope`.
+    PermissionDenied {
+        scope: String,
+        message: String,
+    },
+    /// A per-tenant limit (`limit` names it: `requests_per_minute`, `budget_usd`, ...) is
+    /// exhausted; `headers` are the `x-ratelimit-*` pairs both doors send back.
+    RateLimited {
+        limit: String,
+        message: String,
+        retry_after: Duration,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// A safety stage blocked the request (`stage`, `reason`: stable codes, never the matched
+    /// text).
+    ContentFiltered {
+        stage: String,
+        reason: String,
+    },
     Internal(String),
 }
 
@@ -54,6 +75,10 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ContentFiltered { .. } => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,7 +93,15 @@ impl ApiError {
                     retry_after.as_secs().max(1)
                 )
             }
-            ApiError::NotFound(m) | ApiError::Unavailable(m) | ApiError::Internal(m) => m.clone(),
+            ApiError::NotFound(m)
+            | ApiError::Unavailable(m)
+            | ApiError::Internal(m)
+            | ApiError::Unauthenticated(m)
+            | ApiError::PermissionDenied { message: m, .. }
+            | ApiError::RateLimited { message: m, .. } => m.clone(),
+            ApiError::ContentFiltered { stage, reason } => {
+                format!("the request was blocked by the {stage} safety stage (reason: {reason})")
+            }
             ApiError::DeadlineExceeded => "deadline exceeded".into(),
         }
     }

@@ -196,6 +196,9 @@ pub struct PositionLogprobs {
 pub enum FinishReason {
     Stop,
     Length,
+    /// Never produced by the engine: the server's output scanner ended the stream (OpenAI's
+    /// `content_filter`).
+    ContentFilter,
 }
 
 impl FinishReason {
@@ -203,6 +206,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
         }
     }
 }

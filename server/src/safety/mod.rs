@@ -37,8 +37,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::pipeline::Prompt;
 
-pub(crate) const VERDICTS_METRIC: &str = "genai_safety_verdicts_total";
-
 /// An action as config spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -508,7 +506,7 @@ pub(crate) fn record(flags: &Flags, label: &str, verdicts: &[Verdict]) {
     let mut f = flags.lock().unwrap_or_else(PoisonError::into_inner);
     let mut summary = Vec::new();
     for ((verdict, reason), n) in counts {
-        metrics::counter!(VERDICTS_METRIC, "stage" => label.to_owned(), "verdict" => verdict, "reason" => reason)
+        metrics::counter!(crate::ops::metrics::SAFETY_VERDICTS, "stage" => label.to_owned(), "verdict" => verdict, "reason" => reason)
             .increment(n);
         let flag = format!("{label}:{verdict}:{reason}");
         if !f.contains(&flag) {
@@ -562,7 +560,7 @@ mod tests {
         assert_eq!(out.action(Entity::Email), Action::Block);
         assert_eq!(out.action(Entity::Phone), Action::Allow);
         assert_eq!(out.action(Entity::PrivateKey), Action::Block);
-        assert_eq!(c.policy("other").output_pii.unwrap().action(Entity::Email), Action::Redact);
+        assert_eq!(c.policy("other").output_pii.as_ref().unwrap().action(Entity::Email), Action::Redact);
         let off = chain("enabled = false");
         let p = off.policy("x");
         assert!(p.input_pii.is_none() && p.output_pii.is_none() && p.injection.is_none());

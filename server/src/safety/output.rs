@@ -288,9 +288,11 @@ mod tests {
             out.last(),
             Some(&EngineEvent::Finished {
                 reason: FinishReason::ContentFilter,
+                // The address is complete once the byte after it arrives (token 5): five
+                // tokens were generated when the stream ended.
                 usage: Usage {
                     prompt_tokens: 7,
-                    completion_tokens: 4,
+                    completion_tokens: 5,
                     cached_prompt_tokens: 0
                 }
             })

@@ -29,7 +29,10 @@ fn repeat_prompt() -> String {
 /// `nossn` (an SSN in the input blocks).
 async fn server(log_dir: &Path) -> Server {
     Server::builder()
-        .env("GENAI_LOG__LEVEL", "debug,genai_engine=info,h2=info,hyper=info,tower=info")
+        .env(
+            "GENAI_LOG__LEVEL",
+            "debug,genai_engine=info,h2=info,hyper=info,tower=info",
+        )
         .env("GENAI_OPS__REQUEST_LOG__ENABLED", "true")
         .env("GENAI_OPS__REQUEST_LOG__TEXT_MODE", "raw")
         .env("GENAI_OPS__REQUEST_LOG__DIR", log_dir.to_str().unwrap())
@@ -63,10 +66,7 @@ async fn sse_completion(server: &Server, tenant: &str, body: Value) -> Vec<Value
 }
 
 fn frames_text(frames: &[Value]) -> String {
-    frames
-        .iter()
-        .filter_map(|f| f["choices"][0]["text"].as_str())
-        .collect()
+    frames.iter().filter_map(|f| f["choices"][0]["text"].as_str()).collect()
 }
 
 fn repeat_body() -> Value {
@@ -156,7 +156,10 @@ async fn input_pii_never_reaches_the_model_the_logs_or_the_request_log() {
     let lines = request_log(dir.path(), 3).await;
     for line in &lines {
         let prompt = line["prompt"].as_str().unwrap();
-        assert!(prompt.contains("[EMAIL_1]") && prompt.contains("[CREDIT_CARD_1]"), "{prompt}");
+        assert!(
+            prompt.contains("[EMAIL_1]") && prompt.contains("[CREDIT_CARD_1]"),
+            "{prompt}"
+        );
         let flags: Vec<&str> = line["safety_flags"]
             .as_array()
             .unwrap()
@@ -201,7 +204,10 @@ async fn model_emitted_pii_is_redacted_in_every_sse_frame() {
         }
     }
     let text = frames_text(&frames);
-    assert_eq!(text.trim(), "Write to [EMAIL_1] or call [PHONE_1]; card [CREDIT_CARD_1].");
+    assert_eq!(
+        text.trim(),
+        "Write to [EMAIL_1] or call [PHONE_1]; card [CREDIT_CARD_1]."
+    );
     let last = frames.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "stop");
     assert!(verdicts(&server, "output_pii", "redact", "phone").await >= 1.0);
@@ -263,7 +269,10 @@ print("ok", repr(text), usage)
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(verdicts(&server, "output_pii", "block", "email").await >= 1.0);
-    assert!(server.wait_kv_blocks_freed().await == 0.0, "the blocked generation was cancelled");
+    assert!(
+        server.wait_kv_blocks_freed().await == 0.0,
+        "the blocked generation was cancelled"
+    );
 }
 
 /// (d) gRPC: the blocked stream ends OK with `finish_reason = "content_filter"`, exact usage, and
@@ -296,7 +305,10 @@ async fn grpc_content_filter_and_blocked_inputs() {
     assert_eq!(last.finish_reason, "content_filter");
     assert_eq!(text.trim(), "Write to");
     let usage = last.usage.unwrap();
-    assert!(usage.completion_tokens as usize > ids, "the address's tokens count but are not sent");
+    assert!(
+        usage.completion_tokens as usize > ids,
+        "the address's tokens count but are not sent"
+    );
     let trailers = s.trailers().await.unwrap().expect("trailers");
     assert_eq!(trailers.get("genai-safety-reason").unwrap(), "email");
     assert_eq!(trailers.get("genai-safety-stage").unwrap(), "output_pii");

@@ -214,6 +214,7 @@ mod tests {
         let flags: Flags = Default::default();
         let scan = chain
             .scan_input("t", &mut Prompt::Text("hi".into()), flags.clone())
+            .await
             .unwrap();
         let (s, outcome) = scan.output(Box::pin(futures::stream::iter(events)), 7);
         let out = s.map(|e| e.unwrap()).collect().await;

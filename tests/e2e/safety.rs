@@ -25,8 +25,8 @@ fn repeat_prompt() -> String {
 
 /// One server for the safety tests: raw text in the request log, debug logs, and tenants
 /// `raw` (input scanning off, so the prompt's values reach the model and it emits them),
-/// `open` (no scanning at all: the control), `strict` (an email in the output blocks) and
-/// `nossn` (an SSN in the input blocks).
+/// `open` (no scanning at all: the control), `strict` (an email in the output blocks),
+/// `nossn` (an SSN in the input blocks) and `restore` (the caller's values come back).
 async fn server(log_dir: &Path) -> Server {
     Server::builder()
         .env(
@@ -42,6 +42,7 @@ async fn server(log_dir: &Path) -> Server {
         .env("GENAI_SAFETY__TENANTS__STRICT__INPUT_PII", "false")
         .env("GENAI_SAFETY__TENANTS__STRICT__OUTPUT_ACTIONS__EMAIL", "block")
         .env("GENAI_SAFETY__TENANTS__NOSSN__INPUT_ACTIONS__US_SSN", "block")
+        .env("GENAI_SAFETY__TENANTS__RESTORE__RESTORE_PII", "true")
         .start()
         .await
 }
@@ -224,6 +225,21 @@ async fn model_emitted_pii_is_redacted_in_every_sse_frame() {
         .contains(&json!("output_pii:redact:credit_card")));
 }
 
+/// The restore policy: the model only ever sees placeholders, the caller gets their own values
+/// back where the answer echoes them.
+#[tokio::test]
+async fn restore_policy_returns_the_callers_own_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path()).await;
+    let frames = sse_completion(&server, "restore", repeat_body()).await;
+    let text = frames_text(&frames);
+    assert!(text.contains(EMAIL) && text.contains(CARD), "{text:?}");
+    assert!(!text.contains("[EMAIL_1]"), "{text:?}");
+    let lines = request_log(dir.path(), 1).await;
+    let prompt = lines[0]["prompt"].as_str().unwrap();
+    assert!(prompt.contains("[EMAIL_1]") && !prompt.contains(EMAIL), "{prompt}");
+}
+
 /// (c) A policy that blocks emails in the output: the official openai client streams the text
 /// before the address and then sees `finish_reason == "content_filter"` with the reason.
 #[tokio::test]
@@ -276,10 +292,10 @@ print("ok", repr(text), usage)
 }
 
 /// (d) gRPC: the blocked stream ends OK with `finish_reason = "content_filter"`, exact usage, and
-/// the stage and reason in the trailers; (e) a blocked input is INVALID_ARGUMENT on gRPC and
-/// 400 `content_filter` on HTTP, with the reason.
+/// the stage and reason in the trailers; the same on a plain (not streamed) HTTP answer; (e) a
+/// blocked input is INVALID_ARGUMENT on gRPC and 400 `content_filter` on HTTP, with the reason.
 #[tokio::test]
-async fn grpc_content_filter_and_blocked_inputs() {
+async fn content_filter_on_grpc_and_plain_http_and_blocked_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(dir.path()).await;
     let mut client = InferenceClient::new(server.channel().await);
@@ -312,6 +328,19 @@ async fn grpc_content_filter_and_blocked_inputs() {
     let trailers = s.trailers().await.unwrap().expect("trailers");
     assert_eq!(trailers.get("genai-safety-reason").unwrap(), "email");
     assert_eq!(trailers.get("genai-safety-stage").unwrap(), "output_pii");
+
+    let resp = reqwest::Client::new()
+        .post(server.http_url("/v1/completions"))
+        .header("x-tenant-id", "strict")
+        .json(&json!({"prompt": repeat_prompt(), "max_tokens": 60, "temperature": 0, "stop": ["\n"]}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "content_filter", "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap().trim(), "Write to");
+    assert_eq!(v["safety"], json!({"stage": "output_pii", "reason": "email"}));
+    assert_eq!(v["usage"]["completion_tokens"], usage.completion_tokens);
 
     let mut req = tonic::Request::new(pb::GenerateRequest {
         prompt: "My SSN is 536-22-1234, remember it.".into(),

@@ -17,8 +17,9 @@
 //!
 //! Long secrets (JWTs, `sk-…` keys, `github_pat_…` tokens, PEM private-key blocks) are matched on
 //! a distinctive prefix; once the prefix validates, the rest of the token (its base64url run, or
-//! the PEM block up to its `-----END … -----` line) is swallowed into the same span without being
-//! held back as a pending candidate.
+//! the PEM block up to its `-----END … -----` line, or to the first byte a PEM body cannot hold
+//! when the END line never comes) is swallowed into the same span without being held back as a
+//! pending candidate.
 //!
 //! Placeholders are `[<LABEL>_<n>]`, numbered per entity type in order of appearance and stable
 //! within a request through the [`Vault`]: the same value always gets the same placeholder.

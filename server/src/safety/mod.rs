@@ -338,7 +338,8 @@ impl SafetyChain {
     pub(crate) fn describe(&self) -> String {
         let mut s = self.default.describe();
         if !self.tenants.is_empty() {
-            let names: Vec<&str> = self.tenants.keys().map(String::as_str).collect();
+            let mut names: Vec<&str> = self.tenants.keys().map(String::as_str).collect();
+            names.sort_unstable();
             s.push_str(&format!(" tenant_overrides={}", names.join(",")));
         }
         let stages: Vec<&str> = self.detectors.iter().map(|d| d.stage().as_str()).collect();
@@ -491,6 +492,15 @@ pub(crate) struct InputScan {
     vault: Vault,
     flags: Flags,
     pending: Option<tokio::task::JoinHandle<Vec<(Stage, Verdict, ClassifierStage)>>>,
+}
+
+/// A request that ends before its classifiers answered (refused, failed, client gone) stops them.
+impl Drop for InputScan {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pending {
+            p.abort();
+        }
+    }
 }
 
 /// Texts larger than this in total are redacted on the blocking pool (~1 ms of scanning), not on

@@ -66,15 +66,15 @@ struct Scan {
 impl InputScan {
     /// Wraps `events` with the output stage (unchanged when the tenant's policy turns it off).
     /// `prompt_tokens`: the prompt's length, for exact usage when a block ends the stream early.
-    pub(crate) fn output(self, events: EventStream, prompt_tokens: u32) -> (EventStream, Outcome) {
+    pub(crate) fn output(mut self, events: EventStream, prompt_tokens: u32) -> (EventStream, Outcome) {
         let outcome = Outcome::default();
         let Some(policy) = self.policy.output_pii.clone() else {
             return (events, outcome);
         };
         let scan = Scan {
             events,
-            scanner: StreamScanner::new(self.rec, policy, self.vault),
-            flags: self.flags,
+            scanner: StreamScanner::new(self.rec.clone(), policy, std::mem::take(&mut self.vault)),
+            flags: self.flags.clone(),
             outcome: outcome.clone(),
             pending: VecDeque::new(),
             hidden: Vec::new(),

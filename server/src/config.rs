@@ -13,6 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::AuthConfig;
 pub use genai_engine::EngineConfig;
 pub use genai_models::config::{Device, EmbeddingConfig, ModelsConfig};
 pub use genai_retrieval::config::{IndexConfig, RagConfig};
@@ -50,6 +51,9 @@ pub struct Config {
     /// Hard per-request limits, checked before any tokenization.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// API keys (`crate::auth`).
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// `[limits]`: what one request may ask for. Checked on the raw request, before tokenization,
@@ -106,6 +110,10 @@ pub struct ServerConfig {
     pub keepalive_interval_secs: u64,
     /// HTTP/2 keepalive ping timeout (gRPC), seconds.
     pub keepalive_timeout_secs: u64,
+    /// Serve `/metrics` on this address instead of `http_addr`, without authentication (for a
+    /// network only the scraper reaches). Unset: `/metrics` is on `http_addr`, behind the
+    /// `metrics` scope once API keys exist.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -117,6 +125,7 @@ impl Default for ServerConfig {
             drain_timeout_secs: 30,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 10,
+            metrics_addr: None,
         }
     }
 }

@@ -29,6 +29,13 @@ use genai_retrieval::rag::RagPipeline;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_listener = bind(config.server.grpc_addr, "server.grpc_addr", "--grpc-addr").await?;
     let http_listener = bind(config.server.http_addr, "server.http_addr", "--http-addr").await?;
+    let metrics_listener = match config.server.metrics_addr {
+        Some(addr) => Some(bind(addr, "server.metrics_addr", "GENAI_SERVER__METRICS_ADDR").await?),
+        None => None,
+    };
+    // Keys before anything loads: a keys file that cannot be read stops the start-up.
+    let auth = crate::auth::Authenticator::open(&config.auth)?;
+    auth.watch()?;
     let drain = Duration::from_secs(config.server.drain_timeout_secs);
     // Cheap checks of every model file first: a missing or corrupt file fails before anything loads.
     let files = registry::locate(&config.models)?;
@@ -41,7 +48,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let rag = RagPipeline::new(knowledge.clone(), &config.rag)?;
     let (limits, default_max) = (Limits::new(config.limits.clone()), config.engine.default_max_tokens);
-    let state = AppState::new(config, ops, knowledge, |draining| {
+    let state = AppState::new(config, ops, knowledge, auth, |draining| {
         Pipeline::new(limits, rag, draining, default_max)
     });
     tokio::spawn(latency.run(Duration::from_secs(5)));
@@ -54,7 +61,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grpc = tokio::spawn(api::grpc::serve(state.clone(), grpc_listener, shutdown_rx.clone()));
-    let http = tokio::spawn(api::http::serve(state.clone(), http_listener, shutdown_rx));
+    let http = tokio::spawn(api::http::serve(state.clone(), http_listener, shutdown_rx.clone()));
+    if let Some(l) = metrics_listener {
+        tracing::info!(metrics = %l.local_addr()?, "serving /metrics on its own listener, without authentication");
+        tokio::spawn(api::http::serve_metrics(state.clone(), l, shutdown_rx));
+    }
 
     let load_state = state.clone();
     let load = tokio::task::spawn_blocking(move || load_models(&load_state, files));

@@ -106,6 +106,10 @@ pub struct IngestArgs {
     /// instead of opening the index, which the server holds.
     #[arg(long, value_name = "URL", conflicts_with = "index_dir")]
     pub server: Option<String>,
+    /// API key for `--server` when it has keys (needs the `knowledge:write` scope; the documents go
+    /// to the key's tenant). Read from GENAI_API_KEY when unset, so it stays out of `ps`.
+    #[arg(long, value_name = "KEY", env = "GENAI_API_KEY", hide_env_values = true, requires = "server")]
+    pub api_key: Option<String>,
     /// No progress bar (logs and CI).
     #[arg(long)]
     pub quiet: bool,

@@ -434,13 +434,6 @@ mod tests {
     use genai_retrieval::test_support::service;
     use tower::ServiceExt;
 
-    /// The context layer in open mode (no keys file): tenant fields work as named.
-    fn open_context() -> crate::pipeline::context::ContextLayer {
-        let dir = tempfile::tempdir().unwrap();
-        let auth = crate::auth::Authenticator::load(&dir.path().join("keys.json")).unwrap();
-        crate::pipeline::context::layer(auth)
-    }
-
     async fn call(
         app: &Router,
         method: &str,
@@ -469,7 +462,7 @@ mod tests {
             dir: tmp.path().to_path_buf(),
             ..Default::default()
         }));
-        let app = router(svc).layer(open_context());
+        let app = router(svc).layer(crate::pipeline::context::open_layer());
         let docs = json!({"documents": [
             {"id": "tides", "tenant": "a", "source": "tides.md", "tags": ["sea"],
              "content": "# Tides\nThe Moon's gravity raises two tidal bulges in the oceans."},
@@ -563,7 +556,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .layer(open_context())
+                .layer(crate::pipeline::context::open_layer())
                 .add_service(grpc_service(svc, 4 << 20))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );

@@ -205,6 +205,19 @@ pub(crate) fn layer(auth: Arc<Authenticator>) -> ContextLayer {
     ContextLayer { auth }
 }
 
+/// The layer of a server without keys (open mode), for tests of handlers that read the context.
+#[cfg(test)]
+pub(crate) fn open_layer() -> ContextLayer {
+    layer(open_auth())
+}
+
+/// An authenticator whose keys file does not exist: open mode.
+#[cfg(test)]
+fn open_auth() -> Arc<Authenticator> {
+    let none = std::env::temp_dir().join(format!("genai-no-keys-{}/keys.json", uuid::Uuid::new_v4()));
+    Authenticator::load(&none).expect("a missing keys file is open mode")
+}
+
 #[derive(Clone)]
 pub(crate) struct ContextLayer {
     auth: Arc<Authenticator>,
@@ -323,9 +336,7 @@ mod tests {
 
     /// Open mode: no keys file.
     async fn call(headers: &[(&str, &str)]) -> (u16, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let auth = Authenticator::load(&dir.path().join("keys.json")).unwrap();
-        call_with(auth, "/v1/models", headers).await
+        call_with(open_auth(), "/v1/models", headers).await
     }
 
     #[tokio::test]

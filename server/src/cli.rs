@@ -108,7 +108,13 @@ pub struct IngestArgs {
     pub server: Option<String>,
     /// API key for `--server` when it has keys (needs the `knowledge:write` scope; the documents go
     /// to the key's tenant). Read from GENAI_API_KEY when unset, so it stays out of `ps`.
-    #[arg(long, value_name = "KEY", env = "GENAI_API_KEY", hide_env_values = true, requires = "server")]
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "GENAI_API_KEY",
+        hide_env_values = true,
+        requires = "server"
+    )]
     pub api_key: Option<String>,
     /// No progress bar (logs and CI).
     #[arg(long)]

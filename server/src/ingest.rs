@@ -170,11 +170,7 @@ async fn ingest_remote(
         Ok(pb::IngestStatus::Unchanged) => IngestStatus::Unchanged,
         _ => IngestStatus::Added,
     });
-    Ok(summary(
-        statuses,
-        &format!("the server at {url}"),
-        totals,
-    ))
+    Ok(summary(statuses, &format!("the server at {url}"), totals))
 }
 
 /// Reads the files (off the async workers) into stream messages; returns how many were sent and

@@ -105,11 +105,24 @@ fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
 #[test]
 fn keys_add_prints_the_key_once_and_stores_only_its_hash() {
     let keys = Keys::new();
-    let out = keys.cli(&["add", "--tenant", "acme", "--scope", "infer", "--scope", "knowledge:write", "--name", "ci"]);
+    let out = keys.cli(&[
+        "add",
+        "--tenant",
+        "acme",
+        "--scope",
+        "infer",
+        "--scope",
+        "knowledge:write",
+        "--name",
+        "ci",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let key = stdout.lines().last().unwrap();
-    assert!(key.starts_with("gf_") && key.len() > 50, "the key is the last line: {stdout}");
+    assert!(
+        key.starts_with("gf_") && key.len() > 50,
+        "the key is the last line: {stdout}"
+    );
     assert_eq!(stdout.matches(key).count(), 1, "printed once: {stdout}");
     let other = keys.add("globex", &[]);
 
@@ -123,13 +136,23 @@ fn keys_add_prints_the_key_once_and_stores_only_its_hash() {
     let stored: Value = serde_json::from_str(&std::fs::read_to_string(&keys.path).unwrap()).unwrap();
     assert_eq!(stored["keys"][0]["id"], id_of(key));
     assert_eq!(stored["keys"][0]["scopes"], json!(["infer", "knowledge:write"]));
-    assert_eq!(stored["keys"][1]["scopes"], json!(["infer"]), "infer is the default scope");
+    assert_eq!(
+        stored["keys"][1]["scopes"],
+        json!(["infer"]),
+        "infer is the default scope"
+    );
 
     let list = keys.cli(&["list"]);
     let text = String::from_utf8(list.stdout).unwrap();
     assert!(list.status.success());
-    assert!(text.contains(id_of(key)) && text.contains("acme") && text.contains("knowledge:write"), "{text}");
-    assert!(!text.contains(key) && !text.contains(stored["keys"][0]["hash"].as_str().unwrap()), "{text}");
+    assert!(
+        text.contains(id_of(key)) && text.contains("acme") && text.contains("knowledge:write"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(key) && !text.contains(stored["keys"][0]["hash"].as_str().unwrap()),
+        "{text}"
+    );
 
     let revoke = keys.cli(&["revoke", id_of(key)]);
     assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
@@ -141,7 +164,10 @@ fn keys_add_prints_the_key_once_and_stores_only_its_hash() {
     let before = std::fs::read_to_string(&keys.path).unwrap();
     let out = keys.cli(&["add", "--tenant", "acme", "--scope", "write"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("unknown scope \"write\"") && err.contains("knowledge:write"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("unknown scope \"write\"") && err.contains("knowledge:write"),
+        "{err}"
+    );
     let out = keys.cli(&["add", "--tenant", "acme corp"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--tenant"), "{err}");
@@ -180,15 +206,29 @@ async fn missing_wrong_revoked_keys_and_missing_scopes_are_refused_on_both_doors
     let (status, _, v) = http(&server, "POST", "/v1/knowledge/documents", Some(&infer), &[], Some(doc)).await;
     assert_eq!(status, 403, "{v}");
     assert_eq!(v["error"]["code"], "insufficient_permissions", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("knowledge:write"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("knowledge:write"),
+        "{v}"
+    );
     assert_eq!(http(&server, "GET", "/metrics", Some(&infer), &[], None).await.0, 403);
     assert_eq!(http(&server, "GET", "/metrics", None, &[], None).await.0, 401);
     let (status, _, body) = http(&server, "GET", "/metrics", Some(&metrics), &[], None).await;
     assert_eq!(status, 200);
     assert!(body.as_str().unwrap().contains("genai_build_info"), "{body}");
-    assert_eq!(http(&server, "GET", "/v1/models", Some(&metrics), &[], None).await.0, 403);
+    assert_eq!(
+        http(&server, "GET", "/v1/models", Some(&metrics), &[], None).await.0,
+        403
+    );
     // The header cannot switch tenants.
-    let (status, _, v) = http(&server, "GET", "/v1/models", Some(&infer), &[("x-tenant-id", "globex")], None).await;
+    let (status, _, v) = http(
+        &server,
+        "GET",
+        "/v1/models",
+        Some(&infer),
+        &[("x-tenant-id", "globex")],
+        None,
+    )
+    .await;
     assert_eq!(status, 403, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("x-tenant-id"), "{v}");
 
@@ -234,7 +274,10 @@ async fn missing_wrong_revoked_keys_and_missing_scopes_are_refused_on_both_doors
         .unwrap();
 
     // Revoked through the real CLI while the server runs: refused within the reload interval.
-    assert_eq!(http(&server, "GET", "/v1/models", Some(&revoked), &[], None).await.0, 200);
+    assert_eq!(
+        http(&server, "GET", "/v1/models", Some(&revoked), &[], None).await.0,
+        200
+    );
     let out = keys.cli(&["revoke", id_of(&revoked)]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut status = 200;
@@ -252,11 +295,18 @@ async fn missing_wrong_revoked_keys_and_missing_scopes_are_refused_on_both_doors
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     assert!(e.message().contains("revoked"), "{}", e.message());
-    assert_eq!(http(&server, "GET", "/v1/models", Some(&infer), &[], None).await.0, 200, "others still pass");
+    assert_eq!(
+        http(&server, "GET", "/v1/models", Some(&infer), &[], None).await.0,
+        200,
+        "others still pass"
+    );
 
     // The audit log names ids and reasons, never a key.
     let logs = server.logs();
-    assert!(logs.contains("authentication failed") && logs.contains(id_of(&revoked)), "{logs}");
+    assert!(
+        logs.contains("authentication failed") && logs.contains(id_of(&revoked)),
+        "{logs}"
+    );
     for k in [&infer, &revoked, &metrics, &wrong] {
         assert!(!logs.contains(&k[16..]), "a key's secret is in the log");
     }
@@ -335,7 +385,10 @@ async fn one_tenants_key_cannot_search_rag_or_delete_anothers_documents() {
     ingest(
         &server,
         &acme,
-        &[("zephyr", "The launch code of project Zephyr is AZURE-FALCON-7. Only acme staff know it.")],
+        &[(
+            "zephyr",
+            "The launch code of project Zephyr is AZURE-FALCON-7. Only acme staff know it.",
+        )],
     )
     .await;
     ingest(
@@ -407,7 +460,15 @@ async fn one_tenants_key_cannot_search_rag_or_delete_anothers_documents() {
     assert!(b.iter().all(|c| !c.starts_with("zephyr")), "{b:?}");
 
     // Delete: globex cannot remove acme's document (404 / NOT_FOUND), on either door.
-    let (status, _, v) = http(&server, "DELETE", "/v1/knowledge/documents/zephyr", Some(&globex), &[], None).await;
+    let (status, _, v) = http(
+        &server,
+        "DELETE",
+        "/v1/knowledge/documents/zephyr",
+        Some(&globex),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(status, 404, "{v}");
     let (status, _, v) = http(
         &server,
@@ -430,7 +491,11 @@ async fn one_tenants_key_cannot_search_rag_or_delete_anothers_documents() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
-    assert_eq!(search_ids(&server, &acme, question).await, vec!["zephyr"], "still there");
+    assert_eq!(
+        search_ids(&server, &acme, question).await,
+        vec!["zephyr"],
+        "still there"
+    );
 
     // `genai-factory ingest --server` with acme's key (from GENAI_API_KEY) lands in acme only;
     // without a key the server refuses it.
@@ -445,7 +510,10 @@ async fn one_tenants_key_cannot_search_rag_or_delete_anothers_documents() {
     let out = run_to_exit(&args, &[("GENAI_API_KEY", acme.as_str())], Duration::from_secs(60));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("1 added") && stdout.contains("metrics scope"), "{stdout}");
+    assert!(
+        stdout.contains("1 added") && stdout.contains("metrics scope"),
+        "{stdout}"
+    );
     let orbit = "Which moon does the Zephyr probe orbit?";
     let id = file.canonicalize().unwrap().display().to_string();
     assert!(search_ids(&server, &acme, orbit).await.contains(&id));
@@ -461,11 +529,25 @@ async fn one_tenants_key_cannot_search_rag_or_delete_anothers_documents() {
         Some(json!({"query": question, "tenant": "acme"})),
     )
     .await;
-    assert_eq!((status, v["hits"][0]["document_id"].as_str()), (200, Some("zephyr")), "{v}");
+    assert_eq!(
+        (status, v["hits"][0]["document_id"].as_str()),
+        (200, Some("zephyr")),
+        "{v}"
+    );
     // And acme deletes its own.
-    let (status, _, v) = http(&server, "DELETE", "/v1/knowledge/documents/zephyr", Some(&acme), &[], None).await;
+    let (status, _, v) = http(
+        &server,
+        "DELETE",
+        "/v1/knowledge/documents/zephyr",
+        Some(&acme),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
-    assert!(!search_ids(&server, &acme, question).await.contains(&"zephyr".to_owned()));
+    assert!(!search_ids(&server, &acme, question)
+        .await
+        .contains(&"zephyr".to_owned()));
 }
 
 #[tokio::test]

@@ -128,7 +128,12 @@ fn read_secret(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
             let bytes = hex::decode(t.trim())
                 .ok()
                 .filter(|b| b.len() == SECRET_BYTES)
-                .ok_or_else(|| anyhow!("the key store secret {} is corrupt (expected 64 hex characters)", path.display()))?;
+                .ok_or_else(|| {
+                    anyhow!(
+                        "the key store secret {} is corrupt (expected 64 hex characters)",
+                        path.display()
+                    )
+                })?;
             Ok(Some(bytes))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -203,7 +208,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     drop(f);
     fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("fsync {}", dir.display()))
@@ -461,7 +469,11 @@ mod tests {
             let text = fs::read_to_string(&f).unwrap();
             for key in [&key_a, &key_b] {
                 assert!(!text.contains(key.as_str()), "{} holds a key", f.display());
-                assert!(!text.contains(&key[KEY_PREFIX.len() + ID_LEN + 1..]), "{} holds a secret", f.display());
+                assert!(
+                    !text.contains(&key[KEY_PREFIX.len() + ID_LEN + 1..]),
+                    "{} holds a secret",
+                    f.display()
+                );
             }
             #[cfg(unix)]
             {
@@ -497,12 +509,19 @@ mod tests {
         ] {
             assert_eq!(set.verify(bad), Err(Refusal::Malformed), "{bad:?}");
         }
-        assert_eq!(revoke(&path, &a.id).unwrap(), Revoked::Now(read_entries(&path).unwrap()[0].clone()));
+        assert_eq!(
+            revoke(&path, &a.id).unwrap(),
+            Revoked::Now(read_entries(&path).unwrap()[0].clone())
+        );
         assert!(matches!(revoke(&path, &a.id).unwrap(), Revoked::Already(_)));
         let set = KeySet::load(&path).unwrap();
         assert_eq!((set.len(), set.revoked()), (1, 1));
         assert_eq!(set.verify(&key), Err(Refusal::Revoked));
-        assert_eq!(set.verify(&wrong), Err(Refusal::WrongSecret), "revocation shows only to the key's holder");
+        assert_eq!(
+            set.verify(&wrong),
+            Err(Refusal::WrongSecret),
+            "revocation shows only to the key's holder"
+        );
         let e = revoke(&path, "0123456789ab").unwrap_err().to_string();
         assert!(e.contains("0123456789ab") && e.contains("keys list"), "{e}");
     }

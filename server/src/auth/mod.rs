@@ -165,15 +165,17 @@ impl Authenticator {
     /// Follows the keys file from a thread of its own until the authenticator is dropped.
     pub(crate) fn watch(self: &Arc<Self>) -> std::io::Result<()> {
         let weak: Weak<Self> = Arc::downgrade(self);
-        std::thread::Builder::new().name("auth-keys".into()).spawn(move || loop {
-            std::thread::sleep(RELOAD_INTERVAL);
-            match weak.upgrade() {
-                Some(auth) => {
-                    auth.refresh();
+        std::thread::Builder::new()
+            .name("auth-keys".into())
+            .spawn(move || loop {
+                std::thread::sleep(RELOAD_INTERVAL);
+                match weak.upgrade() {
+                    Some(auth) => {
+                        auth.refresh();
+                    }
+                    None => return,
                 }
-                None => return,
-            }
-        })?;
+            })?;
         Ok(())
     }
 
@@ -191,7 +193,8 @@ impl Authenticator {
         let refuse = |reason: &str, id: Option<&str>| {
             tracing::warn!(target: LOG_TARGET, reason, key_id = id.unwrap_or(""), path, "authentication failed");
             ApiError::Unauthenticated(
-                "invalid or missing API key: send `Authorization: Bearer <key>` (gRPC: `authorization` metadata)".into(),
+                "invalid or missing API key: send `Authorization: Bearer <key>` (gRPC: `authorization` metadata)"
+                    .into(),
             )
         };
         let Some(token) = bearer(headers) else {
@@ -213,10 +216,7 @@ impl Authenticator {
             tracing::warn!(target: LOG_TARGET, key_id = %who.id, scope = %needed, path, "permission denied");
             return Err(ApiError::PermissionDenied {
                 scope: needed.as_str().into(),
-                message: format!(
-                    "API key {} lacks the `{needed}` scope that {path} needs",
-                    who.id
-                ),
+                message: format!("API key {} lacks the `{needed}` scope that {path} needs", who.id),
             });
         }
         Ok(Some(who.clone()))
@@ -227,13 +227,22 @@ impl Authenticator {
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// `genai-factory keys ...`: what the operator sees. The new key goes on the last line of `add`.
 pub(crate) fn run_keys_command(keys_file: &Path, action: crate::cli::KeysAction) -> anyhow::Result<()> {
     use crate::cli::KeysAction;
-    let tenant_label = |t: &str| if t.is_empty() { "(default)".to_owned() } else { t.to_owned() };
+    let tenant_label = |t: &str| {
+        if t.is_empty() {
+            "(default)".to_owned()
+        } else {
+            t.to_owned()
+        }
+    };
     let scope_list = |s: &[Scope]| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
     match action {
         KeysAction::Add { tenant, scopes, name } => {
@@ -257,7 +266,10 @@ pub(crate) fn run_keys_command(keys_file: &Path, action: crate::cli::KeysAction)
                 );
                 return Ok(());
             }
-            println!("{:<12}  {:<20}  {:<36}  {:<20}  {:<20}  NAME", "ID", "TENANT", "SCOPES", "CREATED", "REVOKED");
+            println!(
+                "{:<12}  {:<20}  {:<36}  {:<20}  {:<20}  NAME",
+                "ID", "TENANT", "SCOPES", "CREATED", "REVOKED"
+            );
             for e in entries {
                 println!(
                     "{:<12}  {:<20}  {:<36}  {:<20}  {:<20}  {}",
@@ -304,7 +316,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.json");
         let auth = Authenticator::load(&path).unwrap();
-        assert_eq!(auth.check(&headers(None), "/v1/chat/completions"), Ok(None), "open mode");
+        assert_eq!(
+            auth.check(&headers(None), "/v1/chat/completions"),
+            Ok(None),
+            "open mode"
+        );
         assert!(!auth.refresh(), "nothing changed");
 
         let (entry, key) = keys::add(&path, "acme", &[], None).unwrap();

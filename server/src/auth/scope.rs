@@ -113,12 +113,7 @@ pub(crate) fn access(path: &str) -> Access {
             Access::Needs(Scope::KnowledgeWrite)
         }
         p if p.strip_prefix("/genai.v1.Inference/").is_some_and(is_method) => Access::Needs(Scope::Infer),
-        p if OPEN_GRPC
-            .iter()
-            .any(|s| p.strip_prefix(s).is_some_and(is_method)) =>
-        {
-            Access::Open
-        }
+        p if OPEN_GRPC.iter().any(|s| p.strip_prefix(s).is_some_and(is_method)) => Access::Open,
         _ => Access::Needs(Scope::Admin),
     }
 }

@@ -365,7 +365,10 @@ mod tests {
         )
         .await;
         assert_eq!(status, 403, "{body}");
-        assert!(body.contains("x-tenant-id") && body.contains("insufficient_permissions"), "{body}");
+        assert!(
+            body.contains("x-tenant-id") && body.contains("insufficient_permissions"),
+            "{body}"
+        );
         let r = call_with(
             auth.clone(),
             "/v1/models",
@@ -388,8 +391,18 @@ mod tests {
         assert_eq!(status, 403, "{body}");
         assert!(body.contains("`metrics` scope"), "{body}");
         assert_eq!(call_with(auth.clone(), "/health", &[]).await.0, 200);
-        assert_eq!(call_with(auth.clone(), "/v2/secret", &[("authorization", &infer_h)]).await.0, 403);
-        assert_eq!(call_with(auth.clone(), "/v2/secret", &[("authorization", &admin_h)]).await.0, 200);
+        assert_eq!(
+            call_with(auth.clone(), "/v2/secret", &[("authorization", &infer_h)])
+                .await
+                .0,
+            403
+        );
+        assert_eq!(
+            call_with(auth.clone(), "/v2/secret", &[("authorization", &admin_h)])
+                .await
+                .0,
+            200
+        );
     }
 
     #[test]

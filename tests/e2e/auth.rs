@@ -154,11 +154,18 @@ fn keys_add_prints_the_key_once_and_stores_only_its_hash() {
         "{text}"
     );
 
+    // Columns: id, tenant, scopes, created, revoked ("-" while valid), name.
+    let revoked_column = |text: &str| {
+        let line = text.lines().find(|l| l.starts_with(id_of(key))).unwrap().to_owned();
+        line.split_whitespace().nth(4).unwrap().to_owned()
+    };
+    assert_eq!(revoked_column(&text), "-", "{text}");
     let revoke = keys.cli(&["revoke", id_of(key)]);
     assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
     let text = String::from_utf8(keys.cli(&["list"]).stdout).unwrap();
-    let line = text.lines().find(|l| l.starts_with(id_of(key))).unwrap();
-    assert!(line.contains("Z"), "a revocation time: {line}");
+    assert!(revoked_column(&text).ends_with('Z'), "a revocation time: {text}");
+    let again = keys.cli(&["revoke", id_of(key)]);
+    assert!(again.status.success(), "revoking twice is fine");
 
     // Bad input: a clear error naming the value, nothing written.
     let before = std::fs::read_to_string(&keys.path).unwrap();

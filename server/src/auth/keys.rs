@@ -39,7 +39,7 @@ use crate::pipeline::context::is_valid_tenant;
 type HmacSha256 = Hmac<Sha256>;
 
 /// Every key starts with it (secret scanners and humans can tell what leaked).
-pub(crate) const KEY_PREFIX: &str = "gf_";
+const KEY_PREFIX: &str = "gf_";
 /// Hex characters of a key id.
 const ID_LEN: usize = 12;
 /// Random bytes of a key's secret part, and of the store secret.

@@ -33,7 +33,7 @@ use keys::{KeyIdentity, KeySet};
 use scope::{Access, Scope};
 
 /// How often a running server looks at the keys file for changes.
-pub(crate) const RELOAD_INTERVAL: Duration = Duration::from_millis(250);
+const RELOAD_INTERVAL: Duration = Duration::from_millis(250);
 /// Log target of every authentication event (audit trail).
 pub(crate) const LOG_TARGET: &str = "genai::auth";
 
@@ -190,27 +190,23 @@ impl Authenticator {
         if keys.len() == 0 {
             return Ok(None);
         }
-        let refuse = |reason: &str, id: Option<&str>| {
-            tracing::warn!(target: LOG_TARGET, reason, key_id = id.unwrap_or(""), path, "authentication failed");
-            ApiError::Unauthenticated(
-                "invalid or missing API key: send `Authorization: Bearer <key>` (gRPC: `authorization` metadata)"
-                    .into(),
-            )
-        };
-        let Some(token) = bearer(headers) else {
-            return Err(refuse("missing", None));
-        };
-        let who = match keys.verify(token) {
+        // None: no key presented; Some: the refusal and the id of what was presented (not secret).
+        let verdict = bearer(headers)
+            .ok_or(None)
+            .and_then(|t| keys.verify(t).map_err(|r| Some((r, keys::key_id(t)))));
+        let who = match verdict {
             Ok(who) => who,
-            Err(keys::Refusal::Revoked) => {
-                let id = keys::key_id(token);
-                tracing::warn!(target: LOG_TARGET, reason = "revoked", key_id = id.unwrap_or(""), path, "authentication failed");
-                return Err(ApiError::Unauthenticated(format!(
-                    "API key {} has been revoked",
-                    id.unwrap_or("")
-                )));
+            Err(why) => {
+                let (reason, id) = why.map_or(("missing", None), |(r, id)| (r.as_str(), id));
+                tracing::warn!(target: LOG_TARGET, reason, key_id = id.unwrap_or(""), path, "authentication failed");
+                // Only the key's holder learns that it was revoked (verify checks the secret first).
+                let message = match why {
+                    Some((keys::Refusal::Revoked, Some(id))) => format!("API key {id} has been revoked"),
+                    _ => "invalid or missing API key: send `Authorization: Bearer <key>` (gRPC: `authorization` metadata)"
+                        .into(),
+                };
+                return Err(ApiError::Unauthenticated(message));
             }
-            Err(r) => return Err(refuse(r.as_str(), keys::key_id(token))),
         };
         if !who.scopes.allows(needed) {
             tracing::warn!(target: LOG_TARGET, key_id = %who.id, scope = %needed, path, "permission denied");
@@ -271,7 +267,7 @@ pub(crate) fn run_keys_command(keys_file: &Path, action: crate::cli::KeysAction)
                 "ID", "TENANT", "SCOPES", "CREATED", "REVOKED"
             );
             for e in entries {
-                println!(
+                let line = format!(
                     "{:<12}  {:<20}  {:<36}  {:<20}  {:<20}  {}",
                     e.id,
                     tenant_label(&e.tenant),
@@ -280,6 +276,7 @@ pub(crate) fn run_keys_command(keys_file: &Path, action: crate::cli::KeysAction)
                     e.revoked_at.as_deref().unwrap_or("-"),
                     e.name.as_deref().unwrap_or("")
                 );
+                println!("{}", line.trim_end());
             }
         }
         KeysAction::Revoke { id } => match keys::revoke(keys_file, &id)? {

@@ -6,6 +6,7 @@ mod harness;
 mod api;
 mod engine;
 mod foundation;
+mod limits;
 mod observability;
 mod pipeline;
 mod retrieval;

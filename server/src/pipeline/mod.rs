@@ -16,7 +16,8 @@
 //! Tested: the limits and the context have unit tests (`limits`, `context`); the whole path runs
 //! through the real binary in `tests/e2e/pipeline.rs` (floods refused on both doors before any
 //! tokenization, tenant-scoped prefix cache, control tokens kept as text, unsupported fields,
-//! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING).
+//! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING); the
+//! tenant limits around tokenization in `tests/e2e/limits.rs`.
 
 pub(crate) mod context;
 pub(crate) mod limits;

@@ -28,9 +28,9 @@ use super::period::Period;
 pub(crate) const WINDOW_SECS: u64 = 60;
 const NANOS_PER_USD: f64 = 1e9;
 
-/// USD → nano-USD (rounded down: a budget is never raised by rounding).
+/// USD → nano-USD, to the nearest nano (0.03 * 1e9 is 29999999.999999996 in floating point).
 pub(crate) fn usd_to_nanos(usd: f64) -> u64 {
-    (usd * NANOS_PER_USD).floor().clamp(0.0, u64::MAX as f64) as u64
+    (usd * NANOS_PER_USD).round().clamp(0.0, u64::MAX as f64) as u64
 }
 
 pub(crate) fn nanos_to_usd(nanos: u64) -> f64 {

@@ -105,9 +105,11 @@ flush_interval_ms = 200
     let tiny = json!({"prompt": "Hello", "max_tokens": 1});
 
     // requests_per_minute: a burst of the limit, then 429 with the request headers.
-    for _ in 0..2 {
-        let (status, _, v) = complete(&server, "rpm", tiny.clone()).await;
+    for left in ["1", "0"] {
+        let (status, h, v) = complete(&server, "rpm", tiny.clone()).await;
         assert_eq!(status, 200, "{v}");
+        // Answers carry the headers too, as OpenAI's do.
+        assert_eq!(header(&h, "x-ratelimit-remaining-requests"), left);
     }
     let (status, h, v) = complete(&server, "rpm", tiny.clone()).await;
     assert_limited(status, &h, &v, "requests_per_minute");

@@ -84,6 +84,8 @@ pub(crate) struct Answer {
     /// RAG: the sources numbered in the prompt; empty otherwise.
     pub citations: Vec<Citation>,
     pub events: EventStream,
+    /// The tenant's `x-ratelimit-*` headers as of admission (HTTP sends them, as OpenAI does).
+    pub ratelimit: Vec<(&'static str, String)>,
 }
 
 pub(crate) struct Pipeline {
@@ -190,12 +192,13 @@ impl Pipeline {
         mut obs: Observer,
     ) -> Result<Answer, ApiError> {
         match self.start(ctx, input).await {
-            Ok((model, citations, prompt, events)) => {
+            Ok((model, citations, prompt, events, ratelimit)) => {
                 obs.set_model(&model, &prompt);
                 Ok(Answer {
                     model,
                     citations,
                     events: observed(events, obs, ctx.deadline),
+                    ratelimit,
                 })
             }
             Err(e) => {
@@ -209,7 +212,7 @@ impl Pipeline {
         &self,
         ctx: &RequestContext,
         mut input: GenerateInput,
-    ) -> Result<(String, Vec<Citation>, String, EventStream), ApiError> {
+    ) -> Result<(String, Vec<Citation>, String, EventStream, Vec<(&'static str, String)>), ApiError> {
         self.limits.check_sampling(&input.sampling)?;
         match &input.prompt {
             Prompt::Text(p) => self.limits.check_prompt(p)?,
@@ -234,12 +237,14 @@ impl Pipeline {
         let meter = self
             .tenancy
             .admit(entry, prepared.tokens.len(), params.max_tokens, backend.model())?;
+        let ratelimit = meter.headers();
         let generation = backend.submit(ctx, prepared, params)?;
         Ok((
             backend.model().to_owned(),
             citations,
             generation.prompt,
             tenancy::metered(generation.events, meter),
+            ratelimit,
         ))
     }
 

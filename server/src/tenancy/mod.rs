@@ -251,9 +251,15 @@ pub(crate) struct Meter {
     price: Price,
     prompt: u64,
     completion: u64,
+    /// `x-ratelimit-*` as of admission (this request's reservation counted).
+    headers: Vec<(&'static str, String)>,
 }
 
 impl Meter {
+    pub(crate) fn headers(&self) -> Vec<(&'static str, String)> {
+        self.headers.clone()
+    }
+
     /// Books running totals of prompt and completion tokens.
     pub(crate) fn record(&mut self, prompt: u64, completion: u64) {
         self.prompt = prompt;
@@ -434,6 +440,7 @@ impl Tenancy {
             price,
             prompt,
             completion: 0,
+            headers: ratelimit_headers(requests, t.book.token_status(now_ms())),
         })
     }
 
@@ -459,6 +466,7 @@ impl Tenancy {
             price,
             prompt: 0,
             completion: 0,
+            headers: Vec::new(),
         })
     }
 
@@ -716,6 +724,12 @@ mod tests {
         let e = t.admit(entry, 31, 20, "m").err().unwrap();
         assert_eq!(limit_of(&e), "max_prompt_tokens");
         let mut meter = t.admit(t.enter("", &mut None, 256).unwrap(), 30, 20, "m").unwrap();
+        let h: BTreeMap<_, _> = meter.headers().into_iter().collect();
+        assert_eq!(
+            h["x-ratelimit-remaining-tokens"], "0",
+            "this request's reservation counts"
+        );
+        assert_eq!(h["x-ratelimit-remaining-requests"], "97");
         meter.record(30, 5);
         drop(meter);
         let e = t

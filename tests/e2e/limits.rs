@@ -118,6 +118,9 @@ flush_interval_ms = 200
     assert_eq!(header(&h, "x-ratelimit-remaining-requests"), "0");
     assert!(header(&h, "x-ratelimit-reset-requests").ends_with('s'), "{h:?}");
     assert!(h.get("x-ratelimit-limit-tokens").is_none(), "no token limit configured");
+    // Embeddings are requests too.
+    let (status, h, v) = post_as(&server, "/v1/embeddings", "rpm", json!({"input": ["hello"]})).await;
+    assert_limited(status, &h, &v, "requests_per_minute");
 
     // max_prompt_tokens: counted after tokenization.
     let long = json!({"prompt": "one two three four five six seven eight nine ten eleven twelve", "max_tokens": 1});

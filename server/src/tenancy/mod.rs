@@ -741,6 +741,56 @@ mod tests {
         assert!(t.admit(t.enter("acme", &mut None, 256).unwrap(), 30, 20, "m").is_ok());
     }
 
+    /// The stream wrapper books the prompt and each delta as they pass, the exact usage at
+    /// `Finished`, and refunds the rest when the stream is dropped early.
+    #[tokio::test]
+    async fn metered_streams_book_as_events_pass_and_refund_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenancy(dir.path(), &[("acme", limits(|t| t.budget_usd = Some(1.0)))]).unwrap();
+        let book = t.tenant("acme").book.clone();
+        let delta = |n: usize| {
+            Ok(EngineEvent::Delta {
+                text: "x".repeat(n),
+                token_ids: vec![7; n],
+                logprobs: Vec::new(),
+            })
+        };
+        let finished = Ok(EngineEvent::Finished {
+            reason: genai_engine::FinishReason::Length,
+            usage: genai_engine::Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cached_prompt_tokens: 0,
+            },
+        });
+        // Finished: exactly the usage (10 prompt at 1.0 + 5 completion at 2.0 per 1k).
+        let events: EventStream = Box::pin(futures::stream::iter(vec![delta(2), delta(3), finished]));
+        let meter = t.admit(t.enter("acme", &mut None, 256).unwrap(), 10, 100, "m").unwrap();
+        let all: Vec<_> = metered(events, meter).collect().await;
+        assert_eq!(all.len(), 3);
+        let u = book.usage(now_ms());
+        assert_eq!((u.spent_nanos, u.reserved_nanos, u.streams), (20_000_000, 0, 0));
+        // Dropped after two deltas (client gone, deadline): booked so far, the rest refunded.
+        let events: EventStream =
+            Box::pin(futures::stream::iter(vec![delta(2), delta(3)]).chain(futures::stream::pending()));
+        let meter = t.admit(t.enter("acme", &mut None, 256).unwrap(), 10, 100, "m").unwrap();
+        let mut s = metered(events, meter);
+        s.next().await.unwrap().unwrap();
+        let u = book.usage(now_ms());
+        assert_eq!(
+            (u.spent_nanos - 20_000_000, u.streams),
+            (14_000_000, 1),
+            "prompt + 2 tokens"
+        );
+        s.next().await.unwrap().unwrap();
+        drop(s);
+        let u = book.usage(now_ms());
+        assert_eq!(
+            (u.spent_nanos - 20_000_000, u.reserved_nanos, u.streams),
+            (20_000_000, 0, 0)
+        );
+    }
+
     #[test]
     fn the_reset_format_is_openais() {
         assert_eq!(fmt_reset(Duration::from_millis(20)), "20ms");

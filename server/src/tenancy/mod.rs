@@ -6,7 +6,8 @@
 //! - `requests_per_minute`: a GCRA limiter ([`rate`], the `governor` crate);
 //! - `concurrent_streams`: generations in flight, streamed or not (a slot held by the stream);
 //! - `max_prompt_tokens`, `max_tokens`: per-request caps (a request without `max_tokens` gets
-//!   the smaller of the server default and the cap instead of a refusal);
+//!   the smaller of the server default and the cap instead of a refusal; `/v1/completions`'
+//!   OpenAI default of 16 counts as set);
 //! - `tokens_per_minute`: prompt + completion tokens in a sliding minute (60 one-second buckets);
 //! - `budget_usd` per `budget_period`: spend at the `[ops.cost.prices]` token prices.
 //!
@@ -24,6 +25,12 @@
 //! nano-USD); every reservation is booked or refunded exactly once; every refusal is a
 //! `RateLimited` error (429 / RESOURCE_EXHAUSTED) naming the limit, with `retry-after` and
 //! OpenAI's `x-ratelimit-*` headers, and counts `genai_tenant_limit_rejections_total`.
+//! Successful HTTP answers carry the same headers as of admission.
+//!
+//! Labels and memory: metrics name configured tenants (and `default`); any other tenant is
+//! "other" and gets no gauges. Open mode lets a caller name any tenant, so books of unconfigured
+//! tenants that hold nothing (no stream, reservation, spend or recent tokens) are forgotten at
+//! each flush; those with spend stay, and are saved.
 //!
 //! Spend: the hard budget counts token prices only (`prompt_per_1k`, `completion_per_1k`).
 //! `gpu_second` is not part of it — engine time cannot be bounded at admission — so the soft
@@ -34,7 +41,8 @@
 //! settled to the embedder's count.
 //!
 //! Persistence: the spend of the current period per tenant is saved to `[tenants_state] path`
-//! (JSON; temp file + fsync + rename; the server is its one writer) when it changed, every
+//! (JSON; temp file + fsync + rename; the server is its one writer: one server per state
+//! file) when it changed, every
 //! `flush_interval_ms`, and at shutdown; at start it is restored if it belongs to the current
 //! period. Reservations in flight at the last save count as spent after a crash (conservative).
 //! A corrupt state file stops the start-up with an error naming it rather than forgetting spend.

@@ -54,6 +54,12 @@ pub struct Config {
     /// API keys (`crate::auth`).
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Hard per-tenant limits (`[tenants.default]`, `[tenants.<name>]`): `crate::tenancy`.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, crate::tenancy::TenantLimits>,
+    /// Where tenants' spend survives restarts.
+    #[serde(default)]
+    pub tenants_state: crate::tenancy::TenantsStateConfig,
 }
 
 /// `[limits]`: what one request may ask for. Checked on the raw request, before tokenization,
@@ -413,6 +419,7 @@ impl Config {
             bail!("invalid config: engine.max_batch_tokens must be >= engine.max_running (every running sequence decodes each step)");
         }
         self.ops.validate()?;
+        crate::tenancy::validate(&self.tenants, &self.tenants_state)?;
         self.validate_retrieval()
     }
 
@@ -554,6 +561,26 @@ mod tests {
         assert!(e.contains("rag.mmr_lambda"), "{e}");
         let e = load_with("[embedding]\nmax_wait = 1\n").unwrap_err().to_string();
         assert!(e.contains("max_wait"), "{e}");
+    }
+
+    #[test]
+    fn tenant_sections_parse_and_validate() {
+        let c = load_with(
+            "[tenants.default]\nrequests_per_minute = 60\nbudget_usd = 5\nbudget_period = \"month\"\n\
+             [tenants.acme]\ntokens_per_minute = 1000\n[tenants_state]\npath = \"/tmp/t.json\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tenants["default"].requests_per_minute, Some(60));
+        assert_eq!(c.tenants["default"].budget_usd, Some(5.0));
+        assert_eq!(c.tenants["acme"].tokens_per_minute, Some(1000));
+        assert_eq!(c.tenants["acme"].budget_usd, None);
+        assert_eq!(c.tenants_state.path, PathBuf::from("/tmp/t.json"));
+        let e = load_with("[tenants.acme]\nbudget = 1\n").unwrap_err().to_string();
+        assert!(e.contains("tenants.acme") && e.contains("budget"), "{e}");
+        let e = load_with("[tenants.acme]\nbudget_period = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tenants.acme.budget_period"), "{e}");
     }
 
     #[test]

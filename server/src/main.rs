@@ -18,6 +18,7 @@ mod pipeline;
 mod serve;
 mod state;
 mod telemetry;
+mod tenancy;
 
 use clap::Parser;
 use cli::{Cli, Command};

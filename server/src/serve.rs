@@ -19,6 +19,7 @@ use crate::ops::observe::Ops;
 use crate::pipeline::limits::Limits;
 use crate::pipeline::Pipeline;
 use crate::state::AppState;
+use crate::tenancy::Tenancy;
 use genai_engine::EngineHandle;
 use genai_models as model;
 use genai_models::prompt::PromptEncoder;
@@ -48,10 +49,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let rag = RagPipeline::new(knowledge.clone(), &config.rag)?;
     let (limits, default_max) = (Limits::new(config.limits.clone()), config.engine.default_max_tokens);
+    let tenancy = Arc::new(Tenancy::new(
+        &config.tenants,
+        &config.tenants_state,
+        &config.ops.cost.prices,
+        &config.models.generation.name,
+    )?);
+    let pipeline_tenancy = tenancy.clone();
     let state = AppState::new(config, ops, knowledge, auth, |draining| {
-        Pipeline::new(limits, rag, draining, default_max)
+        Pipeline::new(limits, pipeline_tenancy, rag, draining, default_max)
     });
     tokio::spawn(latency.run(Duration::from_secs(5)));
+    let tenancy_task = tokio::spawn(tenancy.clone().run());
     tokio::spawn(publish_engine_stats(state.clone()));
     tracing::info!(
         grpc = %grpc_listener.local_addr()?,
@@ -100,6 +109,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(res) => res?,
         Err(_) => tracing::warn!("drain time exceeded; closing remaining streams"),
     }
+    // Streams are over (or cut): their reservations are settled or refunded; save the spend.
+    tenancy_task.abort();
+    match tokio::task::spawn_blocking(move || tenancy.save(true)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("saving tenant spend at shutdown failed: {e:#}"),
+        Err(e) => tracing::warn!("saving tenant spend at shutdown failed: {e}"),
+    }
     if let Some(log) = state.ops().request_log.clone() {
         // Joins the writer thread: off the async runtime.
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
@@ -118,7 +134,15 @@ fn start_ops(config: &Config) -> anyhow::Result<Ops> {
     } else {
         None
     };
-    let tenants = config.ops.cost.budgets.keys().cloned().collect();
+    // Tenants with a budget alert or hard limits get their own label; others are "other".
+    let mut tenants: Vec<String> = config.ops.cost.budgets.keys().cloned().collect();
+    tenants.extend(
+        config
+            .tenants
+            .keys()
+            .filter(|t| !config.ops.cost.budgets.contains_key(*t))
+            .cloned(),
+    );
     Ok(Ops::new(metrics, cost, latency, request_log, tenants))
 }
 

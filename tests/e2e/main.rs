@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod engine;
 mod foundation;
+mod limits;
 mod observability;
 mod pipeline;
 mod retrieval;

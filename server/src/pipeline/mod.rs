@@ -3,8 +3,9 @@
 //! A door decodes its wire format into a [`GenerateInput`] (or an embeddings / tokenize call),
 //! takes the [`context::RequestContext`] the shared tower layer attached, and calls
 //! [`Pipeline`]. The pipeline checks the hard limits ([`limits`]) before anything costly, picks
-//! the backend by model name, runs retrieval for RAG, lets the backend tokenize (on the blocking
-//! pool) and generate, and hands back one event stream bounded by the request's deadline and
+//! the backend by model name, checks the tenant's limits ([`crate::tenancy`]: cheap ones before
+//! tokenization, token and budget reservations after it), runs retrieval for RAG, lets the
+//! backend tokenize (on the blocking pool) and generate, and hands back one event stream bounded by the request's deadline and
 //! carrying its [`Observer`], which records the request when the stream ends or is dropped.
 //! The doors only encode what comes back.
 //!
@@ -15,7 +16,8 @@
 //! Tested: the limits and the context have unit tests (`limits`, `context`); the whole path runs
 //! through the real binary in `tests/e2e/pipeline.rs` (floods refused on both doors before any
 //! tokenization, tenant-scoped prefix cache, control tokens kept as text, unsupported fields,
-//! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING).
+//! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING); the
+//! tenant limits around tokenization in `tests/e2e/limits.rs`.
 
 pub(crate) mod context;
 pub(crate) mod limits;
@@ -36,6 +38,7 @@ use crate::error::ApiError;
 use crate::llm::local::LocalEngine;
 use crate::llm::{Embeddings, EventStream, Health, LlmBackend, Tokenized};
 use crate::ops::observe::Observer;
+use crate::tenancy::{self, Tenancy};
 use context::RequestContext;
 use limits::Limits;
 use sampling::SamplingInput;
@@ -81,10 +84,14 @@ pub(crate) struct Answer {
     /// RAG: the sources numbered in the prompt; empty otherwise.
     pub citations: Vec<Citation>,
     pub events: EventStream,
+    /// The tenant's `x-ratelimit-*` headers as of admission (HTTP sends them, as OpenAI does).
+    pub ratelimit: Vec<(&'static str, String)>,
 }
 
 pub(crate) struct Pipeline {
     limits: Limits,
+    /// Per-tenant limits and budgets (`crate::tenancy`).
+    tenancy: Arc<Tenancy>,
     rag: RagPipeline,
     local: OnceLock<Arc<LocalEngine>>,
     draining: watch::Receiver<bool>,
@@ -97,12 +104,14 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     pub(crate) fn new(
         limits: Limits,
+        tenancy: Arc<Tenancy>,
         rag: RagPipeline,
         draining: watch::Receiver<bool>,
         default_max_tokens: usize,
     ) -> Self {
         Self {
             limits,
+            tenancy,
             rag,
             local: OnceLock::new(),
             draining,
@@ -183,12 +192,13 @@ impl Pipeline {
         mut obs: Observer,
     ) -> Result<Answer, ApiError> {
         match self.start(ctx, input).await {
-            Ok((model, citations, prompt, events)) => {
+            Ok((model, citations, prompt, events, ratelimit)) => {
                 obs.set_model(&model, &prompt);
                 Ok(Answer {
                     model,
                     citations,
                     events: observed(events, obs, ctx.deadline),
+                    ratelimit,
                 })
             }
             Err(e) => {
@@ -201,28 +211,40 @@ impl Pipeline {
     async fn start(
         &self,
         ctx: &RequestContext,
-        input: GenerateInput,
-    ) -> Result<(String, Vec<Citation>, String, EventStream), ApiError> {
+        mut input: GenerateInput,
+    ) -> Result<(String, Vec<Citation>, String, EventStream, Vec<(&'static str, String)>), ApiError> {
         self.limits.check_sampling(&input.sampling)?;
         match &input.prompt {
             Prompt::Text(p) => self.limits.check_prompt(p)?,
             Prompt::Chat(m) => self.limits.check_messages(m)?,
         }
         let backend = self.backend(&input.model)?;
+        // Tenant limits that need no tokens (max_tokens, requests per minute, streams) first.
+        let entry = self
+            .tenancy
+            .enter(&ctx.tenant, &mut input.sampling.max_tokens, self.default_max_tokens)?;
         let params = input.sampling.into_params(self.default_max_tokens)?;
-        let (generation, citations) = match (input.prompt, input.route) {
-            (Prompt::Text(p), _) => (backend.complete(ctx, p, params).await?, Vec::new()),
-            (Prompt::Chat(messages), Route::Chat) => (backend.chat(ctx, messages, params).await?, Vec::new()),
+        let (prepared, citations) = match (input.prompt, input.route) {
+            (Prompt::Text(p), _) => (backend.prepare_text(p).await?, Vec::new()),
+            (Prompt::Chat(messages), Route::Chat) => (backend.prepare_chat(messages).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Rag) => {
                 let (messages, citations) = self.retrieve(ctx, &messages).await?;
-                (backend.chat(ctx, messages, params).await?, citations)
+                (backend.prepare_chat(messages).await?, citations)
             }
         };
+        // Reserve prompt + max_tokens (tokens and worst-case spend) before the engine sees it;
+        // the meter goes with the stream and refunds what is not used.
+        let meter = self
+            .tenancy
+            .admit(entry, prepared.tokens.len(), params.max_tokens, backend.model())?;
+        let ratelimit = meter.headers();
+        let generation = backend.submit(ctx, prepared, params)?;
         Ok((
             backend.model().to_owned(),
             citations,
             generation.prompt,
-            generation.events,
+            tenancy::metered(generation.events, meter),
+            ratelimit,
         ))
     }
 
@@ -263,7 +285,9 @@ impl Pipeline {
                 format!("unknown embedding model {model:?}; this server serves {name:?}"),
             ));
         }
+        let mut meter = self.tenancy.embeddings(&ctx.tenant, &name, &texts)?;
         let e = backend.embed(texts, ctx.priority).await?;
+        meter.record(e.tokens as u64, 0);
         crate::ops::metrics::record_embedding_batch(e.vectors.len());
         Ok((name, e))
     }

@@ -276,7 +276,7 @@ where
             Ok(ctx) => {
                 if let Principal::Key { id, .. } = &ctx.principal {
                     // The request span (opened by the request-id layer around this call).
-                    tracing::Span::current().record("principal", id.as_str());
+                    tracing::Span::current().record("principal", tracing::field::display(id));
                 }
                 parts.extensions.insert(ctx);
                 Either::Left(self.inner.call(Request::from_parts(parts, body)))

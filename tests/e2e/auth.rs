@@ -337,6 +337,17 @@ async fn missing_wrong_revoked_keys_and_missing_scopes_are_refused_on_both_doors
         "{line}"
     );
 
+    // Refusals are counted by reason.
+    let (_, _, body) = http(&server, "GET", "/metrics", Some(&metrics), &[], None).await;
+    let exposition = body.as_str().unwrap();
+    for reason in ["missing", "malformed", "wrong_secret", "revoked", "scope", "tenant"] {
+        let series = format!("genai_auth_failures_total{{reason=\"{reason}\"}}");
+        assert!(
+            crate::harness::series_value(exposition, &series) >= 1.0,
+            "{series}: {exposition}"
+        );
+    }
+
     // The audit log names ids and reasons, never a key.
     assert!(
         logs.contains("authentication failed") && logs.contains(id_of(&revoked)),

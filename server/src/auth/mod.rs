@@ -199,6 +199,7 @@ impl Authenticator {
             Err(why) => {
                 let (reason, id) = why.map_or(("missing", None), |(r, id)| (r.as_str(), id));
                 tracing::warn!(target: LOG_TARGET, reason, key_id = id.unwrap_or(""), path, "authentication failed");
+                count_refusal(reason);
                 // Only the key's holder learns that it was revoked (verify checks the secret first).
                 let message = match why {
                     Some((keys::Refusal::Revoked, Some(id))) => format!("API key {id} has been revoked"),
@@ -210,6 +211,7 @@ impl Authenticator {
         };
         if !who.scopes.allows(needed) {
             tracing::warn!(target: LOG_TARGET, key_id = %who.id, scope = %needed, path, "permission denied");
+            count_refusal("scope");
             return Err(ApiError::PermissionDenied {
                 scope: needed.as_str().into(),
                 message: format!("API key {} lacks the `{needed}` scope that {path} needs", who.id),
@@ -217,6 +219,11 @@ impl Authenticator {
         }
         Ok(Some(who.clone()))
     }
+}
+
+/// Counts a refused request in `genai_auth_failures_total{reason}` (alert on brute force).
+pub(crate) fn count_refusal(reason: &'static str) {
+    metrics::counter!(crate::ops::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
 }
 
 /// The token of `authorization: Bearer <token>` (scheme case-insensitive, RFC 7235).

@@ -12,11 +12,15 @@
 //! it never turns authentication off by itself: a reload that finds no keys, or a file it cannot
 //! read, keeps the keys it has and warns.
 //!
-//! Cost per request: one read lock, one HashMap lookup, one HMAC-SHA256 of an 80-byte key (µs);
-//! no file I/O.
+//! Cost per request: one read lock, one HashMap lookup, one HMAC-SHA256 of a 59-byte key; no
+//! file I/O. The whole context layer measured ~0.5 µs median, 0.6 µs p99 with 1,001 keys (release
+//! build, one core of the dev machine).
 //!
-//! Tested below (reload, modes, audit-free refusals) and in `keys`/`scope`; through the binary
-//! in tests/e2e/auth.rs.
+//! Refusals are logged (target [`LOG_TARGET`]) with the reason and the key id, never the key, and
+//! counted in `genai_auth_failures_total{reason}`.
+//!
+//! Tested below (open mode, reload, never falling open, messages without the key) and in
+//! `keys`/`scope`; through the binary in tests/e2e/auth.rs.
 
 pub(crate) mod keys;
 pub(crate) mod scope;

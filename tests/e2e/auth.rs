@@ -95,6 +95,20 @@ async fn http(
     (status, h, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
+/// A human-format log line without its colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A gRPC request carrying `key` as `authorization` metadata.
 fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
@@ -308,8 +322,33 @@ async fn missing_wrong_revoked_keys_and_missing_scopes_are_refused_on_both_doors
         "others still pass"
     );
 
-    // The audit log names ids and reasons, never a key.
+    // A request's log lines carry its principal (the key id): an unknown field is warned about
+    // inside the request's span.
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "e2e_unknown_field": 1});
+    let (status, _, v) = http(&server, "POST", "/v1/chat/completions", Some(&infer), &[], Some(body)).await;
+    assert_eq!(status, 200, "{v}");
     let logs = server.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("e2e_unknown_field"))
+        .expect("the warning");
+    assert!(
+        strip_ansi(line).contains(&format!("principal={}}}", id_of(&infer))),
+        "{line}"
+    );
+
+    // Refusals are counted by reason.
+    let (_, _, body) = http(&server, "GET", "/metrics", Some(&metrics), &[], None).await;
+    let exposition = body.as_str().unwrap();
+    for reason in ["missing", "malformed", "wrong_secret", "revoked", "scope", "tenant"] {
+        let series = format!("genai_auth_failures_total{{reason=\"{reason}\"}}");
+        assert!(
+            crate::harness::series_value(exposition, &series) >= 1.0,
+            "{series}: {exposition}"
+        );
+    }
+
+    // The audit log names ids and reasons, never a key.
     assert!(
         logs.contains("authentication failed") && logs.contains(id_of(&revoked)),
         "{logs}"

@@ -12,11 +12,15 @@
 //! it never turns authentication off by itself: a reload that finds no keys, or a file it cannot
 //! read, keeps the keys it has and warns.
 //!
-//! Cost per request: one read lock, one HashMap lookup, one HMAC-SHA256 of an 80-byte key (µs);
-//! no file I/O.
+//! Cost per request: one read lock, one HashMap lookup, one HMAC-SHA256 of a 59-byte key; no
+//! file I/O. The whole context layer measured ~0.5 µs median, 0.6 µs p99 with 1,001 keys (release
+//! build, one core of the dev machine).
 //!
-//! Tested below (reload, modes, audit-free refusals) and in `keys`/`scope`; through the binary
-//! in tests/e2e/auth.rs.
+//! Refusals are logged (target [`LOG_TARGET`]) with the reason and the key id, never the key, and
+//! counted in `genai_auth_failures_total{reason}`.
+//!
+//! Tested below (open mode, reload, never falling open, messages without the key) and in
+//! `keys`/`scope`; through the binary in tests/e2e/auth.rs.
 
 pub(crate) mod keys;
 pub(crate) mod scope;
@@ -199,6 +203,7 @@ impl Authenticator {
             Err(why) => {
                 let (reason, id) = why.map_or(("missing", None), |(r, id)| (r.as_str(), id));
                 tracing::warn!(target: LOG_TARGET, reason, key_id = id.unwrap_or(""), path, "authentication failed");
+                count_refusal(reason);
                 // Only the key's holder learns that it was revoked (verify checks the secret first).
                 let message = match why {
                     Some((keys::Refusal::Revoked, Some(id))) => format!("API key {id} has been revoked"),
@@ -210,6 +215,7 @@ impl Authenticator {
         };
         if !who.scopes.allows(needed) {
             tracing::warn!(target: LOG_TARGET, key_id = %who.id, scope = %needed, path, "permission denied");
+            count_refusal("scope");
             return Err(ApiError::PermissionDenied {
                 scope: needed.as_str().into(),
                 message: format!("API key {} lacks the `{needed}` scope that {path} needs", who.id),
@@ -217,6 +223,11 @@ impl Authenticator {
         }
         Ok(Some(who.clone()))
     }
+}
+
+/// Counts a refused request in `genai_auth_failures_total{reason}` (alert on brute force).
+pub(crate) fn count_refusal(reason: &'static str) {
+    metrics::counter!(crate::ops::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
 }
 
 /// The token of `authorization: Bearer <token>` (scheme case-insensitive, RFC 7235).

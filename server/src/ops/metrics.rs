@@ -61,6 +61,7 @@ pub const REQUEST_LOG_LINES: &str = "genai_request_log_lines_total";
 pub const REQUEST_LOG_DROPPED: &str = "genai_request_log_dropped_total";
 pub const REQUEST_LOG_ERRORS: &str = "genai_request_log_errors_total";
 pub const BUILD_INFO: &str = "genai_build_info";
+pub const AUTH_FAILURES: &str = "genai_auth_failures_total";
 
 /// Prometheus type of a catalogued metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -470,6 +471,13 @@ pub const CATALOGUE: &[MetricDef] = &[
         &[],
         N,
         "Request-log write, rotation or cleanup errors.",
+    ),
+    def(
+        AUTH_FAILURES,
+        Kind::Counter,
+        &["reason"],
+        N,
+        "Requests refused by API-key checks, by reason (missing|malformed|unknown_id|wrong_secret|revoked|scope|tenant).",
     ),
     def(
         BUILD_INFO,

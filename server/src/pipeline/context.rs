@@ -82,6 +82,7 @@ impl RequestContext {
             Some(named) if named.as_bytes() != key.tenant.as_bytes() => {
                 if !key.scopes.allows(Scope::Admin) {
                     tracing::warn!(target: LOG_TARGET, key_id = %key.id, "permission denied: x-tenant-id names another tenant");
+                    crate::auth::count_refusal("tenant");
                     return Err(ApiError::PermissionDenied {
                         scope: Scope::Admin.as_str().into(),
                         message: format!(
@@ -113,6 +114,7 @@ impl RequestContext {
             Principal::Key { scopes, .. } if scopes.allows(Scope::Admin) => Ok(value),
             Principal::Key { id, .. } => {
                 tracing::warn!(target: LOG_TARGET, key_id = %id, field, "permission denied: a tenant field names another tenant");
+                crate::auth::count_refusal("tenant");
                 Err(ApiError::PermissionDenied {
                     scope: Scope::Admin.as_str().into(),
                     message: format!(
@@ -276,7 +278,7 @@ where
             Ok(ctx) => {
                 if let Principal::Key { id, .. } = &ctx.principal {
                     // The request span (opened by the request-id layer around this call).
-                    tracing::Span::current().record("principal", id.as_str());
+                    tracing::Span::current().record("principal", tracing::field::display(id));
                 }
                 parts.extensions.insert(ctx);
                 Either::Left(self.inner.call(Request::from_parts(parts, body)))

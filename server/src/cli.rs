@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::auth::scope::Scope;
 use crate::config::{Device, Overrides};
 
 #[derive(Parser, Debug)]
@@ -23,6 +24,9 @@ pub enum Command {
     Ingest(IngestCommand),
     /// Print the effective configuration (file + environment + flags) as TOML.
     Config(ServeArgs),
+    /// Manage API keys (the keys file named by `auth.keys_file`). A running server follows the
+    /// file: added and revoked keys count without a restart.
+    Keys(KeysCommand),
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -102,7 +106,49 @@ pub struct IngestArgs {
     /// instead of opening the index, which the server holds.
     #[arg(long, value_name = "URL", conflicts_with = "index_dir")]
     pub server: Option<String>,
+    /// API key for `--server` when it has keys (needs the `knowledge:write` scope; the documents go
+    /// to the key's tenant). Read from GENAI_API_KEY when unset, so it stays out of `ps`.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "GENAI_API_KEY",
+        hide_env_values = true,
+        requires = "server"
+    )]
+    pub api_key: Option<String>,
     /// No progress bar (logs and CI).
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KeysCommand {
+    /// Configuration file (TOML). Default: ./genai-factory.toml when present.
+    #[arg(long, short = 'c', value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub action: KeysAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysAction {
+    /// Create a key bound to a tenant; prints it once, on the last line (only its keyed hash is stored).
+    Add {
+        /// Tenant the key acts for ('' = the default tenant).
+        #[arg(long)]
+        tenant: String,
+        /// Scope granted (repeatable): infer, knowledge:write, metrics, admin. Default: infer.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<Scope>,
+        /// A label for `keys list` (who or what uses the key).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show every key: id, tenant, scopes, creation and revocation times (never a key or hash).
+    List,
+    /// Revoke a key by id (see `keys list`); idempotent.
+    Revoke {
+        /// The key id (the 12 hex characters after `gf_`).
+        id: String,
+    },
 }

@@ -13,6 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::AuthConfig;
 pub use genai_engine::EngineConfig;
 pub use genai_models::config::{Device, EmbeddingConfig, ModelsConfig};
 pub use genai_retrieval::config::{IndexConfig, RagConfig};
@@ -50,6 +51,15 @@ pub struct Config {
     /// Hard per-request limits, checked before any tokenization.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// API keys (`crate::auth`).
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Hard per-tenant limits (`[tenants.default]`, `[tenants.<name>]`): `crate::tenancy`.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, crate::tenancy::TenantLimits>,
+    /// Where tenants' spend survives restarts.
+    #[serde(default)]
+    pub tenants_state: crate::tenancy::TenantsStateConfig,
     /// The safety chain: PII redaction, injection/toxicity stages, output scanning.
     #[serde(default)]
     pub safety: crate::safety::SafetyConfig,
@@ -109,6 +119,10 @@ pub struct ServerConfig {
     pub keepalive_interval_secs: u64,
     /// HTTP/2 keepalive ping timeout (gRPC), seconds.
     pub keepalive_timeout_secs: u64,
+    /// Serve `/metrics` on this address instead of `http_addr`, without authentication (for a
+    /// network only the scraper reaches). Unset: `/metrics` is on `http_addr`, behind the
+    /// `metrics` scope once API keys exist.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +134,7 @@ impl Default for ServerConfig {
             drain_timeout_secs: 30,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 10,
+            metrics_addr: None,
         }
     }
 }
@@ -407,6 +422,7 @@ impl Config {
             bail!("invalid config: engine.max_batch_tokens must be >= engine.max_running (every running sequence decodes each step)");
         }
         self.ops.validate()?;
+        crate::tenancy::validate(&self.tenants, &self.tenants_state)?;
         self.safety.validate()?;
         self.validate_retrieval()
     }
@@ -549,6 +565,26 @@ mod tests {
         assert!(e.contains("rag.mmr_lambda"), "{e}");
         let e = load_with("[embedding]\nmax_wait = 1\n").unwrap_err().to_string();
         assert!(e.contains("max_wait"), "{e}");
+    }
+
+    #[test]
+    fn tenant_sections_parse_and_validate() {
+        let c = load_with(
+            "[tenants.default]\nrequests_per_minute = 60\nbudget_usd = 5\nbudget_period = \"month\"\n\
+             [tenants.acme]\ntokens_per_minute = 1000\n[tenants_state]\npath = \"/tmp/t.json\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tenants["default"].requests_per_minute, Some(60));
+        assert_eq!(c.tenants["default"].budget_usd, Some(5.0));
+        assert_eq!(c.tenants["acme"].tokens_per_minute, Some(1000));
+        assert_eq!(c.tenants["acme"].budget_usd, None);
+        assert_eq!(c.tenants_state.path, PathBuf::from("/tmp/t.json"));
+        let e = load_with("[tenants.acme]\nbudget = 1\n").unwrap_err().to_string();
+        assert!(e.contains("tenants.acme") && e.contains("budget"), "{e}");
+        let e = load_with("[tenants.acme]\nbudget_period = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tenants.acme.budget_period"), "{e}");
     }
 
     #[test]

@@ -102,8 +102,7 @@ async fn ingest_local(
     Ok(summary(
         results.iter().map(|r| r.status),
         &format!("index {}", config.index.dir.display()),
-        stats.documents,
-        stats.chunks,
+        Some((stats.documents, stats.chunks)),
     ))
 }
 
@@ -125,6 +124,15 @@ async fn ingest_remote(
     let mut client = KnowledgeClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let authorization: Option<tonic::metadata::AsciiMetadataValue> = args
+        .api_key
+        .as_ref()
+        .map(|k| format!("Bearer {k}").parse())
+        .transpose()
+        .context("--api-key cannot be sent as an authorization header")?;
+    if let Some(v) = &authorization {
+        request.metadata_mut().insert("authorization", v.clone());
+    }
     if !args.tenant.is_empty() {
         let tenant = args
             .tenant
@@ -147,22 +155,22 @@ async fn ingest_remote(
             s.message()
         ),
     };
-    let stats = client
-        .stats(pb::StatsRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("asking the server at {url} for its stats: {}", s.message()))?
-        .into_inner();
+    let mut stats_request = tonic::Request::new(pb::StatsRequest {});
+    if let Some(v) = authorization {
+        stats_request.metadata_mut().insert("authorization", v);
+    }
+    let totals = match client.stats(stats_request).await {
+        Ok(s) => Some((s.get_ref().documents as usize, s.get_ref().chunks as usize)),
+        // Server-wide counts need the `metrics` scope, which an ingest key need not have.
+        Err(s) if s.code() == tonic::Code::PermissionDenied => None,
+        Err(s) => bail!("asking the server at {url} for its stats: {}", s.message()),
+    };
     let statuses = results.iter().map(|r| match pb::IngestStatus::try_from(r.status) {
         Ok(pb::IngestStatus::Updated) => IngestStatus::Updated,
         Ok(pb::IngestStatus::Unchanged) => IngestStatus::Unchanged,
         _ => IngestStatus::Added,
     });
-    Ok(summary(
-        statuses,
-        &format!("the server at {url}"),
-        stats.documents as usize,
-        stats.chunks as usize,
-    ))
+    Ok(summary(statuses, &format!("the server at {url}"), totals))
 }
 
 /// Reads the files (off the async workers) into stream messages; returns how many were sent and
@@ -243,11 +251,16 @@ fn skip(path: &Path, error: Option<anyhow::Error>, bar: &ProgressBar, failed: &m
 }
 
 /// The summary line: what happened to each file, and what `target` holds now.
-fn summary(statuses: impl Iterator<Item = IngestStatus>, target: &str, documents: usize, chunks: usize) -> String {
+/// `totals` (documents, chunks) of `target`; None when the server would not tell this key.
+fn summary(statuses: impl Iterator<Item = IngestStatus>, target: &str, totals: Option<(usize, usize)>) -> String {
     let statuses: Vec<IngestStatus> = statuses.collect();
     let count = |want: IngestStatus| statuses.iter().filter(|s| **s == want).count();
+    let held = match totals {
+        Some((documents, chunks)) => format!("{target} now holds {documents} documents, {chunks} chunks"),
+        None => format!("{target}'s totals need a key with the metrics scope"),
+    };
     format!(
-        "ingested {} files: {} added, {} updated, {} unchanged; {target} now holds {documents} documents, {chunks} chunks",
+        "ingested {} files: {} added, {} updated, {} unchanged; {held}",
         statuses.len(),
         count(IngestStatus::Added),
         count(IngestStatus::Updated),
@@ -373,6 +386,7 @@ mod tests {
             tags: vec!["manual".into()],
             index_dir: Some(tmp.path().join("index")),
             server: None,
+            api_key: None,
             quiet: true,
         };
         run(args.clone(), config.clone()).await.unwrap();
@@ -490,6 +504,7 @@ mod tests {
             tags: vec![],
             index_dir: Some(tmp.path().join("index")),
             server: None,
+            api_key: None,
             quiet: true,
         };
         let err = run(args, config).await.unwrap_err().to_string();
@@ -520,6 +535,7 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(crate::pipeline::context::open_layer())
                 .add_service(crate::api::knowledge::grpc_service(svc.clone(), 16 << 20))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
@@ -537,6 +553,7 @@ mod tests {
             tags: vec!["manual".into()],
             index_dir: None,
             server: None,
+            api_key: None,
             quiet: true,
         };
 

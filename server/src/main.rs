@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 mod api;
+mod auth;
 mod cli;
 mod config;
 mod error;
@@ -18,6 +19,7 @@ mod safety;
 mod serve;
 mod state;
 mod telemetry;
+mod tenancy;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -54,6 +56,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _telemetry = telemetry::init(&config.log, &config.ops)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(ingest::run(cmd.args, config))
+        }
+        Command::Keys(cmd) => {
+            let overrides = Overrides {
+                config: cmd.config,
+                ..Default::default()
+            };
+            let config = Config::load(&overrides)?;
+            auth::run_keys_command(&config.auth.keys_file, cmd.action)
         }
         Command::Config(args) => {
             print!("{}", Config::load(&args.overrides())?.to_toml()?);

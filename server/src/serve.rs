@@ -19,6 +19,7 @@ use crate::ops::observe::Ops;
 use crate::pipeline::limits::Limits;
 use crate::pipeline::Pipeline;
 use crate::state::AppState;
+use crate::tenancy::Tenancy;
 use genai_engine::EngineHandle;
 use genai_models as model;
 use genai_models::prompt::PromptEncoder;
@@ -29,6 +30,13 @@ use genai_retrieval::rag::RagPipeline;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_listener = bind(config.server.grpc_addr, "server.grpc_addr", "--grpc-addr").await?;
     let http_listener = bind(config.server.http_addr, "server.http_addr", "--http-addr").await?;
+    let metrics_listener = match config.server.metrics_addr {
+        Some(addr) => Some(bind(addr, "server.metrics_addr", "GENAI_SERVER__METRICS_ADDR").await?),
+        None => None,
+    };
+    // Keys before anything loads: a keys file that cannot be read stops the start-up.
+    let auth = crate::auth::Authenticator::open(&config.auth)?;
+    auth.watch()?;
     let drain = Duration::from_secs(config.server.drain_timeout_secs);
     // Cheap checks of every model file first: a missing or corrupt file fails before anything loads.
     let files = registry::locate(&config.models)?;
@@ -41,12 +49,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let rag = RagPipeline::new(knowledge.clone(), &config.rag)?;
     let (limits, default_max) = (Limits::new(config.limits.clone()), config.engine.default_max_tokens);
+    let tenancy = Arc::new(Tenancy::new(
+        &config.tenants,
+        &config.tenants_state,
+        &config.ops.cost.prices,
+        &config.models.generation.name,
+    )?);
+    let pipeline_tenancy = tenancy.clone();
     let safety = crate::safety::SafetyChain::new(&config.safety)?;
     tracing::info!(target: "genai::safety", "safety policy: {}", safety.describe());
-    let state = AppState::new(config, ops, knowledge, |draining| {
-        Pipeline::new(limits, rag, safety, draining, default_max)
+    let state = AppState::new(config, ops, knowledge, auth, |draining| {
+        Pipeline::new(limits, pipeline_tenancy, rag, safety, draining, default_max)
     });
     tokio::spawn(latency.run(Duration::from_secs(5)));
+    let tenancy_task = tokio::spawn(tenancy.clone().run());
     tokio::spawn(publish_engine_stats(state.clone()));
     tracing::info!(
         grpc = %grpc_listener.local_addr()?,
@@ -56,7 +72,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let grpc = tokio::spawn(api::grpc::serve(state.clone(), grpc_listener, shutdown_rx.clone()));
-    let http = tokio::spawn(api::http::serve(state.clone(), http_listener, shutdown_rx));
+    let http = tokio::spawn(api::http::serve(state.clone(), http_listener, shutdown_rx.clone()));
+    if let Some(l) = metrics_listener {
+        tracing::info!(metrics = %l.local_addr()?, "serving /metrics on its own listener, without authentication");
+        tokio::spawn(api::http::serve_metrics(state.clone(), l, shutdown_rx));
+    }
 
     let load_state = state.clone();
     let load = tokio::task::spawn_blocking(move || load_models(&load_state, files));
@@ -91,6 +111,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(res) => res?,
         Err(_) => tracing::warn!("drain time exceeded; closing remaining streams"),
     }
+    // Streams are over (or cut): their reservations are settled or refunded; save the spend.
+    tenancy_task.abort();
+    match tokio::task::spawn_blocking(move || tenancy.save(true)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("saving tenant spend at shutdown failed: {e:#}"),
+        Err(e) => tracing::warn!("saving tenant spend at shutdown failed: {e}"),
+    }
     if let Some(log) = state.ops().request_log.clone() {
         // Joins the writer thread: off the async runtime.
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
@@ -109,7 +136,15 @@ fn start_ops(config: &Config) -> anyhow::Result<Ops> {
     } else {
         None
     };
-    let tenants = config.ops.cost.budgets.keys().cloned().collect();
+    // Tenants with a budget alert or hard limits get their own label; others are "other".
+    let mut tenants: Vec<String> = config.ops.cost.budgets.keys().cloned().collect();
+    tenants.extend(
+        config
+            .tenants
+            .keys()
+            .filter(|t| !config.ops.cost.budgets.contains_key(*t))
+            .cloned(),
+    );
     Ok(Ops::new(metrics, cost, latency, request_log, tenants))
 }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::ops::observe::Ops;
 use crate::pipeline::Pipeline;
@@ -15,6 +16,8 @@ pub(crate) struct AppState {
     /// Embedder + vector store; loaded before the servers start.
     pub knowledge: Arc<KnowledgeService>,
     pub pipeline: Pipeline,
+    /// API keys; the context layer of both doors asks it about every request.
+    pub auth: Arc<Authenticator>,
     /// Flips to true on SIGTERM/SIGINT: stop admitting new work.
     draining: watch::Sender<bool>,
 }
@@ -24,6 +27,7 @@ impl AppState {
         config: Config,
         ops: Ops,
         knowledge: Arc<KnowledgeService>,
+        auth: Arc<Authenticator>,
         pipeline: impl FnOnce(watch::Receiver<bool>) -> Pipeline,
     ) -> Arc<Self> {
         let draining = watch::channel(false).0;
@@ -32,6 +36,7 @@ impl AppState {
             ops: Arc::new(ops),
             knowledge,
             pipeline: pipeline(draining.subscribe()),
+            auth,
             draining,
         })
     }

@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_genai-factory");
 
+/// The binary under test: cargo's build of it, or `GENAI_E2E_BIN` — a copy taken right after the
+/// build, for checkouts that share one target directory (another checkout's build would replace
+/// cargo's file while the tests run).
+fn bin() -> PathBuf {
+    std::env::var_os("GENAI_E2E_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
+
 /// The repository root (tests/ sits next to server/).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -71,7 +78,7 @@ pub fn require_tool(name: &str, probe: &[&str], install: &str) -> Option<PathBuf
 /// reads config overrides from them, and refuses unknown ones such as `GENAI_REQUIRE_TOOLS`) nor
 /// `RUST_LOG`: a test's server runs with the test's settings only.
 fn command() -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.env_remove("RUST_LOG");
     for (key, _) in std::env::vars_os() {
         if key.as_encoded_bytes().starts_with(b"GENAI_") {
@@ -117,11 +124,19 @@ pub struct Server {
 
 pub struct ServerBuilder {
     envs: Vec<(String, String)>,
+    config: Option<String>,
 }
 
 impl ServerBuilder {
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.envs.push((k.into(), v.into()));
+        self
+    }
+
+    /// A config file (TOML text) passed with `--config`, for sections the environment cannot
+    /// express well (tables of tenants, prices).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.into());
         self
     }
 
@@ -146,6 +161,11 @@ impl ServerBuilder {
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
+        if let Some(toml) = &self.config {
+            let path = dir.path().join("config.toml");
+            std::fs::write(&path, toml).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
         let child = cmd.spawn().expect("spawn genai-factory serve");
         let mut server = Server {
             child: Some(child),
@@ -161,7 +181,10 @@ impl ServerBuilder {
 
 impl Server {
     pub fn builder() -> ServerBuilder {
-        ServerBuilder { envs: Vec::new() }
+        ServerBuilder {
+            envs: Vec::new(),
+            config: None,
+        }
     }
 
     pub async fn start() -> Server {

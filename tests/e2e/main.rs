@@ -4,8 +4,10 @@
 mod harness;
 
 mod api;
+mod auth;
 mod engine;
 mod foundation;
+mod limits;
 mod observability;
 mod pipeline;
 mod retrieval;

@@ -84,7 +84,7 @@ pub(crate) async fn serve(
 
     tonic::transport::Server::builder()
         .layer(crate::ops::request_id::layer())
-        .layer(crate::pipeline::context::layer())
+        .layer(crate::pipeline::context::layer(state.auth.clone()))
         .layer(super::grpc_guard::EmbedGuardLayer {
             max_inputs: state.config.limits.max_embedding_inputs,
             max_message_bytes: limits.max_message_bytes,

@@ -24,7 +24,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/live", get(live))
         .route("/health", get(health))
         .route("/ready", get(health))
@@ -32,13 +32,33 @@ pub(crate) async fn serve(
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/feedback", post(feedback))
-        .route("/v1/embeddings", post(openai::embeddings))
-        .route("/metrics", get(metrics))
+        .route("/v1/embeddings", post(openai::embeddings));
+    // `/metrics` is here (behind the `metrics` scope once keys exist) unless it has its own listener.
+    if state.config.server.metrics_addr.is_none() {
+        app = app.route("/metrics", get(metrics));
+    }
+    let app = app
         .with_state(state.clone())
         .merge(super::knowledge::router(state.knowledge.clone()))
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
-        .layer(crate::pipeline::context::layer())
+        .layer(crate::pipeline::context::layer(state.auth.clone()))
         .layer(crate::ops::request_id::layer());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// `/metrics` alone on `server.metrics_addr`: no API key asked (the address is meant for a network
+/// only the scraper reaches).
+pub(crate) async fn serve_metrics(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = Router::new().route("/metrics", get(metrics)).with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;

@@ -8,6 +8,11 @@
 //! | `DELETE /v1/knowledge/documents/{id}?tenant=T` | `Delete` |
 //! | `GET /v1/knowledge/stats` | `Stats` |
 //!
+//! Tenants: a request's `tenant` field (each document's, the search's, the delete's) defaults to
+//! the caller's tenant ([`RequestContext::tenant_for`]); with API keys, naming another tenant
+//! than the key's needs the `admin` scope (403 naming the field). Which scope each call needs is
+//! decided by the context layer (`auth::scope`), before any handler runs.
+//!
 //! Protocol only: decode, default, call [`KnowledgeService`], map
 //! [`RetrievalError`] to a gRPC code or an HTTP status with an OpenAI-style
 //! body `{"error": {"message", "type", "param", "code"}}` (400 names the field).
@@ -32,6 +37,7 @@ use tonic::{Request, Status, Streaming};
 
 use super::error::ApiError;
 use super::parse_json;
+use crate::pipeline::context::RequestContext;
 use genai_retrieval::chunker::DocFormat;
 use genai_retrieval::index::{Filter, Hit};
 use genai_retrieval::knowledge::{DocumentInput, IngestResult, IngestStatus, KnowledgeService, SearchQuery};
@@ -73,11 +79,11 @@ fn format_from_pb(format: i32, source: &str, field: &str) -> Result<DocFormat, R
     }
 }
 
-fn doc_from_pb(i: usize, d: pb::Document) -> Result<DocumentInput, RetrievalError> {
-    let format = format_from_pb(d.format, &d.source, &format!("documents[{i}].format"))?;
+fn doc_from_pb(ctx: &RequestContext, i: usize, d: pb::Document) -> Result<DocumentInput, Status> {
+    let format = format_from_pb(d.format, &d.source, &format!("documents[{i}].format")).map_err(to_status)?;
     Ok(DocumentInput {
         id: d.id,
-        tenant: d.tenant,
+        tenant: ctx.tenant_for(&format!("documents[{i}].tenant"), d.tenant)?,
         source: d.source,
         tags: d.tags,
         format,
@@ -112,6 +118,7 @@ fn hit_to_pb(h: Hit) -> pb::SearchHit {
 #[tonic::async_trait]
 impl Knowledge for KnowledgeGrpc {
     async fn ingest(&self, req: Request<pb::IngestRequest>) -> Result<tonic::Response<pb::IngestResponse>, Status> {
+        let ctx = RequestContext::of(req.extensions())?;
         let docs = req.into_inner().documents;
         if docs.is_empty() {
             return Err(to_status(RetrievalError::invalid(
@@ -122,9 +129,8 @@ impl Knowledge for KnowledgeGrpc {
         let docs = docs
             .into_iter()
             .enumerate()
-            .map(|(i, d)| doc_from_pb(i, d))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(to_status)?;
+            .map(|(i, d)| doc_from_pb(&ctx, i, d))
+            .collect::<Result<Vec<_>, _>>()?;
         let results = self.svc.ingest(docs).await.map_err(to_status)?;
         Ok(tonic::Response::new(pb::IngestResponse {
             results: results.into_iter().map(result_to_pb).collect(),
@@ -135,6 +141,7 @@ impl Knowledge for KnowledgeGrpc {
         &self,
         req: Request<Streaming<pb::IngestStreamRequest>>,
     ) -> Result<tonic::Response<pb::IngestResponse>, Status> {
+        let ctx = RequestContext::of(req.extensions())?;
         let mut stream = req.into_inner();
         let mut results = Vec::new();
         let mut seen = 0usize;
@@ -149,7 +156,7 @@ impl Knowledge for KnowledgeGrpc {
                         "is required",
                     ))
                 })?;
-                let d = doc_from_pb(seen, doc).map_err(to_status)?;
+                let d = doc_from_pb(&ctx, seen, doc)?;
                 // Errors name the position in the stream, not in the group.
                 validate_in_stream(&d, seen)?;
                 group.push(d);
@@ -179,12 +186,13 @@ impl Knowledge for KnowledgeGrpc {
     }
 
     async fn search(&self, req: Request<pb::SearchRequest>) -> Result<tonic::Response<pb::SearchResponse>, Status> {
+        let ctx = RequestContext::of(req.extensions())?;
         let r = req.into_inner();
         let q = SearchQuery {
             query: r.query,
             top_k: if r.top_k == 0 { DEFAULT_TOP_K } else { r.top_k as usize },
             filter: Filter {
-                tenant: r.tenant,
+                tenant: ctx.tenant_for("tenant", r.tenant)?,
                 source: r.source,
                 tags: r.tags,
                 document_id: r.document_id,
@@ -198,8 +206,10 @@ impl Knowledge for KnowledgeGrpc {
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<tonic::Response<pb::DeleteResponse>, Status> {
+        let ctx = RequestContext::of(req.extensions())?;
         let r = req.into_inner();
-        let n = self.svc.delete(&r.tenant, &r.document_id).await.map_err(to_status)?;
+        let tenant = ctx.tenant_for("tenant", r.tenant)?;
+        let n = self.svc.delete(&tenant, &r.document_id).await.map_err(to_status)?;
         Ok(tonic::Response::new(pb::DeleteResponse {
             chunks_removed: n as u32,
         }))
@@ -330,6 +340,7 @@ pub fn router(svc: Arc<KnowledgeService>) -> Router {
 
 async fn http_ingest(
     State(svc): State<Arc<KnowledgeService>>,
+    ctx: RequestContext,
     body: Bytes,
 ) -> Result<Json<HttpIngestResponse>, ApiError> {
     let body: HttpIngest = parse_json(&body)?;
@@ -344,7 +355,7 @@ async fn http_ingest(
         };
         docs.push(DocumentInput {
             id: d.id,
-            tenant: d.tenant,
+            tenant: ctx.tenant_for(&format!("documents[{i}].tenant"), d.tenant)?,
             source: d.source,
             tags: d.tags,
             format,
@@ -357,6 +368,7 @@ async fn http_ingest(
 
 async fn http_search(
     State(svc): State<Arc<KnowledgeService>>,
+    ctx: RequestContext,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let b: HttpSearch = parse_json(&body)?;
@@ -364,7 +376,7 @@ async fn http_search(
         query: b.query,
         top_k: b.top_k.unwrap_or(DEFAULT_TOP_K),
         filter: Filter {
-            tenant: b.tenant,
+            tenant: ctx.tenant_for("tenant", b.tenant)?,
             source: b.source,
             tags: b.tags,
             document_id: b.document_id,
@@ -389,11 +401,12 @@ async fn http_search(
 
 async fn http_delete(
     State(svc): State<Arc<KnowledgeService>>,
+    ctx: RequestContext,
     Path(id): Path<String>,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(t) = query.map_err(|r| ApiError::invalid("tenant", r.body_text()))?;
-    let n = svc.delete(&t.tenant, &id).await?;
+    let n = svc.delete(&ctx.tenant_for("tenant", t.tenant)?, &id).await?;
     Ok(Json(json!({ "id": id, "deleted": true, "chunks_removed": n })))
 }
 
@@ -449,7 +462,7 @@ mod tests {
             dir: tmp.path().to_path_buf(),
             ..Default::default()
         }));
-        let app = router(svc);
+        let app = router(svc).layer(crate::pipeline::context::open_layer());
         let docs = json!({"documents": [
             {"id": "tides", "tenant": "a", "source": "tides.md", "tags": ["sea"],
              "content": "# Tides\nThe Moon's gravity raises two tidal bulges in the oceans."},
@@ -543,6 +556,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(crate::pipeline::context::open_layer())
                 .add_service(grpc_service(svc, 4 << 20))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );

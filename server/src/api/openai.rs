@@ -405,14 +405,21 @@ async fn generate(
         citations: answer.citations,
         safety: answer.safety,
     };
-    if d.stream {
+    let mut resp = if d.stream {
         stream_response(shape, answer.events, d.include_usage).into_response()
     } else {
         match collect(shape, answer.events).await {
             Ok(v) => Json(v).into_response(),
-            Err(e) => e.into_response(),
+            Err(e) => return e.into_response(),
+        }
+    };
+    // The tenant's x-ratelimit-* headers, as OpenAI sends them on every answer.
+    for (k, v) in answer.ratelimit {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(k, v);
         }
     }
+    resp
 }
 
 impl ResponseShape {

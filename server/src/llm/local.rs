@@ -15,7 +15,7 @@ use genai_models::embedder::EmbedderHandle;
 use genai_models::prompt::PromptEncoder;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{Capabilities, Embeddings, Generation, Health, LlmBackend, Tokenized};
+use super::{Capabilities, Embeddings, Generation, Health, LlmBackend, Prepared, Tokenized};
 use crate::error::ApiError;
 use crate::pipeline::context::{Priority, RequestContext};
 
@@ -75,28 +75,6 @@ impl LocalEngine {
             .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
             .map_err(|e| ApiError::invalid(field, format!("{e:#}")))
     }
-
-    fn submit(
-        &self,
-        ctx: &RequestContext,
-        prompt: String,
-        tokens: Vec<u32>,
-        params: SamplingParams,
-    ) -> Result<Generation, ApiError> {
-        let prompt_tokens = tokens.len() as u32;
-        let rx = self.engine.submit(GenerateRequest {
-            request_id: ctx.request_id.clone(),
-            prompt_tokens: tokens,
-            params,
-            cache_salt: self.salt_key.hash_one(&ctx.tenant),
-            adapter: None,
-        })?;
-        Ok(Generation {
-            prompt,
-            prompt_tokens,
-            events: Box::pin(futures::stream::unfold(rx, next_event)),
-        })
-    }
 }
 
 /// Engine events until the engine drops the request (after its final event, or when its thread
@@ -140,12 +118,7 @@ impl LlmBackend for LocalEngine {
         }
     }
 
-    async fn chat(
-        &self,
-        ctx: &RequestContext,
-        messages: Vec<ChatMessage>,
-        params: SamplingParams,
-    ) -> Result<Generation, ApiError> {
+    async fn prepare_chat(&self, messages: Vec<ChatMessage>) -> Result<Prepared, ApiError> {
         if messages.is_empty() {
             return Err(ApiError::invalid("messages", "must contain at least one message"));
         }
@@ -159,29 +132,39 @@ impl LlmBackend for LocalEngine {
         }
         self.check_fits(messages.iter().map(|m| m.content.len()).sum(), "messages")?;
         let p = self.blocking(move |e| e.encode_chat(&messages), "messages").await?;
-        self.submit(ctx, p.text, p.tokens, params)
+        Ok(Prepared {
+            prompt: p.text,
+            tokens: p.tokens,
+        })
     }
 
-    async fn complete(
-        &self,
-        ctx: &RequestContext,
-        prompt: String,
-        params: SamplingParams,
-    ) -> Result<Generation, ApiError> {
+    async fn prepare_text(&self, prompt: String) -> Result<Prepared, ApiError> {
         if prompt.is_empty() {
             return Err(ApiError::invalid("prompt", "must not be empty"));
         }
         self.check_fits(prompt.len(), "prompt")?;
-        let (prompt, tokens) = self
-            .blocking(
-                move |e| {
-                    let t = e.encode_text(&prompt)?;
-                    Ok((prompt, t))
-                },
-                "prompt",
-            )
-            .await?;
-        self.submit(ctx, prompt, tokens, params)
+        self.blocking(
+            move |e| {
+                let tokens = e.encode_text(&prompt)?;
+                Ok(Prepared { prompt, tokens })
+            },
+            "prompt",
+        )
+        .await
+    }
+
+    fn submit(&self, ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError> {
+        let rx = self.engine.submit(GenerateRequest {
+            request_id: ctx.request_id.clone(),
+            prompt_tokens: prepared.tokens,
+            params,
+            cache_salt: self.salt_key.hash_one(&ctx.tenant),
+            adapter: None,
+        })?;
+        Ok(Generation {
+            prompt: prepared.prompt,
+            events: Box::pin(futures::stream::unfold(rx, next_event)),
+        })
     }
 
     async fn embed(&self, texts: Vec<String>, priority: Priority) -> Result<Embeddings, ApiError> {

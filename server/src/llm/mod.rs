@@ -3,7 +3,9 @@
 //! first implementation; remote OpenAI-compatible backends with retries and fallback come next.
 //!
 //! A backend takes messages or text, not token ids: tokenization and template rendering are its
-//! own business (a remote backend has no tokenizer of ours). What it returns is a stream of
+//! own business (a remote backend has no tokenizer of ours). It does them in a separate step
+//! (`prepare_*`, then `submit`), so the pipeline knows the prompt's token count before anything
+//! is queued: the tenant limits reserve it in between. What it returns is a stream of
 //! backend-neutral events that ends after `Finished` or an error; dropping the stream cancels
 //! the generation.
 //!
@@ -29,9 +31,14 @@ pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<EngineEvent, ApiE
 pub(crate) struct Generation {
     /// The prompt as the model sees it (rendered chat), for the request log.
     pub prompt: String,
-    /// The prompt's length in tokens (exact usage when the output stage ends a stream early).
-    pub prompt_tokens: u32,
     pub events: EventStream,
+}
+
+/// A prompt rendered and tokenized, not yet submitted.
+pub(crate) struct Prepared {
+    /// The prompt as the model sees it (rendered chat), for the request log.
+    pub prompt: String,
+    pub tokens: Vec<u32>,
 }
 
 pub(crate) struct Embeddings {
@@ -74,18 +81,14 @@ pub(crate) trait LlmBackend: Send + Sync {
     fn capabilities(&self) -> Capabilities;
     fn health(&self) -> Health;
 
-    async fn chat(
-        &self,
-        ctx: &RequestContext,
-        messages: Vec<ChatMessage>,
-        params: SamplingParams,
-    ) -> Result<Generation, ApiError>;
-    async fn complete(
-        &self,
-        ctx: &RequestContext,
-        prompt: String,
-        params: SamplingParams,
-    ) -> Result<Generation, ApiError>;
+    /// Renders the chat template and tokenizes (on the blocking pool): the prompt as the model
+    /// will see it. Split from [`LlmBackend::submit`] so the tenant limits can reserve the
+    /// prompt's tokens in between, before the engine sees the request.
+    async fn prepare_chat(&self, messages: Vec<ChatMessage>) -> Result<Prepared, ApiError>;
+    /// Tokenizes a raw completion prompt; see [`LlmBackend::prepare_chat`].
+    async fn prepare_text(&self, prompt: String) -> Result<Prepared, ApiError>;
+    /// Starts generating from a prepared prompt.
+    fn submit(&self, ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError>;
     async fn embed(&self, texts: Vec<String>, priority: Priority) -> Result<Embeddings, ApiError>;
     async fn tokenize(&self, text: String, add_special_tokens: bool) -> Result<Tokenized, ApiError>;
     async fn detokenize(&self, ids: Vec<u32>, skip_special_tokens: bool) -> Result<String, ApiError>;

@@ -47,6 +47,13 @@ pub const RETRIEVAL_LATENCY: &str = "genai_retrieval_latency_seconds";
 pub const COST_USD: &str = "genai_cost_usd_total";
 pub const TENANT_BUDGET_EXCEEDED: &str = "genai_tenant_budget_exceeded_total";
 pub const TENANT_BUDGET_USED_RATIO: &str = "genai_tenant_budget_used_ratio";
+// Recorded by `crate::tenancy` (hard per-tenant limits).
+pub const TENANT_LIMIT_REJECTIONS: &str = "genai_tenant_limit_rejections_total";
+pub const TENANT_BUDGET_USD: &str = "genai_tenant_budget_usd";
+pub const TENANT_SPEND_USD: &str = "genai_tenant_spend_usd";
+pub const TENANT_RESERVED_USD: &str = "genai_tenant_reserved_usd";
+pub const TENANT_WINDOW_TOKENS: &str = "genai_tenant_window_tokens";
+pub const TENANT_ACTIVE_STREAMS: &str = "genai_tenant_active_streams";
 pub const SLO_BREACHES: &str = "genai_slo_breaches_total";
 pub const ROUTE_LATENCY: &str = "genai_route_latency_seconds";
 pub const PREFIX_CACHE_HIT_RATIO: &str = "genai_prefix_cache_hit_ratio";
@@ -54,6 +61,7 @@ pub const REQUEST_LOG_LINES: &str = "genai_request_log_lines_total";
 pub const REQUEST_LOG_DROPPED: &str = "genai_request_log_dropped_total";
 pub const REQUEST_LOG_ERRORS: &str = "genai_request_log_errors_total";
 pub const BUILD_INFO: &str = "genai_build_info";
+pub const AUTH_FAILURES: &str = "genai_auth_failures_total";
 pub const SAFETY_VERDICTS: &str = "genai_safety_verdicts_total";
 
 /// Prometheus type of a catalogued metric.
@@ -382,6 +390,48 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Spend in the current budget period divided by the tenant's budget.",
     ),
     def(
+        TENANT_LIMIT_REJECTIONS,
+        Kind::Counter,
+        &["tenant", "limit"],
+        N,
+        "Requests refused by a hard tenant limit, by tenant and limit (requests_per_minute, concurrent_streams, max_prompt_tokens, max_tokens, tokens_per_minute, budget_usd).",
+    ),
+    def(
+        TENANT_BUDGET_USD,
+        Kind::Gauge,
+        &["tenant"],
+        None,
+        "A tenant's hard budget in USD per budget period ([tenants.*] budget_usd).",
+    ),
+    def(
+        TENANT_SPEND_USD,
+        Kind::Gauge,
+        &["tenant"],
+        None,
+        "A tenant's settled spend in USD in the current budget period (token prices; survives restarts).",
+    ),
+    def(
+        TENANT_RESERVED_USD,
+        Kind::Gauge,
+        &["tenant"],
+        None,
+        "USD reserved by a tenant's requests in flight (worst case, refunded as they end).",
+    ),
+    def(
+        TENANT_WINDOW_TOKENS,
+        Kind::Gauge,
+        &["tenant"],
+        N,
+        "Tokens a tenant used or reserved in the sliding minute (what tokens_per_minute limits).",
+    ),
+    def(
+        TENANT_ACTIVE_STREAMS,
+        Kind::Gauge,
+        &["tenant"],
+        N,
+        "Generations of a tenant in flight (what concurrent_streams limits).",
+    ),
+    def(
         SLO_BREACHES,
         Kind::Counter,
         &["route", "percentile"],
@@ -422,6 +472,13 @@ pub const CATALOGUE: &[MetricDef] = &[
         &[],
         N,
         "Request-log write, rotation or cleanup errors.",
+    ),
+    def(
+        AUTH_FAILURES,
+        Kind::Counter,
+        &["reason"],
+        N,
+        "Requests refused by API-key checks, by reason (missing|malformed|unknown_id|wrong_secret|revoked|scope|tenant).",
     ),
     def(
         SAFETY_VERDICTS,

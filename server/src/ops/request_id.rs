@@ -67,7 +67,8 @@ pub struct MakeRequestSpan;
 impl<B> MakeSpan<B> for MakeRequestSpan {
     fn make_span(&mut self, req: &Request<B>) -> Span {
         let id = from_request(req).unwrap_or_default();
-        tracing::error_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+        // `principal` is filled by the context layer once it has authenticated the caller.
+        tracing::error_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path(), principal = tracing::field::Empty)
     }
 }
 

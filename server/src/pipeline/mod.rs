@@ -3,8 +3,9 @@
 //! A door decodes its wire format into a [`GenerateInput`] (or an embeddings / tokenize call),
 //! takes the [`context::RequestContext`] the shared tower layer attached, and calls
 //! [`Pipeline`]. The pipeline checks the hard limits ([`limits`]) before anything costly, picks
-//! the backend by model name, runs retrieval for RAG, lets the backend tokenize (on the blocking
-//! pool) and generate, and hands back one event stream bounded by the request's deadline and
+//! the backend by model name, checks the tenant's limits ([`crate::tenancy`]: cheap ones before
+//! tokenization, token and budget reservations after it), runs retrieval for RAG, lets the
+//! backend tokenize (on the blocking pool) and generate, and hands back one event stream bounded by the request's deadline and
 //! carrying its [`Observer`], which records the request when the stream ends or is dropped.
 //! The doors only encode what comes back.
 //!
@@ -15,7 +16,8 @@
 //! Tested: the limits and the context have unit tests (`limits`, `context`); the whole path runs
 //! through the real binary in `tests/e2e/pipeline.rs` (floods refused on both doors before any
 //! tokenization, tenant-scoped prefix cache, control tokens kept as text, unsupported fields,
-//! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING).
+//! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING); the
+//! tenant limits around tokenization in `tests/e2e/limits.rs`.
 
 pub(crate) mod context;
 pub(crate) mod limits;
@@ -37,6 +39,7 @@ use crate::llm::local::LocalEngine;
 use crate::llm::{Embeddings, EventStream, Health, LlmBackend, Tokenized};
 use crate::ops::observe::Observer;
 use crate::safety::{output::Outcome, Flags, SafetyChain};
+use crate::tenancy::{self, Tenancy};
 use context::RequestContext;
 use limits::Limits;
 use sampling::SamplingInput;
@@ -82,12 +85,26 @@ pub(crate) struct Answer {
     /// RAG: the sources numbered in the prompt; empty otherwise.
     pub citations: Vec<Citation>,
     pub events: EventStream,
+    /// The tenant's `x-ratelimit-*` headers as of admission (HTTP sends them, as OpenAI does).
+    pub ratelimit: Vec<(&'static str, String)>,
     /// Set when the output stage ended the stream (`content_filter`): its stage and reason.
     pub safety: Outcome,
 }
 
+/// What `start` hands to `generate`: the answer's parts and the prompt for the request log.
+struct Started {
+    model: String,
+    citations: Vec<Citation>,
+    prompt: String,
+    events: EventStream,
+    ratelimit: Vec<(&'static str, String)>,
+    safety: Outcome,
+}
+
 pub(crate) struct Pipeline {
     limits: Limits,
+    /// Per-tenant limits and budgets (`crate::tenancy`).
+    tenancy: Arc<Tenancy>,
     rag: RagPipeline,
     safety: SafetyChain,
     local: OnceLock<Arc<LocalEngine>>,
@@ -101,6 +118,7 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     pub(crate) fn new(
         limits: Limits,
+        tenancy: Arc<Tenancy>,
         rag: RagPipeline,
         safety: SafetyChain,
         draining: watch::Receiver<bool>,
@@ -108,6 +126,7 @@ impl Pipeline {
     ) -> Self {
         Self {
             limits,
+            tenancy,
             rag,
             safety,
             local: OnceLock::new(),
@@ -189,12 +208,20 @@ impl Pipeline {
         mut obs: Observer,
     ) -> Result<Answer, ApiError> {
         match self.start(ctx, input, obs.safety_flags()).await {
-            Ok((model, citations, prompt, (events, safety))) => {
+            Ok(Started {
+                model,
+                citations,
+                prompt,
+                events,
+                ratelimit,
+                safety,
+            }) => {
                 obs.set_model(&model, &prompt);
                 Ok(Answer {
                     model,
                     citations,
                     events: observed(events, obs, ctx.deadline),
+                    ratelimit,
                     safety,
                 })
             }
@@ -205,39 +232,50 @@ impl Pipeline {
         }
     }
 
-    async fn start(
-        &self,
-        ctx: &RequestContext,
-        mut input: GenerateInput,
-        flags: Flags,
-    ) -> Result<(String, Vec<Citation>, String, (EventStream, Outcome)), ApiError> {
+    async fn start(&self, ctx: &RequestContext, mut input: GenerateInput, flags: Flags) -> Result<Started, ApiError> {
         self.limits.check_sampling(&input.sampling)?;
         match &input.prompt {
             Prompt::Text(p) => self.limits.check_prompt(p)?,
             Prompt::Chat(m) => self.limits.check_messages(m)?,
         }
         let backend = self.backend(&input.model)?;
+        // Tenant limits that need no tokens (max_tokens, requests per minute, streams) first.
+        let entry = self
+            .tenancy
+            .enter(&ctx.tenant, &mut input.sampling.max_tokens, self.default_max_tokens)?;
         let params = input.sampling.into_params(self.default_max_tokens)?;
         // Safety: PII redacted in place before the backend tokenizes; classifiers start here.
         let mut scan = self.safety.scan_input(&ctx.tenant, &mut input.prompt, flags).await?;
-        let (generation, citations) = match (input.prompt, input.route) {
-            (Prompt::Text(p), _) => (backend.complete(ctx, p, params).await?, Vec::new()),
-            (Prompt::Chat(messages), Route::Chat) => (backend.chat(ctx, messages, params).await?, Vec::new()),
+        let (prepared, citations) = match (input.prompt, input.route) {
+            (Prompt::Text(p), _) => (backend.prepare_text(p).await?, Vec::new()),
+            (Prompt::Chat(messages), Route::Chat) => (backend.prepare_chat(messages).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Rag) => {
                 let (mut messages, citations) = self.retrieve(ctx, &messages).await?;
                 let chunks: Vec<&str> = citations.iter().map(|c| c.text.as_str()).collect();
                 self.safety.scan_retrieved(&mut scan, &mut messages, &chunks).await?;
-                (backend.chat(ctx, messages, params).await?, citations)
+                (backend.prepare_chat(messages).await?, citations)
             }
         };
+        // Reserve prompt + max_tokens (tokens and worst-case spend) before the engine sees it;
+        // the meter goes with the stream and refunds what is not used.
+        let prompt_tokens = prepared.tokens.len();
+        let meter = self
+            .tenancy
+            .admit(entry, prompt_tokens, params.max_tokens, backend.model())?;
+        let ratelimit = meter.headers();
+        let generation = backend.submit(ctx, prepared, params)?;
         // The classifier verdicts, computed while the engine prefills (a block drops the stream).
         scan.settle().await?;
-        Ok((
-            backend.model().to_owned(),
+        // The meter sees every engine delta; the output stage may end the stream early.
+        let (events, safety) = scan.output(tenancy::metered(generation.events, meter), prompt_tokens as u32);
+        Ok(Started {
+            model: backend.model().to_owned(),
             citations,
-            generation.prompt,
-            scan.output(generation.events, generation.prompt_tokens),
-        ))
+            prompt: generation.prompt,
+            events,
+            ratelimit,
+            safety,
+        })
     }
 
     /// RAG: sources for the last user message, from the caller's tenant only.
@@ -277,7 +315,9 @@ impl Pipeline {
                 format!("unknown embedding model {model:?}; this server serves {name:?}"),
             ));
         }
+        let mut meter = self.tenancy.embeddings(&ctx.tenant, &name, &texts)?;
         let e = backend.embed(texts, ctx.priority).await?;
+        meter.record(e.tokens as u64, 0);
         crate::ops::metrics::record_embedding_batch(e.vectors.len());
         Ok((name, e))
     }

@@ -4,8 +4,10 @@
 //! takes the [`context::RequestContext`] the shared tower layer attached, and calls
 //! [`Pipeline`]. The pipeline checks the hard limits ([`limits`]) before anything costly, picks
 //! the backend by model name, checks the tenant's limits ([`crate::tenancy`]: cheap ones before
-//! tokenization, token and budget reservations after it), runs retrieval for RAG, lets the
-//! backend tokenize (on the blocking pool) and generate, and hands back one event stream bounded by the request's deadline and
+//! tokenization, token and budget reservations after it), runs the safety chain's input stages
+//! ([`crate::safety`]: the model never sees a raw PII value), runs retrieval for RAG, lets the
+//! backend tokenize (on the blocking pool) and generate, and hands back one event stream —
+//! through the safety output stage — bounded by the request's deadline and
 //! carrying its [`Observer`], which records the request when the stream ends or is dropped.
 //! The doors only encode what comes back.
 //!
@@ -17,7 +19,8 @@
 //! through the real binary in `tests/e2e/pipeline.rs` (floods refused on both doors before any
 //! tokenization, tenant-scoped prefix cache, control tokens kept as text, unsupported fields,
 //! seeded sampling alone and batched, engine panics with recovery and with NOT_SERVING); the
-//! tenant limits around tokenization in `tests/e2e/limits.rs`.
+//! tenant limits around tokenization in `tests/e2e/limits.rs`; the safety stages in
+//! `tests/e2e/safety.rs`.
 
 pub(crate) mod context;
 pub(crate) mod limits;

@@ -333,7 +333,8 @@ fn block(reason: &'static str, score: f32) -> Verdict {
     }
 }
 
-fn chunk_text(text: &str, max: usize) -> Vec<&str> {
+/// See [`InjectionDetector::chunks`]; the toxicity classifier chunks the same way.
+pub(crate) fn chunk_text(text: &str, max: usize) -> Vec<&str> {
     let text = text.trim();
     if text.len() <= max {
         return if text.is_empty() { vec![] } else { vec![text] };

@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod injection;
+pub mod toxicity;
 pub mod verdict;
 
 pub use verdict::{Action, Stage, Verdict};

@@ -50,6 +50,9 @@ pub struct Config {
     /// Hard per-request limits, checked before any tokenization.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The safety chain: PII redaction, injection/toxicity stages, output scanning.
+    #[serde(default)]
+    pub safety: crate::safety::SafetyConfig,
 }
 
 /// `[limits]`: what one request may ask for. Checked on the raw request, before tokenization,
@@ -404,6 +407,7 @@ impl Config {
             bail!("invalid config: engine.max_batch_tokens must be >= engine.max_running (every running sequence decodes each step)");
         }
         self.ops.validate()?;
+        self.safety.validate()?;
         self.validate_retrieval()
     }
 

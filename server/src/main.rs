@@ -14,6 +14,7 @@ mod ingest;
 mod llm;
 mod ops;
 mod pipeline;
+mod safety;
 mod serve;
 mod state;
 mod telemetry;

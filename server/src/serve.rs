@@ -41,8 +41,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let rag = RagPipeline::new(knowledge.clone(), &config.rag)?;
     let (limits, default_max) = (Limits::new(config.limits.clone()), config.engine.default_max_tokens);
+    let safety = crate::safety::SafetyChain::new(&config.safety)?;
+    tracing::info!(target: "genai::safety", "safety policy: {}", safety.describe());
     let state = AppState::new(config, ops, knowledge, |draining| {
-        Pipeline::new(limits, rag, draining, default_max)
+        Pipeline::new(limits, rag, safety, draining, default_max)
     });
     tokio::spawn(latency.run(Duration::from_secs(5)));
     tokio::spawn(publish_engine_stats(state.clone()));

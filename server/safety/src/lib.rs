@@ -4,6 +4,8 @@
 
 pub mod data;
 pub mod injection;
+pub mod pii;
+pub mod stream;
 pub mod toxicity;
 pub mod verdict;
 

@@ -24,7 +24,7 @@ use crate::pipeline::context::RequestContext;
 use crate::pipeline::sampling::SamplingInput;
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::state::AppState;
-use genai_engine::{EngineEvent, PositionLogprobs, TokenLogprob};
+use genai_engine::{EngineEvent, FinishReason, PositionLogprobs, TokenLogprob};
 use genai_models::chat_template::ChatMessage;
 use genai_retrieval::rag;
 
@@ -154,9 +154,10 @@ impl InferenceService {
         };
         let answer = self.state.pipeline.generate(&ctx, input, obs).await?;
         let sources = answer.citations;
+        let safety = answer.safety;
         let mut first = true;
         let mut text = String::new();
-        let out = answer.events.map(move |ev| {
+        let out = answer.events.flat_map(move |ev| {
             let mut msg = match ev {
                 Ok(EngineEvent::Delta {
                     text: delta,
@@ -184,16 +185,34 @@ impl InferenceService {
                         .collect(),
                     ..Default::default()
                 },
-                Ok(EngineEvent::Failed { message }) => return Err(Status::internal(message)),
-                Err(e) => return Err(e.into()),
+                Ok(EngineEvent::Failed { message }) => return one(Err(Status::internal(message))),
+                Err(e) => return one(Err(e.into())),
             };
             if std::mem::take(&mut first) && msg.citations.is_empty() {
                 msg.citations = sources.iter().cloned().map(citation).collect();
             }
-            Ok(msg)
+            let end = match safety.blocked() {
+                // The stream ends OK (finish_reason "content_filter" on the last message); the
+                // stage and reason ride in the trailers, as for a blocked input.
+                Some((stage, reason)) if msg.finish_reason == FinishReason::ContentFilter.as_str() => {
+                    let mut md = tonic::metadata::MetadataMap::new();
+                    md.insert("genai-safety-stage", tonic::metadata::MetadataValue::from_static(stage));
+                    md.insert("genai-safety-reason", tonic::metadata::MetadataValue::from_static(reason));
+                    Some(Err(Status::with_metadata(tonic::Code::Ok, "", md)))
+                }
+                _ => None,
+            };
+            futures::stream::iter([Some(Ok(msg)), end].into_iter().flatten())
         });
         Ok(Response::new(Box::pin(out) as GenStream))
     }
+}
+
+/// A stream of one item (the shape every arm of `generate_stream`'s `flat_map` returns).
+fn one(
+    item: Result<pb::GenerateResponse, Status>,
+) -> futures::stream::Iter<std::iter::Flatten<std::array::IntoIter<Option<Result<pb::GenerateResponse, Status>>, 2>>> {
+    futures::stream::iter([Some(item), None].into_iter().flatten())
 }
 
 fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {

@@ -30,6 +30,7 @@ use crate::ops::observe::Observer;
 use crate::pipeline::context::RequestContext;
 use crate::pipeline::sampling::SamplingInput;
 use crate::pipeline::{GenerateInput, Prompt, Route};
+use crate::safety::output::Outcome;
 use crate::state::AppState;
 use genai_engine::{EngineEvent, PositionLogprobs, Usage};
 use genai_models::chat_template::ChatMessage;
@@ -255,6 +256,8 @@ struct ResponseShape {
     logprobs: bool,
     /// RAG sources: all of them on the first chunk, the cited ones on the answer.
     citations: Vec<Citation>,
+    /// Why the output stage ended the answer (`finish_reason: "content_filter"`), if it did.
+    safety: Outcome,
 }
 
 /// A decoded request: the pipeline input plus how to encode the answer.
@@ -400,6 +403,7 @@ async fn generate(
         created: now_secs(),
         logprobs: d.logprobs,
         citations: answer.citations,
+        safety: answer.safety,
     };
     if d.stream {
         stream_response(shape, answer.events, d.include_usage).into_response()
@@ -454,6 +458,14 @@ impl ResponseShape {
         v
     }
 
+    /// Adds `"safety": {"stage", "reason"}` to the last chunk or answer of a blocked stream (an
+    /// extension next to OpenAI's `finish_reason: "content_filter"`).
+    fn add_safety(&self, v: &mut Value) {
+        if let Some((stage, reason)) = self.safety.blocked() {
+            v["safety"] = json!({"stage": stage, "reason": reason});
+        }
+    }
+
     fn object(&self, chunk: bool) -> &'static str {
         match (self.kind, chunk) {
             (Kind::Chat, true) => "chat.completion.chunk",
@@ -498,6 +510,7 @@ async fn collect(job: ResponseShape, mut events: EventStream) -> Result<Value, A
                 if !job.citations.is_empty() {
                     v["citations"] = json!(rag::parse_citations(&text, &job.citations));
                 }
+                job.add_safety(&mut v);
                 return Ok(v);
             }
             EngineEvent::Failed { message } => return Err(ApiError::Internal(message)),
@@ -522,7 +535,9 @@ fn stream_response(
                     vec![e]
                 }
                 Ok(EngineEvent::Finished { reason, usage }) => {
-                    let mut v = vec![data(job.chunk("", &[], Some(reason.as_str()), first))];
+                    let mut last = job.chunk("", &[], Some(reason.as_str()), first);
+                    job.add_safety(&mut last);
+                    let mut v = vec![data(last)];
                     if include_usage {
                         v.push(data(json!({
                             "id": job.id, "object": job.object(true), "created": job.created, "model": job.model,

@@ -83,6 +83,7 @@ impl LocalEngine {
         tokens: Vec<u32>,
         params: SamplingParams,
     ) -> Result<Generation, ApiError> {
+        let prompt_tokens = tokens.len() as u32;
         let rx = self.engine.submit(GenerateRequest {
             request_id: ctx.request_id.clone(),
             prompt_tokens: tokens,
@@ -92,6 +93,7 @@ impl LocalEngine {
         })?;
         Ok(Generation {
             prompt,
+            prompt_tokens,
             events: Box::pin(futures::stream::unfold(rx, next_event)),
         })
     }

@@ -29,6 +29,8 @@ pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<EngineEvent, ApiE
 pub(crate) struct Generation {
     /// The prompt as the model sees it (rendered chat), for the request log.
     pub prompt: String,
+    /// The prompt's length in tokens (exact usage when the output stage ends a stream early).
+    pub prompt_tokens: u32,
     pub events: EventStream,
 }
 

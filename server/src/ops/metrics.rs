@@ -54,6 +54,7 @@ pub const REQUEST_LOG_LINES: &str = "genai_request_log_lines_total";
 pub const REQUEST_LOG_DROPPED: &str = "genai_request_log_dropped_total";
 pub const REQUEST_LOG_ERRORS: &str = "genai_request_log_errors_total";
 pub const BUILD_INFO: &str = "genai_build_info";
+pub const SAFETY_VERDICTS: &str = "genai_safety_verdicts_total";
 
 /// Prometheus type of a catalogued metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,6 +422,13 @@ pub const CATALOGUE: &[MetricDef] = &[
         &[],
         N,
         "Request-log write, rotation or cleanup errors.",
+    ),
+    def(
+        SAFETY_VERDICTS,
+        Kind::Counter,
+        &["stage", "verdict", "reason"],
+        N,
+        "Safety verdicts by stage (input_pii|output_pii|input_injection|input_toxicity|retrieval_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
     ),
     def(
         BUILD_INFO,

@@ -60,6 +60,8 @@ pub struct Observer {
     status: Option<String>,
     /// API method label (RPC name or HTTP path).
     method: &'static str,
+    /// `stage:verdict:reason` codes the safety stages add (input and output).
+    safety_flags: crate::safety::Flags,
 }
 
 impl Observer {
@@ -78,7 +80,13 @@ impl Observer {
             record,
             status: None,
             method,
+            safety_flags: Default::default(),
         }
+    }
+
+    /// Where the safety stages of this request record their verdict codes.
+    pub fn safety_flags(&self) -> crate::safety::Flags {
+        self.safety_flags.clone()
     }
 
     pub fn set_model(&mut self, model: &str, prompt: &str) {
@@ -146,6 +154,7 @@ impl Drop for Observer {
             );
         }
         if let Some(log) = &self.ops.request_log {
+            r.safety_flags = std::mem::take(&mut self.safety_flags.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
             r.status = status;
             r.e2e_ms = elapsed.as_secs_f64() * 1e3;
             r.ttft_ms = self.first_token.map(|t| (t - self.start).as_secs_f64() * 1e3);

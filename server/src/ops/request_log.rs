@@ -57,14 +57,15 @@ pub struct RequestRecord {
     pub api: String,
     /// gRPC code name or HTTP status ("OK", "200", "RESOURCE_EXHAUSTED" …).
     pub status: String,
-    /// "stop" | "length" | "cancelled"; None when no generation finished.
+    /// "stop" | "length" | "content_filter" | "cancelled"; None when no generation finished.
     pub finish_reason: Option<String>,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub cached_tokens: u32,
     pub ttft_ms: Option<f64>,
     pub e2e_ms: f64,
-    /// Names of safety checks that flagged the input or output.
+    /// `stage:verdict:reason` codes of the safety verdicts on the input or output
+    /// (`input_pii:redact:email`, `output_pii:block:private_key`), each once; never the value.
     pub safety_flags: Vec<String>,
     /// The prompt as the model saw it (rendered chat), hashed or dropped per `text_mode`.
     pub prompt: String,

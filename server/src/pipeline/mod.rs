@@ -36,6 +36,7 @@ use crate::error::ApiError;
 use crate::llm::local::LocalEngine;
 use crate::llm::{Embeddings, EventStream, Health, LlmBackend, Tokenized};
 use crate::ops::observe::Observer;
+use crate::safety::{output::Outcome, Flags, SafetyChain};
 use context::RequestContext;
 use limits::Limits;
 use sampling::SamplingInput;
@@ -81,11 +82,14 @@ pub(crate) struct Answer {
     /// RAG: the sources numbered in the prompt; empty otherwise.
     pub citations: Vec<Citation>,
     pub events: EventStream,
+    /// Set when the output stage ended the stream (`content_filter`): its stage and reason.
+    pub safety: Outcome,
 }
 
 pub(crate) struct Pipeline {
     limits: Limits,
     rag: RagPipeline,
+    safety: SafetyChain,
     local: OnceLock<Arc<LocalEngine>>,
     draining: watch::Receiver<bool>,
     default_max_tokens: usize,
@@ -98,12 +102,14 @@ impl Pipeline {
     pub(crate) fn new(
         limits: Limits,
         rag: RagPipeline,
+        safety: SafetyChain,
         draining: watch::Receiver<bool>,
         default_max_tokens: usize,
     ) -> Self {
         Self {
             limits,
             rag,
+            safety,
             local: OnceLock::new(),
             draining,
             default_max_tokens,
@@ -182,13 +188,14 @@ impl Pipeline {
         input: GenerateInput,
         mut obs: Observer,
     ) -> Result<Answer, ApiError> {
-        match self.start(ctx, input).await {
-            Ok((model, citations, prompt, events)) => {
+        match self.start(ctx, input, obs.safety_flags()).await {
+            Ok((model, citations, prompt, (events, safety))) => {
                 obs.set_model(&model, &prompt);
                 Ok(Answer {
                     model,
                     citations,
                     events: observed(events, obs, ctx.deadline),
+                    safety,
                 })
             }
             Err(e) => {
@@ -201,8 +208,9 @@ impl Pipeline {
     async fn start(
         &self,
         ctx: &RequestContext,
-        input: GenerateInput,
-    ) -> Result<(String, Vec<Citation>, String, EventStream), ApiError> {
+        mut input: GenerateInput,
+        flags: Flags,
+    ) -> Result<(String, Vec<Citation>, String, (EventStream, Outcome)), ApiError> {
         self.limits.check_sampling(&input.sampling)?;
         match &input.prompt {
             Prompt::Text(p) => self.limits.check_prompt(p)?,
@@ -210,19 +218,25 @@ impl Pipeline {
         }
         let backend = self.backend(&input.model)?;
         let params = input.sampling.into_params(self.default_max_tokens)?;
+        // Safety: PII redacted in place before the backend tokenizes; classifiers start here.
+        let mut scan = self.safety.scan_input(&ctx.tenant, &mut input.prompt, flags)?;
         let (generation, citations) = match (input.prompt, input.route) {
             (Prompt::Text(p), _) => (backend.complete(ctx, p, params).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Chat) => (backend.chat(ctx, messages, params).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Rag) => {
                 let (messages, citations) = self.retrieve(ctx, &messages).await?;
+                let chunks: Vec<&str> = citations.iter().map(|c| c.text.as_str()).collect();
+                self.safety.scan_retrieved(&scan, &chunks).await?;
                 (backend.chat(ctx, messages, params).await?, citations)
             }
         };
+        // The classifier verdicts, computed while the engine prefills (a block drops the stream).
+        scan.settle().await?;
         Ok((
             backend.model().to_owned(),
             citations,
             generation.prompt,
-            generation.events,
+            scan.output(generation.events, generation.prompt_tokens),
         ))
     }
 

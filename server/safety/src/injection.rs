@@ -6,7 +6,8 @@
 //! corpus (`models/safety/injection/toolwall_attack_corpus.csv`, loaded at start) plus the
 //! curated rules below (instruction overrides, DAN / developer-mode personas, system-prompt
 //! exfiltration, fake role delimiters; English, French, German, Spanish, Portuguese, Italian,
-//! Chinese), all in one `RegexSet` pass over the normalised text. Normalisation: invisible
+//! Chinese), each rule its own regex over the normalised text (a `RegexSet` of them all was 20×
+//! slower: the union's lazy DFA overflows its cache on a long prompt). Normalisation: invisible
 //! characters (zero-width, bidi controls, soft hyphen, Unicode tag characters) are stripped,
 //! then NFKC, whitespace runs collapsed, and inside words that mix scripts or mix letters and
 //! digits, Cyrillic/Greek look-alikes and leetspeak digits are folded to Latin letters. Hidden
@@ -40,7 +41,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use regex::{Regex, RegexSet};
+use regex::Regex;
 use serde::Deserialize;
 use unicode_normalization::UnicodeNormalization;
 
@@ -140,7 +141,6 @@ pub struct IndirectFinding {
 #[derive(Debug)]
 pub struct InjectionDetector {
     rules: Vec<Rule>,
-    set: RegexSet,
     skipped_rules: Vec<String>,
     mlp: Mlp,
     rule_threshold: f32,
@@ -178,8 +178,6 @@ impl InjectionDetector {
             rules.extend(loaded);
             skipped_rules = skipped;
         }
-        let set = RegexSet::new(rules.iter().map(|r| r.re.as_str()))
-            .map_err(|e| DataError::invalid("injection rules", e.to_string()))?;
         let (mlp, calibrated) = match &cfg.classifier_weights {
             Some(p) => Mlp::parse(&read_to_string(p)?).map_err(|m| DataError::invalid(p.display().to_string(), m))?,
             None => Mlp::parse(SHIPPED_WEIGHTS).map_err(|m| DataError::invalid("shipped injection weights", m))?,
@@ -187,7 +185,6 @@ impl InjectionDetector {
         let threshold = cfg.threshold.or(calibrated).unwrap_or(0.5);
         Ok(InjectionDetector {
             rules,
-            set,
             skipped_rules,
             mlp,
             rule_threshold: cfg.rule_threshold,
@@ -235,15 +232,12 @@ impl InjectionDetector {
     }
 
     fn hits_normalized(&self, text: &str) -> Vec<RuleHit> {
-        let matched = self.set.matches(text);
-        if !matched.matched_any() {
-            return Vec::new();
-        }
-        let quoted = quoted_spans(text);
-        matched
+        let mut quoted: Option<Vec<Range<usize>>> = None;
+        self.rules
             .iter()
-            .map(|i| {
-                let rule = &self.rules[i];
+            .filter(|rule| rule.re.is_match(text))
+            .map(|rule| {
+                let quoted = quoted.get_or_insert_with(|| quoted_spans(text));
                 let outside = rule
                     .re
                     .find_iter(text)
@@ -274,7 +268,8 @@ impl InjectionDetector {
         self.classify_at(embedding, self.threshold)
     }
 
-    fn classify_at(&self, embedding: &[f32], threshold: f32) -> Verdict {
+    /// [`InjectionDetector::classify`] against a threshold of the caller's (a tenant's policy).
+    pub fn classify_at(&self, embedding: &[f32], threshold: f32) -> Verdict {
         let score = self.score(embedding);
         match score >= threshold {
             true => block("injection_classifier", score),
@@ -292,11 +287,13 @@ impl InjectionDetector {
         self.check_at(text, chunk_embeddings.iter().map(Vec::as_slice), self.threshold)
     }
 
-    fn check_at<'a>(&self, text: &str, embeddings: impl Iterator<Item = &'a [f32]>, threshold: f32) -> Verdict {
+    /// [`InjectionDetector::check`] against a classifier threshold of the caller's.
+    pub fn check_at<'a>(&self, text: &str, embeddings: impl IntoIterator<Item = &'a [f32]>, threshold: f32) -> Verdict {
         if let Some(v) = self.rules(text) {
             return v;
         }
         embeddings
+            .into_iter()
             .map(|e| self.classify_at(e, threshold))
             .max_by(|a, b| (a.action, a.score.unwrap_or(0.0)).partial_cmp(&(b.action, b.score.unwrap_or(0.0))).unwrap_or(std::cmp::Ordering::Equal))
             .unwrap_or_else(|| Verdict::allow(Stage::Injection))
@@ -310,7 +307,7 @@ impl InjectionDetector {
             .iter()
             .enumerate()
             .filter_map(|(index, (text, emb))| {
-                let verdict = self.check_at(text, emb.iter().copied(), self.indirect_threshold);
+                let verdict = self.check_at(text, *emb, self.indirect_threshold);
                 (verdict.action == Action::Block).then_some(IndirectFinding { index, verdict })
             })
             .collect()

@@ -215,8 +215,13 @@ impl ToxicityDetector {
 
     /// The classifier's verdict against the threshold.
     pub fn classify(&self, text: &str) -> Verdict {
+        self.classify_at(text, self.threshold)
+    }
+
+    /// [`ToxicityDetector::classify`] against a threshold of the caller's (a tenant's policy).
+    pub fn classify_at(&self, text: &str, threshold: f32) -> Verdict {
         let score = self.score(text);
-        match score >= self.threshold {
+        match score >= threshold {
             true => block("toxicity_classifier", score),
             false => Verdict {
                 score: Some(score),
@@ -227,7 +232,17 @@ impl ToxicityDetector {
 
     /// Lexicon, then classifier.
     pub fn check(&self, text: &str) -> Verdict {
-        self.lexicon(text).unwrap_or_else(|| self.classify(text))
+        self.check_at(text, self.threshold)
+    }
+
+    /// [`ToxicityDetector::check`] against a classifier threshold of the caller's.
+    pub fn check_at(&self, text: &str, threshold: f32) -> Verdict {
+        self.lexicon(text).unwrap_or_else(|| self.classify_at(text, threshold))
+    }
+
+    /// The classifier's threshold in force by default.
+    pub fn threshold(&self) -> f32 {
+        self.threshold
     }
 }
 

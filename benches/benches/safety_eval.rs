@@ -57,12 +57,21 @@ impl Counts {
             (false, false) => self.tn += 1,
         }
     }
+    /// Positives only (no true-negative count): no false-positive rate.
+    fn row_pr(&self, name: &str) -> String {
+        let full = self.row(name);
+        full.split("  FPR").next().unwrap_or(&full).to_string()
+    }
     fn row(&self, name: &str) -> String {
         let p = self.tp as f64 / (self.tp + self.fp).max(1) as f64;
         let r = self.tp as f64 / (self.tp + self.fn_).max(1) as f64;
         let f1 = if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 };
         let neg = self.fp + self.tn;
-        let fpr = if neg > 0 { format!("{:.4}", self.fp as f64 / neg as f64) } else { "-".into() };
+        let fpr = if neg > 0 {
+            format!("{:.4}", self.fp as f64 / neg as f64)
+        } else {
+            "-".into()
+        };
         format!(
             "{name:<44} {:>5} {:>5} {:>5} {:>5}  P {:.4}  R {:.4}  F1 {:.4}  FPR {fpr}",
             self.tp, self.fp, self.fn_, self.tn, p, r, f1
@@ -100,7 +109,7 @@ impl Rng {
     fn digits(&mut self, n: usize) -> String {
         (0..n).map(|_| char::from(b'0' + self.below(10) as u8)).collect()
     }
-    fn from_set(&mut self, set: &[u8], n: usize) -> String {
+    fn chars_of(&mut self, set: &[u8], n: usize) -> String {
         (0..n).map(|_| char::from(*self.pick(set))).collect()
     }
 }
@@ -150,7 +159,11 @@ fn iban(country: &str, bban: &str) -> String {
 }
 
 fn group4(s: &str) -> String {
-    s.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap_or("")).collect::<Vec<_>>().join(" ")
+    s.as_bytes()
+        .chunks(4)
+        .map(|c| std::str::from_utf8(c).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 const B64URL: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -181,23 +194,74 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
             category: format!("{} ({fmt})", entity.reason()),
         });
     }
-    let first = ["anna", "j.smith", "li.wei", "marie-claire", "o_connor", "dev+alerts", "Max.Mustermann", "x"];
-    let domains = ["example.com", "mail.co.uk", "uni-berlin.de", "gmail.com", "sub.domain.example.org", "correo.es"];
+    let first = [
+        "anna",
+        "j.smith",
+        "li.wei",
+        "marie-claire",
+        "o_connor",
+        "dev+alerts",
+        "Max.Mustermann",
+        "x",
+    ];
+    let domains = [
+        "example.com",
+        "mail.co.uk",
+        "uni-berlin.de",
+        "gmail.com",
+        "sub.domain.example.org",
+        "correo.es",
+    ];
     for i in 0..40 {
-        let v = format!("{}{}@{}", rng.pick(&first), if i % 3 == 0 { rng.digits(2) } else { String::new() }, rng.pick(&domains));
+        let v = format!(
+            "{}{}@{}",
+            rng.pick(&first),
+            if i % 3 == 0 { rng.digits(2) } else { String::new() },
+            rng.pick(&domains)
+        );
         add(&mut cases, rng, Entity::Email, "email", v, "plain");
     }
     for i in 0..60 {
         let (v, fmt) = match i % 10 {
-            0 => (format!("+1 {} {} {}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)), "E.164 US spaced"),
-            1 => (format!("+1{}{}{}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)), "E.164 US"),
+            0 => (
+                format!("+1 {} {} {}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)),
+                "E.164 US spaced",
+            ),
+            1 => (
+                format!("+1{}{}{}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)),
+                "E.164 US",
+            ),
             2 => (format!("+44 20 {} {}", rng.digits(4), rng.digits(4)), "E.164 UK"),
-            3 => (format!("+33 6 {} {} {} {}", rng.digits(2), rng.digits(2), rng.digits(2), rng.digits(2)), "E.164 FR"),
+            3 => (
+                format!(
+                    "+33 6 {} {} {} {}",
+                    rng.digits(2),
+                    rng.digits(2),
+                    rng.digits(2),
+                    rng.digits(2)
+                ),
+                "E.164 FR",
+            ),
             4 => (format!("+49 30 {}", rng.digits(7)), "E.164 DE"),
-            5 => (format!("({}) {}-{}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)), "US national"),
-            6 => (format!("{}-{}-{}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)), "US dashed"),
+            5 => (
+                format!("({}) {}-{}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)),
+                "US national",
+            ),
+            6 => (
+                format!("{}-{}-{}", 200 + rng.below(700), 200 + rng.below(700), rng.digits(4)),
+                "US dashed",
+            ),
             7 => (format!("020 {} {}", rng.digits(4), rng.digits(4)), "UK national"),
-            8 => (format!("06 {} {} {} {}", rng.digits(2), rng.digits(2), rng.digits(2), rng.digits(2)), "FR national"),
+            8 => (
+                format!(
+                    "06 {} {} {} {}",
+                    rng.digits(2),
+                    rng.digits(2),
+                    rng.digits(2),
+                    rng.digits(2)
+                ),
+                "FR national",
+            ),
             _ => (format!("030 {}", rng.digits(7)), "DE national"),
         };
         add(&mut cases, rng, Entity::Phone, "phone number", v, fmt);
@@ -223,13 +287,26 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
         let (cc, bban) = match i % 6 {
             0 => ("DE", rng.digits(18)),
             1 => ("FR", format!("{}{}", rng.digits(10), rng.digits(13))),
-            2 => ("GB", format!("{}{}", rng.from_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", 4), rng.digits(14))),
+            2 => (
+                "GB",
+                format!("{}{}", rng.chars_of(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", 4), rng.digits(14)),
+            ),
             3 => ("ES", rng.digits(20)),
-            4 => ("NL", format!("{}{}", rng.from_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", 4), rng.digits(10))),
-            _ => ("IT", format!("{}{}", rng.from_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", 1), rng.digits(22))),
+            4 => (
+                "NL",
+                format!("{}{}", rng.chars_of(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", 4), rng.digits(10)),
+            ),
+            _ => (
+                "IT",
+                format!("{}{}", rng.chars_of(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", 1), rng.digits(22)),
+            ),
         };
         let v = iban(cc, &bban);
-        let (v, fmt) = if i % 2 == 0 { (v, "compact") } else { (group4(&v), "grouped") };
+        let (v, fmt) = if i % 2 == 0 {
+            (v, "compact")
+        } else {
+            (group4(&v), "grouped")
+        };
         add(&mut cases, rng, Entity::Iban, "IBAN", v, &format!("{cc} {fmt}"));
     }
     for i in 0..30 {
@@ -241,28 +318,52 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
         };
         let v = format!("{area:03}-{:02}-{:04}", 1 + rng.below(99), 1 + rng.below(9999));
         let v = if i % 5 == 4 { v.replace('-', " ") } else { v };
-        add(&mut cases, rng, Entity::UsSsn, "SSN", v, if i % 5 == 4 { "spaced" } else { "dashed" });
+        add(
+            &mut cases,
+            rng,
+            Entity::UsSsn,
+            "SSN",
+            v,
+            if i % 5 == 4 { "spaced" } else { "dashed" },
+        );
     }
     for i in 0..30 {
         let (v, fmt) = match i % 3 {
-            0 => (format!("{}.{}.{}.{}", 1 + rng.below(223), rng.below(256), rng.below(256), 1 + rng.below(254)), "IPv4"),
+            0 => (
+                format!(
+                    "{}.{}.{}.{}",
+                    1 + rng.below(223),
+                    rng.below(256),
+                    rng.below(256),
+                    1 + rng.below(254)
+                ),
+                "IPv4",
+            ),
             1 => (
-                format!("2001:db8:{:x}:{:x}::{:x}", rng.below(65536), rng.below(65536), 1 + rng.below(65535)),
+                format!(
+                    "2001:db8:{:x}:{:x}::{:x}",
+                    rng.below(65536),
+                    rng.below(65536),
+                    1 + rng.below(65535)
+                ),
                 "IPv6 compressed",
             ),
             _ => (
-                (0..8).map(|_| format!("{:x}", rng.below(65536))).collect::<Vec<_>>().join(":"),
+                (0..8)
+                    .map(|_| format!("{:x}", rng.below(65536)))
+                    .collect::<Vec<_>>()
+                    .join(":"),
                 "IPv6 full",
             ),
         };
         add(&mut cases, rng, Entity::IpAddress, "IP address", v, fmt);
     }
     for _ in 0..20 {
-        let v = format!("AKIA{}", rng.from_set(UPPER32, 16));
+        let v = format!("AKIA{}", rng.chars_of(UPPER32, 16));
         add(&mut cases, rng, Entity::AwsAccessKey, "access key", v, "AKIA");
     }
     for _ in 0..15 {
-        let v = rng.from_set(B64, 40);
+        let v = rng.chars_of(B64, 40);
         let text = format!("aws_secret_access_key = {v}");
         cases.push(PiiCase {
             text,
@@ -272,30 +373,47 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
     }
     for i in 0..20 {
         let v = match i % 2 {
-            0 => format!("ghp_{}", rng.from_set(ALNUM, 36)),
-            _ => format!("github_pat_{}_{}", rng.from_set(ALNUM, 22), rng.from_set(ALNUM, 59)),
+            0 => format!("ghp_{}", rng.chars_of(ALNUM, 36)),
+            _ => format!("github_pat_{}_{}", rng.chars_of(ALNUM, 22), rng.chars_of(ALNUM, 59)),
         };
-        add(&mut cases, rng, Entity::GithubToken, "token", v, if i % 2 == 0 { "ghp_" } else { "github_pat_" });
+        add(
+            &mut cases,
+            rng,
+            Entity::GithubToken,
+            "token",
+            v,
+            if i % 2 == 0 { "ghp_" } else { "github_pat_" },
+        );
     }
     for i in 0..20 {
         let v = match i % 2 {
-            0 => format!("sk-{}", rng.from_set(ALNUM, 48)),
-            _ => format!("sk-proj-{}", rng.from_set(B64URL, 64)),
+            0 => format!("sk-{}", rng.chars_of(ALNUM, 48)),
+            _ => format!("sk-proj-{}", rng.chars_of(B64URL, 64)),
         };
-        add(&mut cases, rng, Entity::OpenaiKey, "API key", v, if i % 2 == 0 { "sk-" } else { "sk-proj-" });
+        add(
+            &mut cases,
+            rng,
+            Entity::OpenaiKey,
+            "API key",
+            v,
+            if i % 2 == 0 { "sk-" } else { "sk-proj-" },
+        );
     }
     for _ in 0..20 {
         let v = format!(
             "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ{}.{}",
-            rng.from_set(B64URL, 40),
-            rng.from_set(B64URL, 43)
+            rng.chars_of(B64URL, 40),
+            rng.chars_of(B64URL, 43)
         );
         add(&mut cases, rng, Entity::Jwt, "token", v, "HS256");
     }
     for i in 0..12 {
         let kind = ["RSA ", "EC ", "OPENSSH ", ""][i % 4];
-        let body: Vec<String> = (0..4).map(|_| rng.from_set(B64, 64)).collect();
-        let v = format!("-----BEGIN {kind}PRIVATE KEY-----\n{}\n-----END {kind}PRIVATE KEY-----", body.join("\n"));
+        let body: Vec<String> = (0..4).map(|_| rng.chars_of(B64, 64)).collect();
+        let v = format!(
+            "-----BEGIN {kind}PRIVATE KEY-----\n{}\n-----END {kind}PRIVATE KEY-----",
+            body.join("\n")
+        );
         cases.push(PiiCase {
             text: format!("Here is the key:\n{v}\nKeep it safe."),
             truth: Some((Entity::PrivateKey, v)),
@@ -304,7 +422,12 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
     }
     // Benign look-alikes.
     fn benign(cases: &mut Vec<PiiCase>, rng: &mut Rng, category: &str, value: String) {
-        let t = *rng.pick(&["Reference: {}", "The number {} is printed on the box.", "See {} for details.", "{}"]);
+        let t = *rng.pick(&[
+            "Reference: {}",
+            "The number {} is printed on the box.",
+            "See {} for details.",
+            "{}",
+        ]);
         cases.push(PiiCase {
             text: t.replace("{}", &value),
             truth: None,
@@ -318,13 +441,28 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
     for _ in 0..15 {
         let body = format!("978{}", rng.digits(9));
         let check = (10
-            - body.bytes().enumerate().map(|(i, b)| (b - b'0') as u32 * if i % 2 == 0 { 1 } else { 3 }).sum::<u32>() % 10)
+            - body
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| (b - b'0') as u32 * if i % 2 == 0 { 1 } else { 3 })
+                .sum::<u32>()
+                % 10)
             % 10;
-        let v = format!("ISBN {}-{}-{}-{}-{check}", &body[..3], &body[3..4], &body[4..8], &body[8..]);
+        let v = format!(
+            "ISBN {}-{}-{}-{}-{check}",
+            &body[..3],
+            &body[3..4],
+            &body[4..8],
+            &body[8..]
+        );
         benign(&mut cases, rng, "ISBN-13", v);
     }
     for _ in 0..10 {
-        let v = format!("1Z{}{}", rng.from_set(b"ABCDEFGHJKLMNPRSTUVWXYZ0123456789", 6), rng.digits(10));
+        let v = format!(
+            "1Z{}{}",
+            rng.chars_of(b"ABCDEFGHJKLMNPRSTUVWXYZ0123456789", 6),
+            rng.digits(10)
+        );
         benign(&mut cases, rng, "UPS tracking", v);
     }
     for _ in 0..10 {
@@ -346,22 +484,28 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
         let wrong = format!("DE{:02}{}", (v[2..4].parse::<u32>().unwrap_or(0) + 1) % 97 + 2, &v[4..]);
         benign(&mut cases, rng, "IBAN bad checksum", wrong);
     }
-    for v in ["000-12-3456", "666-12-3456", "900-12-3456", "123-00-4567", "123-45-0000"] {
+    for v in [
+        "000-12-3456",
+        "666-12-3456",
+        "900-12-3456",
+        "123-00-4567",
+        "123-45-0000",
+    ] {
         benign(&mut cases, rng, "invalid SSN", v.to_string());
     }
     for _ in 0..10 {
         let v = format!(
             "{}-{}-4{}-a{}-{}",
-            rng.from_set(b"0123456789abcdef", 8),
-            rng.from_set(b"0123456789abcdef", 4),
-            rng.from_set(b"0123456789abcdef", 3),
-            rng.from_set(b"0123456789abcdef", 3),
-            rng.from_set(b"0123456789abcdef", 12)
+            rng.chars_of(b"0123456789abcdef", 8),
+            rng.chars_of(b"0123456789abcdef", 4),
+            rng.chars_of(b"0123456789abcdef", 3),
+            rng.chars_of(b"0123456789abcdef", 3),
+            rng.chars_of(b"0123456789abcdef", 12)
         );
         benign(&mut cases, rng, "UUID", v);
     }
     for _ in 0..10 {
-        let v = format!("commit {}", rng.from_set(b"0123456789abcdef", 40));
+        let v = format!("commit {}", rng.chars_of(b"0123456789abcdef", 40));
         benign(&mut cases, rng, "git hash", v);
     }
     for _ in 0..10 {
@@ -398,7 +542,8 @@ fn approx_tokens(text: &str) -> Vec<&str> {
         }
         if chars[j].1.is_alphabetic() {
             let word_start = chars[j].0;
-            while j < chars.len() && chars[j].1.is_alphabetic() && chars[j].0 + chars[j].1.len_utf8() - word_start <= 6 {
+            while j < chars.len() && chars[j].1.is_alphabetic() && chars[j].0 + chars[j].1.len_utf8() - word_start <= 6
+            {
                 j += 1;
             }
         } else {
@@ -540,7 +685,12 @@ fn main() {
     let texts: Vec<String> = test.iter().map(|r| r.0.clone()).collect();
     let vecs = data::embed_cached(&emb, &texts);
     let thr = inj.threshold();
-    let (mut rules, mut clf, mut both, mut jg) = (Counts::default(), Counts::default(), Counts::default(), Counts::default());
+    let (mut rules, mut clf, mut both, mut jg) = (
+        Counts::default(),
+        Counts::default(),
+        Counts::default(),
+        Counts::default(),
+    );
     for ((text, y), v) in test.iter().zip(&vecs) {
         let r = inj.rules(text).is_some();
         let c = inj.score(v) >= thr;
@@ -580,28 +730,58 @@ fn main() {
             .collect();
         let y = i % 2 == 0;
         if y {
-            sentences.insert(3, format!("{}.", rng.pick(&attack_rows).trim_end_matches(['.', '?', '!'])));
+            sentences.insert(
+                3,
+                format!("{}.", rng.pick(&attack_rows).trim_end_matches(['.', '?', '!'])),
+            );
         }
         docs.push((sentences.join(" "), y));
     }
-    let chunk_texts: Vec<Vec<String>> =
-        docs.iter().map(|(d, _)| inj.chunks(d).into_iter().map(String::from).collect()).collect();
-    let flat: Vec<String> = chunk_texts.iter().flatten().cloned().collect();
-    let fv = data::embed_cached(&emb, &flat);
     let whole = data::embed_cached(&emb, &docs.iter().map(|d| d.0.clone()).collect::<Vec<_>>());
-    let (mut ind, mut ind_whole) = (Counts::default(), Counts::default());
-    let mut k = 0;
-    for (((doc, y), chunks), wv) in docs.iter().zip(&chunk_texts).zip(&whole) {
-        let cv = &fv[k..k + chunks.len()];
-        k += chunks.len();
-        let items: Vec<(&str, Option<&[f32]>)> = vec![(doc.as_str(), None)];
-        let rule_hit = !inj.screen_indirect(&items).is_empty();
-        ind.add(*y, rule_hit || cv.iter().any(|v| inj.score(v) >= thr));
-        ind_whole.add(*y, rule_hit || inj.score(wv) >= thr);
+    let mut ind_rows = Vec::new();
+    for max in [128usize, 256, 400] {
+        let d = InjectionDetector::new(&InjectionConfig {
+            max_chunk_bytes: max,
+            ..InjectionConfig::with_models_dir(&models)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let chunk_texts: Vec<Vec<String>> = docs
+            .iter()
+            .map(|(doc, _)| d.chunks(doc).into_iter().map(String::from).collect())
+            .collect();
+        let flat: Vec<String> = chunk_texts.iter().flatten().cloned().collect();
+        let fv = data::embed_cached(&emb, &flat);
+        let mut counts = Counts::default();
+        let mut k = 0;
+        for ((doc, y), chunks) in docs.iter().zip(&chunk_texts) {
+            let items: Vec<(&str, Option<&[f32]>)> = std::iter::once((doc.as_str(), None))
+                .chain(
+                    fv[k..k + chunks.len()]
+                        .iter()
+                        .map(|v| (doc.as_str(), Some(v.as_slice()))),
+                )
+                .collect();
+            k += chunks.len();
+            counts.add(*y, !d.screen_indirect(&items).is_empty());
+        }
+        let avg = flat.len() as f64 / docs.len() as f64;
+        ind_rows.push(counts.row(&format!("indirect, chunks <= {max} B ({avg:.1}/doc)")));
+    }
+    let mut ind_whole = Counts::default();
+    for ((doc, y), wv) in docs.iter().zip(&whole) {
+        ind_whole.add(
+            *y,
+            !inj.screen_indirect(&[(doc.as_str(), Some(wv.as_slice()))]).is_empty(),
+        );
         dump.push(serde_json::json!({"set": "injection/indirect", "text": doc, "label": y}));
     }
-    let avg_chunks = flat.len() as f64 / docs.len() as f64;
-    writeln!(out, "\n## Injection (classifier threshold {thr:.4}, calibrated on the validation split)").ok();
+    writeln!(
+        out,
+        "\n## Injection (classifier threshold {thr:.4}, calibrated on the validation split; {} rules, toolwall rules skipped: {:?})",
+        inj.rule_count(),
+        inj.skipped_rules()
+    )
+    .ok();
     writeln!(out, "{}", header()).ok();
     writeln!(out, "{}", rules.row("s-labs test: rules only")).ok();
     writeln!(out, "{}", clf.row("s-labs test: classifier only")).ok();
@@ -611,7 +791,9 @@ fn main() {
     writeln!(out, "{}", y_both.row("yanismiraoui multilingual: rules + classifier")).ok();
     writeln!(out, "{}", y_jg.row("yanismiraoui multilingual: jailguard at 0.5")).ok();
     writeln!(out, "{}", ml_counts.row("generated FR/DE/ES/ZH (20 inj / 20 benign)")).ok();
-    writeln!(out, "{}", ind.row(&format!("indirect, docs chunked ({avg_chunks:.1} chunks)"))).ok();
+    for r in &ind_rows {
+        writeln!(out, "{r}").ok();
+    }
     writeln!(out, "{}", ind_whole.row("indirect, docs embedded whole")).ok();
 
     // --- Toxicity --------------------------------------------------------------------------
@@ -664,7 +846,9 @@ fn main() {
             Some((entity, value)) => {
                 let at = c.text.find(value.as_str()).unwrap_or(0);
                 let span = at..at + value.len();
-                let hit = found.iter().any(|m| m.entity == *entity && m.span.start < span.end && span.start < m.span.end);
+                let hit = found
+                    .iter()
+                    .any(|m| m.entity == *entity && m.span.start < span.end && span.start < m.span.end);
                 let stray = found
                     .iter()
                     .filter(|m| !(m.entity == *entity && m.span.start < span.end && span.start < m.span.end))
@@ -696,10 +880,15 @@ fn main() {
             }
         }
     }
-    writeln!(out, "\n## PII ({} generated cases, {benign_n} of them benign look-alikes)", cases.len()).ok();
+    writeln!(
+        out,
+        "\n## PII ({} generated cases, {benign_n} of them benign look-alikes)",
+        cases.len()
+    )
+    .ok();
     writeln!(out, "{}", header()).ok();
     for (name, c) in &by_entity {
-        writeln!(out, "{}", c.row(&format!("entity {name}"))).ok();
+        writeln!(out, "{}", c.row_pr(&format!("entity {name}"))).ok();
     }
     writeln!(out, "{}", all.row("all entities")).ok();
     writeln!(out, "benign look-alikes flagged: {benign_fp} / {benign_n}").ok();
@@ -718,7 +907,10 @@ fn main() {
     let mut token_leaks = 0;
     for c in cases.iter().filter(|c| c.truth.is_some()) {
         let (_, value) = c.truth.as_ref().expect("filtered");
-        let detected = rec.find(&c.text).iter().any(|m| c.text[m.span.clone()].contains(value.as_str()) || value.contains(&c.text[m.span.clone()]));
+        let detected = rec
+            .find(&c.text)
+            .iter()
+            .any(|m| c.text[m.span.clone()].contains(value.as_str()) || value.contains(&c.text[m.span.clone()]));
         for k in (0..=c.text.len()).filter(|&k| c.text.is_char_boundary(k)) {
             let mut s = StreamScanner::new(rec.clone(), Policy::redact_all(), Vault::new());
             let mut got = String::new();
@@ -776,7 +968,11 @@ fn main() {
         "two-chunk splits at every offset: {splits} streams; complete values leaked: {leaks_detected} among values the one-shot scan detects, {leaks_any} in all (the rest are recall misses)"
     )
     .ok();
-    writeln!(out, "token-by-token (approx. tokens) PII streams leaking the value: {token_leaks}").ok();
+    writeln!(
+        out,
+        "token-by-token (approx. tokens) PII streams leaking the value: {token_leaks}"
+    )
+    .ok();
     let n = held_tokens.len();
     writeln!(
         out,
@@ -858,7 +1054,12 @@ fn main() {
     let short_embed = lat(&mut || {
         std::hint::black_box(emb.embed(&[short], 8192).expect("embed"));
     });
-    writeln!(out, "\n## Latency (ms, {iters} runs each; prompt of {ptoks} MiniLM tokens, {} bytes, {chunks_n} chunks)", prompt.len()).ok();
+    writeln!(
+        out,
+        "\n## Latency (ms, {iters} runs each; prompt of {ptoks} MiniLM tokens, {} bytes, {chunks_n} chunks)",
+        prompt.len()
+    )
+    .ok();
     for (name, (p50, p99)) in [
         ("PII redaction alone", pii_only),
         ("injection rules alone", rules_only),
@@ -871,7 +1072,12 @@ fn main() {
         writeln!(out, "{name:<48} p50 {p50:8.3}  p99 {p99:8.3}").ok();
     }
     let total = test.len() + yanis.len() + ml.len() + docs.len() + tox_cases.len() + cases.len();
-    writeln!(out, "\n{total} evaluation cases in all; {:.0} s", t0.elapsed().as_secs_f64()).ok();
+    writeln!(
+        out,
+        "\n{total} evaluation cases in all; {:.0} s",
+        t0.elapsed().as_secs_f64()
+    )
+    .ok();
     println!("{out}");
     if let Some(path) = std::env::var_os("SAFETY_EVAL_DUMP") {
         let lines: String = dump.iter().map(|d| format!("{d}\n")).collect();

@@ -36,7 +36,10 @@ pub fn slabs(split: &str) -> Vec<(String, bool)> {
 pub fn yanis() -> Vec<String> {
     let path = injection_dir().join("yanismiraoui/prompt_injections.csv");
     let rows = genai_safety::data::read_csv(&path).unwrap_or_else(|e| panic!("{e}"));
-    rows[1..].iter().filter_map(|r| r.first().filter(|t| !t.trim().is_empty()).cloned()).collect()
+    rows[1..]
+        .iter()
+        .filter_map(|r| r.first().filter(|t| !t.trim().is_empty()).cloned())
+        .collect()
 }
 
 pub fn embedder() -> Embedder {
@@ -52,7 +55,10 @@ pub fn embed_cached(e: &Embedder, texts: &[String]) -> Vec<Vec<f32>> {
     let dim = e.dim();
     if let Ok(bytes) = std::fs::read(&cache) {
         if bytes.len() == texts.len() * dim * 4 {
-            let flat: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let flat: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             return flat.chunks(dim).map(<[f32]>::to_vec).collect();
         }
     }
@@ -71,5 +77,7 @@ pub fn embed_cached(e: &Embedder, texts: &[String]) -> Vec<Vec<f32>> {
 /// Temp file + rename, so an interrupted run never leaves a truncated file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("part");
-    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }

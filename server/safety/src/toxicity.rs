@@ -37,9 +37,42 @@ use crate::verdict::{Action, Stage, Verdict};
 /// meaning (anatomy, a name, an animal, "cum laude", "this sucks", mild swearing): left to the
 /// classifier, which sees the context.
 pub const AMBIGUOUS: &[&str] = &[
-    "cock", "dick", "penis", "suck", "sucks", "jerk", "crap", "gay", "queer", "queers", "homosexual", "hell", "damn",
-    "goddamn", "kill", "boobs", "butt", "pig", "fool", "liar", "dumb", "stupid", "idiot", "loser", "ass", "asses",
-    "arse", "jackass", "pussy", "pussies", "nig", "bastard", "bastards", "cum", "piss", "rapist",
+    "cock",
+    "dick",
+    "penis",
+    "suck",
+    "sucks",
+    "jerk",
+    "crap",
+    "gay",
+    "queer",
+    "queers",
+    "homosexual",
+    "hell",
+    "damn",
+    "goddamn",
+    "kill",
+    "boobs",
+    "butt",
+    "pig",
+    "fool",
+    "liar",
+    "dumb",
+    "stupid",
+    "idiot",
+    "loser",
+    "ass",
+    "asses",
+    "arse",
+    "jackass",
+    "pussy",
+    "pussies",
+    "nig",
+    "bastard",
+    "bastards",
+    "cum",
+    "piss",
+    "rapist",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,11 +145,14 @@ impl ToxicityDetector {
             ));
         }
         let what = || cfg.model.display().to_string();
-        let m: ModelFile =
-            serde_json::from_str(&read_to_string(&cfg.model)?).map_err(|e| DataError::invalid(what(), e.to_string()))?;
+        let m: ModelFile = serde_json::from_str(&read_to_string(&cfg.model)?)
+            .map_err(|e| DataError::invalid(what(), e.to_string()))?;
         let n = m.vocabulary.len();
         if m.idf.len() != n || m.folds.is_empty() || m.folds.iter().any(|f| f.coef.len() != n) {
-            return Err(DataError::invalid(what(), format!("{n} terms but idf or fold coefficients of another length")));
+            return Err(DataError::invalid(
+                what(),
+                format!("{n} terms but idf or fold coefficients of another length"),
+            ));
         }
         // sklearn's `(?u)\b\w\w+\b`; the `(?u)` flag is Python's (Rust regexes are Unicode already).
         let pattern = m.token_pattern.strip_prefix("(?u)").unwrap_or(&m.token_pattern);
@@ -168,9 +204,10 @@ impl ToxicityDetector {
             // "f*ck", "sh*t": a masked word needs at least two visible letters to be read.
             return n >= 3
                 && letters >= 2
-                && self.lexicon.iter().any(|w| {
-                    w.chars().count() == n && w.chars().zip(token.chars()).all(|(a, b)| b == '*' || a == b)
-                });
+                && self
+                    .lexicon
+                    .iter()
+                    .any(|w| w.chars().count() == n && w.chars().zip(token.chars()).all(|(a, b)| b == '*' || a == b));
         }
         self.lexicon.contains(token)
             || [1, 2].into_iter().any(|keep| {
@@ -324,11 +361,24 @@ mod tests {
     fn tiny(threshold: f32) -> ToxicityDetector {
         ToxicityDetector {
             token_re: Regex::new(r"\b\w\w+\b").unwrap(),
-            vocab: [("bad", 0), ("good", 1), ("word", 2)].into_iter().map(|(t, i)| (t.to_string(), i)).collect(),
+            vocab: [("bad", 0), ("good", 1), ("word", 2)]
+                .into_iter()
+                .map(|(t, i)| (t.to_string(), i))
+                .collect(),
             idf: vec![2.0, 1.0, 1.0],
             folds: vec![
-                Fold { coef: vec![3.0, -1.0, 0.0], intercept: -1.0, a: -2.0, b: 0.5 },
-                Fold { coef: vec![2.0, -2.0, 0.5], intercept: -0.5, a: -1.5, b: 0.0 },
+                Fold {
+                    coef: vec![3.0, -1.0, 0.0],
+                    intercept: -1.0,
+                    a: -2.0,
+                    b: 0.5,
+                },
+                Fold {
+                    coef: vec![2.0, -2.0, 0.5],
+                    intercept: -0.5,
+                    a: -1.5,
+                    b: 0.0,
+                },
             ],
             lexicon: ["fuck", "shit", "ass", "cunt"].into_iter().map(String::from).collect(),
             threshold,
@@ -367,12 +417,27 @@ mod tests {
     #[test]
     fn lexicon_folds_obfuscations_and_spares_look_alikes() {
         let d = tiny(0.5);
-        for toxic in ["you piece of sh1t", "F.U.C.K off", "f u c k this", "what the fuuuuck", "a$$", "sh*t happens", "f**k", "ＦＵＣＫ"] {
+        for toxic in [
+            "you piece of sh1t",
+            "F.U.C.K off",
+            "f u c k this",
+            "what the fuuuuck",
+            "a$$",
+            "sh*t happens",
+            "f**k",
+            "ＦＵＣＫ",
+        ] {
             assert_eq!(d.lexicon(toxic).map(|v| v.reason), Some("toxicity_lexicon"), "{toxic}");
         }
         for fine in [
-            "Scunthorpe United won", "an assessment of the class", "I passed the exam", "shiitake mushrooms",
-            "a b c", "*** bold ***", "Essex and Sussex", "version 1.2.3",
+            "Scunthorpe United won",
+            "an assessment of the class",
+            "I passed the exam",
+            "shiitake mushrooms",
+            "a b c",
+            "*** bold ***",
+            "Essex and Sussex",
+            "version 1.2.3",
         ] {
             assert_eq!(d.lexicon(fine), None, "{fine}");
         }
@@ -391,8 +456,14 @@ mod tests {
     #[test]
     fn config_errors_name_the_field_or_file() {
         let mut cfg = ToxicityConfig::with_models_dir(Path::new("/nonexistent"));
-        assert!(ToxicityDetector::new(&cfg).unwrap_err().to_string().contains("profanity-svm.json"));
+        assert!(ToxicityDetector::new(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("profanity-svm.json"));
         cfg.threshold = 2.0;
-        assert!(ToxicityDetector::new(&cfg).unwrap_err().to_string().contains("safety.toxicity.threshold"));
+        assert!(ToxicityDetector::new(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("safety.toxicity.threshold"));
     }
 }

@@ -16,8 +16,7 @@ fn models_dir() -> PathBuf {
 }
 
 fn injection() -> InjectionDetector {
-    InjectionDetector::new(&InjectionConfig::with_models_dir(&models_dir()))
-        .unwrap_or_else(|e| panic!("{e}"))
+    InjectionDetector::new(&InjectionConfig::with_models_dir(&models_dir())).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -25,7 +24,9 @@ fn toolwall_corpus_loads_with_few_skipped_rules() {
     let d = injection();
     // 65 rows, 11 disabled by default; the `regex` crate has no look-around (ipi-011).
     assert_eq!(d.skipped_rules(), ["ipi-011"]);
-    let curated = InjectionDetector::new(&InjectionConfig::default()).unwrap().rule_count();
+    let curated = InjectionDetector::new(&InjectionConfig::default())
+        .unwrap()
+        .rule_count();
     assert_eq!(d.rule_count() - curated, 65 - 11 - 1);
     // Rules only toolwall has.
     for attack in [
@@ -58,9 +59,18 @@ fn shipped_and_jailguard_classifiers_score_embeddings() {
     let texts: Vec<&str> = attacks.iter().chain(&benign).copied().collect();
     let vecs = e.embed(&texts, 4096).unwrap();
     for (t, v) in texts.iter().zip(&vecs) {
-        let want = if attacks.contains(t) { Action::Block } else { Action::Allow };
+        let want = if attacks.contains(t) {
+            Action::Block
+        } else {
+            Action::Allow
+        };
         let got = d.classify(v);
-        assert_eq!((got.stage, got.action), (Stage::Injection, want), "{t}: score {:?}", got.score);
+        assert_eq!(
+            (got.stage, got.action),
+            (Stage::Injection, want),
+            "{t}: score {:?}",
+            got.score
+        );
     }
     let jg = InjectionDetector::new(&InjectionConfig {
         classifier_weights: Some(models_dir().join("safety/injection/jailguard-mlp.json")),
@@ -69,7 +79,10 @@ fn shipped_and_jailguard_classifiers_score_embeddings() {
     .unwrap_or_else(|err| panic!("{err}"));
     assert_eq!((jg.dim(), jg.threshold()), (384, 0.5));
     let s = jg.score(&vecs[3]);
-    assert!((0.0..=1.0).contains(&s) && s < 0.5, "jailguard on a benign question: {s}");
+    assert!(
+        (0.0..=1.0).contains(&s) && s < 0.5,
+        "jailguard on a benign question: {s}"
+    );
 }
 
 #[test]
@@ -81,7 +94,10 @@ fn toxicity_matches_alt_profanity_check() {
         ("What a lovely day in the park", 0.05702574222309552),
         ("this is bullshit", 0.9999971299459615),
         ("Go to hell, you stupid moron", 0.9999998277566936),
-        ("Please summarise this article about climate change.", 0.02772582858631742),
+        (
+            "Please summarise this article about climate change.",
+            0.02772582858631742,
+        ),
         ("I hate Mondays", 0.9053626745015985),
         ("Scunthorpe United won the match", 0.02018728556099223),
         ("shut up, bitch", 0.9999999451160411),
@@ -93,9 +109,16 @@ fn toxicity_matches_alt_profanity_check() {
         assert!((got - want).abs() < 1e-4, "{text:?}: {got} vs sklearn {want}");
     }
     let words = d.lexicon_words();
-    assert!((25..300).contains(&words.len()), "{} lexicon words: {words:?}", words.len());
+    assert!(
+        (25..300).contains(&words.len()),
+        "{} lexicon words: {words:?}",
+        words.len()
+    );
     eprintln!("lexicon: {words:?}");
-    assert!(words.contains(&"fuck") && !words.contains(&"breasts") && !words.contains(&"gay"), "{words:?}");
+    assert!(
+        words.contains(&"fuck") && !words.contains(&"breasts") && !words.contains(&"gay"),
+        "{words:?}"
+    );
     assert_eq!(d.check("what the f*ck").reason, "toxicity_lexicon");
     assert_eq!(d.check("Scunthorpe is in Lincolnshire").action, Action::Allow);
 }

@@ -9,3 +9,4 @@ mod foundation;
 mod observability;
 mod pipeline;
 mod retrieval;
+mod safety;

@@ -575,7 +575,7 @@ fn luhn(d: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 fn has_mixed(s: &[u8]) -> bool {
@@ -602,11 +602,46 @@ fn valid_card(c: &Candidate) -> Option<usize> {
 
 /// IBAN lengths by country (ISO 13616 registry), for the countries most often seen.
 const IBAN_LENGTHS: &[(&str, usize)] = &[
-    ("AD", 24), ("AT", 20), ("BE", 16), ("BG", 22), ("CH", 21), ("CY", 28), ("CZ", 24), ("DE", 22),
-    ("DK", 18), ("EE", 20), ("ES", 24), ("FI", 18), ("FR", 27), ("GB", 22), ("GR", 27), ("HR", 21),
-    ("HU", 28), ("IE", 22), ("IS", 26), ("IT", 27), ("LI", 21), ("LT", 20), ("LU", 20), ("LV", 21),
-    ("MC", 27), ("MT", 31), ("NL", 18), ("NO", 15), ("PL", 28), ("PT", 25), ("RO", 24), ("SE", 24),
-    ("SI", 19), ("SK", 24), ("SM", 27), ("TR", 26), ("AE", 23), ("SA", 24), ("IL", 23), ("BR", 29),
+    ("AD", 24),
+    ("AT", 20),
+    ("BE", 16),
+    ("BG", 22),
+    ("CH", 21),
+    ("CY", 28),
+    ("CZ", 24),
+    ("DE", 22),
+    ("DK", 18),
+    ("EE", 20),
+    ("ES", 24),
+    ("FI", 18),
+    ("FR", 27),
+    ("GB", 22),
+    ("GR", 27),
+    ("HR", 21),
+    ("HU", 28),
+    ("IE", 22),
+    ("IS", 26),
+    ("IT", 27),
+    ("LI", 21),
+    ("LT", 20),
+    ("LU", 20),
+    ("LV", 21),
+    ("MC", 27),
+    ("MT", 31),
+    ("NL", 18),
+    ("NO", 15),
+    ("PL", 28),
+    ("PT", 25),
+    ("RO", 24),
+    ("SE", 24),
+    ("SI", 19),
+    ("SK", 24),
+    ("SM", 27),
+    ("TR", 26),
+    ("AE", 23),
+    ("SA", 24),
+    ("IL", 23),
+    ("BR", 29),
 ];
 
 fn valid_iban(c: &Candidate) -> Option<usize> {
@@ -632,7 +667,11 @@ fn valid_iban(c: &Candidate) -> Option<usize> {
         } else {
             u32::from(b - b'A') + 10
         };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     (rem == 1).then_some(c.text.len())
 }
@@ -858,7 +897,7 @@ mod tests {
             ],
         );
         assert_none(&[
-            "order 4111111111111112",   // Luhn fails
+            "order 4111111111111112",    // Luhn fails
             "4111 1111-1111 1111",       // mixed separators
             "tracking 1234567890123456", // no issuer prefix
             "ISBN 9783161484100",
@@ -877,9 +916,15 @@ mod tests {
                 ("FR14 2004 1010 0505 0001 3M02 606", "FR14 2004 1010 0505 0001 3M02 606"),
             ],
         );
-        assert_none(&["GB82WEST1234569876543", "AB12 CDEF GHIJ KLMN", "GB82 WEST 1234 5698 7654 33"]);
+        assert_none(&[
+            "GB82WEST1234569876543",
+            "AB12 CDEF GHIJ KLMN",
+            "GB82 WEST 1234 5698 7654 33",
+        ]);
         // A mistyped IBAN is not an IBAN (its digit groups may still look like a phone number).
-        assert!(!found("DE89 3704 0044 0532 0130 01").iter().any(|(e, _)| *e == Entity::Iban));
+        assert!(!found("DE89 3704 0044 0532 0130 01")
+            .iter()
+            .any(|(e, _)| *e == Entity::Iban));
     }
 
     #[test]
@@ -931,7 +976,10 @@ mod tests {
         let pat = "github_pat_11ABCDEFG0123456789abc_defghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUV";
         assert_finds(Entity::GithubToken, &[(&format!("{pat}!"), pat)]);
         assert_finds(Entity::OpenaiKey, &[(&format!("OPENAI_API_KEY={sk}\n"), sk)]);
-        assert_finds(Entity::AwsAccessKey, &[("id AKIAIOSFODNN7EXAMPLE,", "AKIAIOSFODNN7EXAMPLE")]);
+        assert_finds(
+            Entity::AwsAccessKey,
+            &[("id AKIAIOSFODNN7EXAMPLE,", "AKIAIOSFODNN7EXAMPLE")],
+        );
         let text = "aws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n";
         assert_eq!(
             found(text),
@@ -947,8 +995,8 @@ mod tests {
         assert_none(&[
             "sk-learn-is-a-great-library",
             "the scikit sk-learn package",
-            "eyJhbGciOiJub3RqdW5rIn0x.abc",               // no dot at the header end
-            "eyJub3RfYV9qd3QiOiJ4In0.eyJhIjoxfQ.sig", // header without "alg"
+            "eyJhbGciOiJub3RqdW5rIn0x.abc",             // no dot at the header end
+            "eyJub3RfYV9qd3QiOiJ4In0.eyJhIjoxfQ.sig",   // header without "alg"
             "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", // a secret-looking run without a key id
             "sha1 2fd4e1c67a2d28fced849ee1bb76e7391b93eb12",
             "ghp_short",
@@ -977,7 +1025,10 @@ mod tests {
         );
         assert_eq!(r.text, "[EMAIL_1], [EMAIL_2], [EMAIL_1]; card [CREDIT_CARD_1]");
         assert_eq!(r.verdicts.len(), 4);
-        assert!(r.verdicts.iter().all(|v| v.action == Action::Redact && v.stage == Stage::Pii));
+        assert!(r
+            .verdicts
+            .iter()
+            .all(|v| v.action == Action::Redact && v.stage == Stage::Pii));
         assert_eq!(r.blocked, None);
         // Stable across calls with the same vault (several chat messages).
         let r2 = rec().redact("again bob@example.org", &Policy::input_default(), &mut vault);

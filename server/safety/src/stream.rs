@@ -506,9 +506,24 @@ mod tests {
 
     /// Benign filler, including look-alikes and non-ASCII text.
     const WORDS: &[&str] = &[
-        "hello", "the", "order", "#A-1029384756", "v2.14.1", "2024-03-01T12:30:45Z", "$1,299.99",
-        "ISBN 978-0-306-40615-7", "550e8400-e29b-41d4-a716-446655440000", "écrit", "日本語", "naïve",
-        "[EMAIL_9]", "(see", "note)", "x", "42", "3.14",
+        "hello",
+        "the",
+        "order",
+        "#A-1029384756",
+        "v2.14.1",
+        "2024-03-01T12:30:45Z",
+        "$1,299.99",
+        "ISBN 978-0-306-40615-7",
+        "550e8400-e29b-41d4-a716-446655440000",
+        "écrit",
+        "日本語",
+        "naïve",
+        "[EMAIL_9]",
+        "(see",
+        "note)",
+        "x",
+        "42",
+        "3.14",
     ];
     const SEPS: &[&str] = &[" ", "\n", ", ", " - ", "; "];
 
@@ -657,12 +672,20 @@ mod tests {
         policy.restore = true;
         let mut s = StreamScanner::new(rec(), policy, vault);
         let mut out = String::new();
-        for c in ["Hello [EMA", "IL_1], I wrote to ", "bob@example.org", " and [EMAIL_2] and [PHONE_1]."] {
+        for c in [
+            "Hello [EMA",
+            "IL_1], I wrote to ",
+            "bob@example.org",
+            " and [EMAIL_2] and [PHONE_1].",
+        ] {
             out.push_str(&s.push(c).text);
         }
         out.push_str(&s.finish().text);
         // [EMAIL_2] is the model's own value (bob's, redacted on the way out): never restored.
-        assert_eq!(out, "Hello alice@example.com, I wrote to [EMAIL_2] and [EMAIL_2] and [PHONE_1].");
+        assert_eq!(
+            out,
+            "Hello alice@example.com, I wrote to [EMAIL_2] and [EMAIL_2] and [PHONE_1]."
+        );
     }
 
     #[test]

@@ -185,34 +185,34 @@ impl InferenceService {
                         .collect(),
                     ..Default::default()
                 },
-                Ok(EngineEvent::Failed { message }) => return one(Err(Status::internal(message))),
-                Err(e) => return one(Err(e.into())),
+                Ok(EngineEvent::Failed { message }) => {
+                    return futures::stream::iter(vec![Err(Status::internal(message))])
+                }
+                Err(e) => return futures::stream::iter(vec![Err(e.into())]),
             };
             if std::mem::take(&mut first) && msg.citations.is_empty() {
                 msg.citations = sources.iter().cloned().map(citation).collect();
             }
-            let end = match safety.blocked() {
+            let finished_filtered = msg.finish_reason == FinishReason::ContentFilter.as_str();
+            let mut out = vec![Ok(msg)];
+            match safety.blocked() {
                 // The stream ends OK (finish_reason "content_filter" on the last message); the
                 // stage and reason ride in the trailers, as for a blocked input.
-                Some((stage, reason)) if msg.finish_reason == FinishReason::ContentFilter.as_str() => {
+                Some((stage, reason)) if finished_filtered => {
                     let mut md = tonic::metadata::MetadataMap::new();
                     md.insert("genai-safety-stage", tonic::metadata::MetadataValue::from_static(stage));
-                    md.insert("genai-safety-reason", tonic::metadata::MetadataValue::from_static(reason));
-                    Some(Err(Status::with_metadata(tonic::Code::Ok, "", md)))
+                    md.insert(
+                        "genai-safety-reason",
+                        tonic::metadata::MetadataValue::from_static(reason),
+                    );
+                    out.push(Err(Status::with_metadata(tonic::Code::Ok, "", md)));
                 }
-                _ => None,
-            };
-            futures::stream::iter([Some(Ok(msg)), end].into_iter().flatten())
+                _ => {}
+            }
+            futures::stream::iter(out)
         });
         Ok(Response::new(Box::pin(out) as GenStream))
     }
-}
-
-/// A stream of one item (the shape every arm of `generate_stream`'s `flat_map` returns).
-fn one(
-    item: Result<pb::GenerateResponse, Status>,
-) -> futures::stream::Iter<std::iter::Flatten<std::array::IntoIter<Option<Result<pb::GenerateResponse, Status>>, 2>>> {
-    futures::stream::iter([Some(item), None].into_iter().flatten())
 }
 
 fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {

@@ -428,7 +428,7 @@ pub const CATALOGUE: &[MetricDef] = &[
         Kind::Counter,
         &["stage", "verdict", "reason"],
         N,
-        "Safety verdicts by stage (input_pii|output_pii|input_injection|input_toxicity|retrieval_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
+        "Safety verdicts by stage (input_pii|retrieval_pii|output_pii|input_injection|input_toxicity|retrieval_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
     ),
     def(
         BUILD_INFO,

@@ -154,7 +154,12 @@ impl Drop for Observer {
             );
         }
         if let Some(log) = &self.ops.request_log {
-            r.safety_flags = std::mem::take(&mut self.safety_flags.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            r.safety_flags = std::mem::take(
+                &mut self
+                    .safety_flags
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
             r.status = status;
             r.e2e_ms = elapsed.as_secs_f64() * 1e3;
             r.ttft_ms = self.first_token.map(|t| (t - self.start).as_secs_f64() * 1e3);

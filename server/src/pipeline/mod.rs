@@ -219,14 +219,14 @@ impl Pipeline {
         let backend = self.backend(&input.model)?;
         let params = input.sampling.into_params(self.default_max_tokens)?;
         // Safety: PII redacted in place before the backend tokenizes; classifiers start here.
-        let mut scan = self.safety.scan_input(&ctx.tenant, &mut input.prompt, flags)?;
+        let mut scan = self.safety.scan_input(&ctx.tenant, &mut input.prompt, flags).await?;
         let (generation, citations) = match (input.prompt, input.route) {
             (Prompt::Text(p), _) => (backend.complete(ctx, p, params).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Chat) => (backend.chat(ctx, messages, params).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Rag) => {
-                let (messages, citations) = self.retrieve(ctx, &messages).await?;
+                let (mut messages, citations) = self.retrieve(ctx, &messages).await?;
                 let chunks: Vec<&str> = citations.iter().map(|c| c.text.as_str()).collect();
-                self.safety.scan_retrieved(&scan, &chunks).await?;
+                self.safety.scan_retrieved(&mut scan, &mut messages, &chunks).await?;
                 (backend.chat(ctx, messages, params).await?, citations)
             }
         };

@@ -214,6 +214,7 @@ mod tests {
         let flags: Flags = Default::default();
         let scan = chain
             .scan_input("t", &mut Prompt::Text("hi".into()), flags.clone())
+            .await
             .unwrap();
         let (s, outcome) = scan.output(Box::pin(futures::stream::iter(events)), 7);
         let out = s.map(|e| e.unwrap()).collect().await;
@@ -263,7 +264,13 @@ mod tests {
         let (out, outcome, flags) = run("", events).await;
         assert_eq!(text_of(&out), "Mail [EMAIL_1] now");
         assert_eq!(ids_of(&out), vec![1, 5, 6]);
-        assert_eq!(out.last(), Some(&EngineEvent::Finished { reason: FinishReason::Stop, usage: USAGE }));
+        assert_eq!(
+            out.last(),
+            Some(&EngineEvent::Finished {
+                reason: FinishReason::Stop,
+                usage: USAGE
+            })
+        );
         assert!(outcome.blocked().is_none());
         assert_eq!(*flags.lock().unwrap(), vec!["output_pii:redact:email".to_string()]);
         // The first delta went out on its own, before the address arrived.

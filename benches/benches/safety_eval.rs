@@ -366,7 +366,10 @@ fn pii_cases(rng: &mut Rng) -> Vec<PiiCase> {
         // The recognizer wants an access key id nearby (a lone 40-character base64 run is
         // indistinguishable from a hash); that id is another true positive, not a false one.
         let v = rng.chars_of(B64, 40);
-        let text = format!("aws_access_key_id = AKIA{}\naws_secret_access_key = {v}", rng.chars_of(UPPER32, 16));
+        let text = format!(
+            "aws_access_key_id = AKIA{}\naws_secret_access_key = {v}",
+            rng.chars_of(UPPER32, 16)
+        );
         cases.push(PiiCase {
             text,
             truth: Some((Entity::AwsSecretKey, v)),

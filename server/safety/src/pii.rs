@@ -17,8 +17,9 @@
 //!
 //! Long secrets (JWTs, `sk-…` keys, `github_pat_…` tokens, PEM private-key blocks) are matched on
 //! a distinctive prefix; once the prefix validates, the rest of the token (its base64url run, or
-//! the PEM block up to its `-----END … -----` line) is swallowed into the same span without being
-//! held back as a pending candidate.
+//! the PEM block up to its `-----END … -----` line, or to the first byte a PEM body cannot hold
+//! when the END line never comes) is swallowed into the same span without being held back as a
+//! pending candidate.
 //!
 //! Placeholders are `[<LABEL>_<n>]`, numbered per entity type in order of appearance and stable
 //! within a request through the [`Vault`]: the same value always gets the same placeholder.
@@ -390,6 +391,18 @@ fn specs() -> Vec<Spec> {
             pattern: r"\+[1-9][0-9]{0,2}(?:[ .-]?\([0-9]{1,4}\))?(?:[ .-]?[0-9]{1,5}){1,6}\b",
             tail: Tail::None,
             validate: valid_e164,
+        },
+        Spec {
+            kind: e(Phone),
+            // International with the 00 exit code: 0049 30 1234567.
+            pattern: r"\b00[1-9][0-9]{0,2}(?:[ .-]?[0-9]{1,5}){1,6}\b",
+            tail: Tail::None,
+            validate: |c| {
+                let d = digits(c.text).len();
+                // Separated like a phone number, not a run of digits (an order number).
+                let separated = c.text.iter().any(|b| !b.is_ascii_digit());
+                ((10..=17).contains(&d) && separated && c.prev != Some(b'-')).then_some(c.text.len())
+            },
         },
         Spec {
             kind: e(Phone),
@@ -847,6 +860,8 @@ mod tests {
                 ("<john.doe+tag@mail.co.uk>", "john.doe+tag@mail.co.uk"),
                 ("Mail: a_b-c@sub-domain.example.org.", "a_b-c@sub-domain.example.org"),
                 ("émile@exemple.fr", "mile@exemple.fr"),
+                ("Schreiben Sie an kontakt@beispiel.de.", "kontakt@beispiel.de"),
+                ("邮箱：wang.wei@example.cn，谢谢", "wang.wei@example.cn"),
             ],
         );
         assert_none(&["user@localhost", "at @handle today", "a.@example.com", "x@-bad.com"]);
@@ -870,6 +885,9 @@ mod tests {
                 ("DE 089/1234567", "089/1234567"),
                 ("FR 01 23 45 67 89", "01 23 45 67 89"),
                 ("FR 06.12.34.56.78", "06.12.34.56.78"),
+                ("Rufen Sie 0049 30 1234567 an.", "0049 30 1234567"),
+                ("Appelez le +33 6 12 34 56 78 demain", "+33 6 12 34 56 78"),
+                ("Tel. +44 (0)20 7946 0958", "+44 (0)20 7946 0958"),
             ],
         );
         assert_none(&[
@@ -881,6 +899,8 @@ mod tests {
             "version 1.2.3",
             "415-555.0132",
             "Order #0123456789",
+            "Bestellnummer 0012345678",
+            "Rechnung 2024-000123 vom 01.02.2024",
         ]);
     }
 

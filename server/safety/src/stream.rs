@@ -382,7 +382,9 @@ impl StreamScanner {
         };
         match *tail {
             Tail::Run(pred) if pred(b) => value.push(b),
-            Tail::Pem => {
+            // A PEM body is base64 lines (and, in legacy encrypted keys, `Proc-Type: 4,ENCRYPTED`
+            // headers): any other byte ends a block whose END line never came.
+            Tail::Pem if end_marker.is_some() || pem_byte(b) => {
                 value.push(b);
                 match *end_marker {
                     None if value.ends_with(b"-----END ") => *end_marker = Some(value.len()),
@@ -459,6 +461,10 @@ impl StreamScanner {
         self.buf.drain(..n);
         self.base += n as u64;
     }
+}
+
+fn pem_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b.is_ascii_whitespace() || matches!(b, b'+' | b'/' | b'=' | b'-' | b':' | b',')
 }
 
 fn push_matches(dfa: &regex_automata::dfa::dense::DFA<Vec<u32>>, s: StateID, end: u64, ends: &mut Vec<(u64, usize)>) {
@@ -686,6 +692,16 @@ mod tests {
             out,
             "Hello alice@example.com, I wrote to [EMAIL_2] and [EMAIL_2] and [PHONE_1]."
         );
+    }
+
+    #[test]
+    fn a_truncated_key_block_ends_at_the_first_byte_it_cannot_hold() {
+        let mut policy = Policy::redact_all();
+        policy.set(Entity::PrivateKey, Action::Redact);
+        let text =
+            "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEF\nAASC\n\nWhat is this? Mail bob@example.org";
+        let r = rec().redact(text, &policy, &mut Vault::new());
+        assert_eq!(r.text, "[PRIVATE_KEY_1]? Mail [EMAIL_1]");
     }
 
     #[test]

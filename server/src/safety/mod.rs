@@ -36,6 +36,7 @@ use genai_models::chat_template::ChatMessage;
 use genai_safety::pii::{self, Entity, PiiConfig, Recognizer, Vault};
 use genai_safety::{Action, Stage, Verdict};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::pipeline::Prompt;
@@ -150,16 +151,13 @@ impl SafetyConfig {
     /// Refuses unknown entity names and out-of-range thresholds, naming the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         let entities = |map: &BTreeMap<String, ActionName>, key: &str| -> anyhow::Result<()> {
-            for (name, action) in map {
-                let Some(e) = Entity::from_reason(name) else {
+            for name in map.keys() {
+                if Entity::from_reason(name).is_none() {
                     let known: Vec<&str> = Entity::ALL.iter().map(|e| e.reason()).collect();
                     anyhow::bail!(
                         "invalid config: {key}.{name}: unknown entity; expected one of {}",
                         known.join(", ")
                     );
-                };
-                if e.is_secret() && *action == ActionName::Allow && key.contains("output") {
-                    tracing::warn!(target: "genai::safety", entity = name, "{key}: secrets are allowed out unredacted");
                 }
             }
             Ok(())
@@ -368,6 +366,12 @@ impl SafetyChain {
         prompt: &mut Prompt,
         flags: Flags,
     ) -> Result<InputScan, ApiError> {
+        self.input_stages(tenant, prompt, flags)
+            .instrument(tracing::info_span!("safety_input"))
+            .await
+    }
+
+    async fn input_stages(&self, tenant: &str, prompt: &mut Prompt, flags: Flags) -> Result<InputScan, ApiError> {
         let policy = self.policy(tenant);
         let mut scan = InputScan {
             rec: self.rec.clone(),
@@ -417,6 +421,17 @@ impl SafetyChain {
     /// continue the input's numbering and are never restored: the values are the documents'),
     /// then the injection stage on each retrieved chunk (indirect injection).
     pub(crate) async fn scan_retrieved(
+        &self,
+        scan: &mut InputScan,
+        messages: &mut [ChatMessage],
+        chunks: &[&str],
+    ) -> Result<(), ApiError> {
+        self.retrieval_stages(scan, messages, chunks)
+            .instrument(tracing::info_span!("safety_retrieval"))
+            .await
+    }
+
+    async fn retrieval_stages(
         &self,
         scan: &mut InputScan,
         messages: &mut [ChatMessage],

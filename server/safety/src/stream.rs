@@ -448,16 +448,20 @@ impl StreamScanner {
         if upto <= self.base {
             return;
         }
-        let mut n = (upto - self.base) as usize;
-        // Spans start and end on ASCII bytes; only the input's end can split a character, when
-        // its last bytes have not been scanned yet: keep those for the next release.
-        while n > 0 && n < self.buf.len() && self.buf[n] & 0xC0 == 0x80 {
-            n -= 1;
-        }
+        let n = (upto - self.base) as usize;
+        // Bytes are scanned one at a time, so `upto` can fall inside a character whose last
+        // bytes are not scanned yet: send up to its start, the rest with the next release.
+        let (text, n) = match std::str::from_utf8(&self.buf[..n]) {
+            Ok(t) => (t, n),
+            Err(e) => {
+                let n = e.valid_up_to();
+                (std::str::from_utf8(&self.buf[..n]).unwrap_or_default(), n)
+            }
+        };
         if n == 0 {
             return;
         }
-        self.out.text.push_str(&String::from_utf8_lossy(&self.buf[..n]));
+        self.out.text.push_str(text);
         self.buf.drain(..n);
         self.base += n as u64;
     }
@@ -636,6 +640,20 @@ mod tests {
                 prop_assert_eq!(r.text, chunk);
                 prop_assert_eq!(s.held_bytes(), 0);
             }
+        }
+    }
+
+    proptest! {
+        /// Multi-byte characters leave whole, however the text is chunked (the scanner steps
+        /// bytes, so a release may fall inside a character it has only partly seen).
+        #[test]
+        fn characters_are_never_split(text in "[a-zé€中😀 ,.]{0,40}", cut in 0usize..40) {
+            let cut = (0..=cut.min(text.len())).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let mut s = StreamScanner::new(rec(), Policy::output_default(), Vault::new());
+            let mut out = s.push(&text[..cut]).text;
+            out.push_str(&s.push(&text[cut..]).text);
+            out.push_str(&s.finish().text);
+            prop_assert_eq!(out, text);
         }
     }
 

@@ -27,6 +27,7 @@
 //! with a detector, the output wrapper's text, token ids and usage on redaction and block);
 //! through the real binary in `tests/e2e/safety.rs`.
 
+pub(crate) mod detectors;
 pub(crate) mod output;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,23 +68,24 @@ pub struct ClassifierStage {
     pub enabled: bool,
     /// What a positive verdict does: "block" (refuse the request) or "allow" (count and log only).
     pub action: ActionName,
-    /// Classifier score at or above which the verdict is positive, 0 to 1.
-    pub threshold: f32,
+    /// Classifier score at or above which the verdict is positive, 0 to 1; unset: the
+    /// threshold calibrated with the detector's weights.
+    pub threshold: Option<f32>,
 }
 
 /// A stage written in config is on unless it says `enabled = false`.
 impl Default for ClassifierStage {
     fn default() -> Self {
-        Self::new(true, ActionName::Block, 0.5)
+        Self::new(true, ActionName::Block)
     }
 }
 
 impl ClassifierStage {
-    const fn new(enabled: bool, action: ActionName, threshold: f32) -> Self {
+    const fn new(enabled: bool, action: ActionName) -> Self {
         Self {
             enabled,
             action,
-            threshold,
+            threshold: None,
         }
     }
 }
@@ -123,8 +125,9 @@ impl Default for SafetyConfig {
             restore_pii: false,
             input_actions: BTreeMap::new(),
             output_actions: BTreeMap::new(),
-            injection: ClassifierStage::new(true, ActionName::Block, 0.5),
-            toxicity: ClassifierStage::new(false, ActionName::Block, 0.5),
+            injection: ClassifierStage::new(true, ActionName::Block),
+            // A profanity model: flag (count and log) by default, block by policy.
+            toxicity: ClassifierStage::new(true, ActionName::Allow),
             retrieval_injection: true,
             max_candidate_bytes: PiiConfig::default().max_candidate_bytes,
             tenants: BTreeMap::new(),
@@ -163,11 +166,8 @@ impl SafetyConfig {
             Ok(())
         };
         let stage = |s: &ClassifierStage, key: &str| -> anyhow::Result<()> {
-            if !(s.threshold.is_finite() && (0.0..=1.0).contains(&s.threshold)) {
-                anyhow::bail!(
-                    "invalid config: {key}.threshold must be between 0 and 1 (got {})",
-                    s.threshold
-                );
+            if let Some(t) = s.threshold.filter(|t| !(t.is_finite() && (0.0..=1.0).contains(t))) {
+                anyhow::bail!("invalid config: {key}.threshold must be between 0 and 1 (got {t})");
             }
             if s.action == ActionName::Redact {
                 anyhow::bail!(
@@ -270,7 +270,7 @@ impl TenantPolicy {
             Some(s) => format!(
                 "{}@{}",
                 if s.action == ActionName::Block { "block" } else { "flag" },
-                s.threshold
+                s.threshold.map_or("calibrated".into(), |t| t.to_string())
             ),
         };
         format!(
@@ -290,10 +290,10 @@ impl TenantPolicy {
 #[async_trait::async_trait]
 pub(crate) trait Detector: Send + Sync {
     fn stage(&self) -> Stage;
-    /// Cheap rules. `threshold` is the tenant's configured one.
-    fn check(&self, text: &str, threshold: f32) -> Verdict;
+    /// Cheap rules. `threshold` is the tenant's configured one (None: the detector's own).
+    fn check(&self, text: &str, threshold: Option<f32>) -> Verdict;
     /// The classifier; None when the detector has none.
-    async fn classify(&self, _text: &str, _threshold: f32) -> Option<Verdict> {
+    async fn classify(&self, _text: &str, _threshold: Option<f32>) -> Option<Verdict> {
         None
     }
 }
@@ -329,9 +329,19 @@ impl SafetyChain {
     }
 
     /// Adds an injection or toxicity detector (at start-up, before serving).
-    #[cfg_attr(not(test), allow(dead_code))] // The detectors of genai-safety plug in here.
     pub(crate) fn add_detector(&mut self, d: Arc<dyn Detector>) {
         self.detectors.push(d);
+    }
+
+    /// Whether any tenant's policy runs `stage` (its detector need not be loaded otherwise).
+    pub(crate) fn uses(&self, stage: Stage) -> bool {
+        std::iter::once(&self.default)
+            .chain(self.tenants.values())
+            .any(|p| match stage {
+                Stage::Injection => p.injection.is_some(),
+                Stage::Toxicity => p.toxicity.is_some(),
+                Stage::Pii => p.input_pii.is_some() || p.output_pii.is_some(),
+            })
     }
 
     /// The active policy, in one line (logged once at start-up).
@@ -764,7 +774,7 @@ mod tests {
         fn stage(&self) -> Stage {
             Stage::Injection
         }
-        fn check(&self, text: &str, _t: f32) -> Verdict {
+        fn check(&self, text: &str, _t: Option<f32>) -> Verdict {
             let mut v = Verdict::allow(Stage::Injection);
             if text.contains("ignore previous instructions") {
                 v.action = Action::Block;
@@ -772,8 +782,9 @@ mod tests {
             }
             v
         }
-        async fn classify(&self, text: &str, threshold: f32) -> Option<Verdict> {
+        async fn classify(&self, text: &str, threshold: Option<f32>) -> Option<Verdict> {
             let score = if text.contains("developer mode") { 0.9 } else { 0.1 };
+            let threshold = threshold.unwrap_or(0.5);
             Some(Verdict {
                 stage: Stage::Injection,
                 action: if score >= threshold {

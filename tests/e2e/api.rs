@@ -9,7 +9,7 @@ use pb::inference_client::InferenceClient;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use crate::harness::{require_tool, Server};
+use crate::harness::{require_openai_python, Server};
 
 fn greedy(max_tokens: i32) -> Option<pb::SamplingParams> {
     Some(pb::SamplingParams {
@@ -439,12 +439,7 @@ async fn sigterm_lets_in_flight_streams_finish() {
 /// The official Python `openai` client: a streamed chat completion and an embedding.
 #[tokio::test]
 async fn official_openai_python_client() {
-    let py = std::env::var("GENAI_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let Some(py) = require_tool(
-        &py,
-        &["-c", "import openai"],
-        "pip install openai (scripts/test.sh installs it; GENAI_TEST_PYTHON names another interpreter)",
-    ) else {
+    let Some(py) = require_openai_python() else {
         return;
     };
     let server = Server::start().await;

@@ -219,13 +219,28 @@ impl Server {
 
     /// The value of the first series of `name` in /metrics (0 when absent: not yet recorded).
     pub async fn metric(&self, name: &str) -> f64 {
-        let body = reqwest::get(self.http_url("/metrics"))
+        series_value(&self.metrics_text().await, name)
+    }
+
+    /// The sum of `name`'s series whose label sets contain every one of `labels` (each written
+    /// `key="value"`); 0 when none does.
+    pub async fn labelled_metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let prefix = format!("{name}{{");
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && labels.iter().all(|lb| l.contains(lb)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn metrics_text(&self) -> String {
+        reqwest::get(self.http_url("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        series_value(&body, name)
+            .unwrap()
     }
 
     /// Polls until no KV block is held (cancellation / deadline frees them within an engine step;
@@ -325,6 +340,17 @@ impl Drop for Server {
 }
 
 /// The value of the first series of `name` in a Prometheus exposition (0 when absent).
+/// The Python interpreter with the official `openai` client (`GENAI_TEST_PYTHON`, else
+/// `python3`), or None to skip (see [`require_tool`]).
+pub fn require_openai_python() -> Option<PathBuf> {
+    let py = std::env::var("GENAI_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    require_tool(
+        &py,
+        &["-c", "import openai"],
+        "pip install openai (scripts/test.sh installs it; GENAI_TEST_PYTHON names another interpreter)",
+    )
+}
+
 pub fn series_value(exposition: &str, name: &str) -> f64 {
     exposition
         .lines()

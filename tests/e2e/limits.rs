@@ -12,7 +12,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use crate::harness::{series_value, Server};
+use crate::harness::Server;
 
 /// Prices that make one token cost 0.001 USD (prompt and completion alike).
 const PRICES: &str = r#"
@@ -52,24 +52,11 @@ fn assert_limited(status: u16, h: &HeaderMap, v: &Value, limit: &str) {
     assert!(retry >= 1, "{h:?}");
 }
 
-/// The exposition line of a labelled series (0 when absent).
-async fn series(server: &Server, name: &str, labels: &[&str]) -> f64 {
-    let body = reqwest::get(server.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|lb| l.contains(lb)))
-        .map_or(0.0, |l| series_value(l, name))
-}
-
 /// Polls a series until `ok` holds (gauges refresh every `tenants_state.flush_interval_ms`).
 async fn wait_series(server: &Server, name: &str, labels: &[&str], ok: impl Fn(f64) -> bool) -> f64 {
     let start = Instant::now();
     loop {
-        let v = series(server, name, labels).await;
+        let v = server.labelled_metric(name, labels).await;
         if ok(v) || start.elapsed() > Duration::from_secs(15) {
             return v;
         }
@@ -162,13 +149,13 @@ flush_interval_ms = 200
     let same = |v: f64| (v - spent).abs() < 1e-9;
     let shown = wait_series(&server, "genai_tenant_spend_usd", &tenant, same).await;
     assert!(same(shown), "spend gauge {shown}, expected {spent}");
-    assert_eq!(series(&server, "genai_tenant_budget_usd", &tenant).await, 0.03);
-    let rejected = series(
-        &server,
-        "genai_tenant_limit_rejections_total",
-        &["tenant=\"budget\"", "limit=\"budget_usd\""],
-    )
-    .await;
+    assert_eq!(server.labelled_metric("genai_tenant_budget_usd", &tenant).await, 0.03);
+    let rejected = server
+        .labelled_metric(
+            "genai_tenant_limit_rejections_total",
+            &["tenant=\"budget\"", "limit=\"budget_usd\""],
+        )
+        .await;
     assert_eq!(rejected, 1.0);
 
     // gRPC: RESOURCE_EXHAUSTED with the same metadata.
@@ -237,7 +224,7 @@ flush_interval_ms = 200
         wait_series(&server, "genai_tenant_active_streams", &tenant, |v| v == 0.0).await,
         0.0
     );
-    let window = series(&server, "genai_tenant_window_tokens", &tenant).await;
+    let window = server.labelled_metric("genai_tenant_window_tokens", &tenant).await;
     assert!(window < 190.0, "tokens still counted after the cancel: {window}");
     // prompt + 200 fits only if A's unused reservation was refunded (A alone reserved ~256 of 400).
     let (status, _, v) = complete(
@@ -282,7 +269,7 @@ flush_interval_ms = 200
     assert!(saved.contains("\"acme\""), "{saved}");
 
     let server = Server::builder().config(&config).start().await;
-    let restored = series(&server, "genai_tenant_spend_usd", &tenant).await;
+    let restored = server.labelled_metric("genai_tenant_spend_usd", &tenant).await;
     assert!(same(restored), "restored {restored}, spent {spent}");
     // ~0.021 spent: a request worth up to ~0.041 would fit a fresh 0.05 budget, not this one.
     let (status, h, v) = complete(&server, "acme", json!({"prompt": "Hello", "max_tokens": 40})).await;

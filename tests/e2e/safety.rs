@@ -9,7 +9,7 @@ use genai_proto::v1 as pb;
 use pb::inference_client::InferenceClient;
 use serde_json::{json, Value};
 
-use crate::harness::{require_tool, Server};
+use crate::harness::{require_openai_python, Server};
 
 const EMAIL: &str = "alice@example.com";
 const PHONE: &str = "+1 415 555 0132";
@@ -95,21 +95,13 @@ async fn request_log(dir: &Path, n: usize) -> Vec<Value> {
 
 /// `genai_safety_verdicts_total` for one label set (0 when absent).
 async fn verdicts(server: &Server, stage: &str, verdict: &str, reason: &str) -> f64 {
-    let body = reqwest::get(server.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .filter(|l| l.starts_with("genai_safety_verdicts_total{"))
-        .filter(|l| {
-            l.contains(&format!("stage=\"{stage}\""))
-                && l.contains(&format!("verdict=\"{verdict}\""))
-                && l.contains(&format!("reason=\"{reason}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let labels = [
+        format!("stage=\"{stage}\""),
+        format!("verdict=\"{verdict}\""),
+        format!("reason=\"{reason}\""),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    server.labelled_metric("genai_safety_verdicts_total", &labels).await
 }
 
 /// (a) The caller's PII is replaced before tokenization: the model repeats placeholders, and
@@ -245,12 +237,7 @@ async fn restore_policy_returns_the_callers_own_values() {
 /// before the address and then sees `finish_reason == "content_filter"` with the reason.
 #[tokio::test]
 async fn official_openai_client_sees_content_filter() {
-    let py = std::env::var("GENAI_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let Some(py) = require_tool(
-        &py,
-        &["-c", "import openai"],
-        "pip install openai (scripts/test.sh installs it; GENAI_TEST_PYTHON names another interpreter)",
-    ) else {
+    let Some(py) = require_openai_python() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -25,7 +25,10 @@
 //! cores the first time; embeddings are cached in the temp dir).
 
 #[path = "safety/data.rs"]
+#[allow(dead_code)] // Shared with the examples; the Gaussian draws are the trainer's.
 mod data;
+
+use data::Rng;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -89,29 +92,6 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
         return f64::NAN;
     }
     v[((v.len() - 1) as f64 * q).round() as usize]
-}
-
-/// xorshift64*, seeded: the generated cases are the same on every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-    fn digits(&mut self, n: usize) -> String {
-        (0..n).map(|_| char::from(b'0' + self.below(10) as u8)).collect()
-    }
-    fn chars_of(&mut self, set: &[u8], n: usize) -> String {
-        (0..n).map(|_| char::from(*self.pick(set))).collect()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

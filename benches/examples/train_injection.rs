@@ -17,6 +17,8 @@
 #[path = "../benches/safety/data.rs"]
 mod data;
 
+use data::Rng;
+
 use genai_safety::injection::{InjectionConfig, InjectionDetector};
 
 const HIDDEN: usize = 32;
@@ -29,24 +31,6 @@ const BATCH: usize = 64;
 /// 2 % at first, which gave 3.05 % on the test split (benches/RESULTS.md): the margin was
 /// widened once after seeing that figure.
 const TARGET_FP: f64 = 0.015;
-
-/// xorshift64*: a seeded generator, enough for initialisation and shuffling.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform().max(1e-7), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-}
 
 struct Net {
     w1: Vec<f32>, // HIDDEN x dim

@@ -9,7 +9,7 @@ use pb::inference_client::InferenceClient;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use crate::harness::{require_openai_python, Server};
+use crate::harness::{require_openai_python, run_python, Server};
 
 fn greedy(max_tokens: i32) -> Option<pb::SamplingParams> {
     Some(pb::SamplingParams {
@@ -455,17 +455,7 @@ assert len(e.data) == 2 and len(e.data[0].embedding) == 384, e
 assert abs(sum(x * x for x in e.data[0].embedding) - 1.0) < 1e-3
 print("ok:", text)
 "#;
-    let out = tokio::process::Command::new(&py)
-        .args(["-c", script, &server.http_url("/v1")])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&py, script, &[&server.http_url("/v1")]).await;
 }
 
 #[tokio::test]

@@ -351,6 +351,23 @@ pub fn require_openai_python() -> Option<PathBuf> {
     )
 }
 
+/// Runs `python -c script args...` and fails the test, with its output, unless it succeeds.
+pub async fn run_python(py: &Path, script: &str, args: &[&str]) {
+    let out = tokio::process::Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn series_value(exposition: &str, name: &str) -> f64 {
     exposition
         .lines()

@@ -9,7 +9,7 @@ use genai_proto::v1 as pb;
 use pb::inference_client::InferenceClient;
 use serde_json::{json, Value};
 
-use crate::harness::{require_openai_python, Server};
+use crate::harness::{require_openai_python, run_python, Server};
 
 const EMAIL: &str = "alice@example.com";
 const PHONE: &str = "+1 415 555 0132";
@@ -261,17 +261,7 @@ assert "alice" not in text and text.strip() == "Write to", repr(text)
 assert usage.completion_tokens >= 3 and usage.prompt_tokens > 20, usage
 print("ok", repr(text), usage)
 "#;
-    let out = tokio::process::Command::new(&py)
-        .args(["-c", script, &server.http_url("/v1"), &repeat_prompt()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&py, script, &[&server.http_url("/v1"), &repeat_prompt()]).await;
     assert!(verdicts(&server, "output_pii", "block", "email").await >= 1.0);
     assert!(
         server.wait_kv_blocks_freed().await == 0.0,

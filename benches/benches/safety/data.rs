@@ -1,4 +1,5 @@
-//! Shared by the `safety_eval` benchmark and the `train_injection` example: where the fetched
+//! Shared by the `safety_eval` benchmark and the `train_injection`/`score_injection` examples: a
+//! seeded generator, where the fetched
 //! safety data lives, its labelled rows, and sentence embeddings of them computed with the
 //! server's own embedder (cached in the system temp dir by content hash, so a rerun does not
 //! embed 15k rows again).
@@ -7,6 +8,38 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use genai_models::embedder::Embedder;
+
+/// xorshift64*, seeded: generated cases and training runs are the same every time.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len())]
+    }
+    pub fn digits(&mut self, n: usize) -> String {
+        (0..n).map(|_| char::from(b'0' + self.below(10) as u8)).collect()
+    }
+    pub fn chars_of(&mut self, set: &[u8], n: usize) -> String {
+        (0..n).map(|_| char::from(*self.pick(set))).collect()
+    }
+    pub fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Box-Muller.
+    pub fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform().max(1e-7), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    }
+}
 
 pub fn models_dir() -> PathBuf {
     std::env::var_os("GENAI_MODELS_DIR")

@@ -285,14 +285,12 @@ impl InjectionDetector {
 
     /// [`InjectionDetector::classify`] against a threshold of the caller's (a tenant's policy).
     pub fn classify_at(&self, embedding: &[f32], threshold: f32) -> Verdict {
-        let score = self.score(embedding);
-        match score >= threshold {
-            true => block("injection_classifier", score),
-            false => Verdict {
-                score: Some(score),
-                ..Verdict::allow(Stage::Injection)
-            },
-        }
+        Verdict::scored(
+            Stage::Injection,
+            "injection_classifier",
+            self.score(embedding),
+            threshold,
+        )
     }
 
     /// Rules, then the classifier on each chunk's embedding (`chunk_embeddings` holds the
@@ -363,12 +361,7 @@ impl InjectionDetector {
 }
 
 fn block(reason: &'static str, score: f32) -> Verdict {
-    Verdict {
-        stage: Stage::Injection,
-        action: Action::Block,
-        reason,
-        score: Some(score),
-    }
+    Verdict::block(Stage::Injection, reason, score)
 }
 
 /// See [`InjectionDetector::chunks`]; the toxicity classifier chunks the same way.

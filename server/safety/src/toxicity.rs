@@ -31,7 +31,7 @@ use serde::Deserialize;
 use unicode_normalization::UnicodeNormalization;
 
 use crate::data::{read_to_string, DataError};
-use crate::verdict::{Action, Stage, Verdict};
+use crate::verdict::{Stage, Verdict};
 
 /// Lexicon candidates the SVM weighs high but that have an everyday, literary or identity
 /// meaning (anatomy, a name, an animal, "cum laude", "this sucks", mild swearing): left to the
@@ -257,14 +257,7 @@ impl ToxicityDetector {
 
     /// [`ToxicityDetector::classify`] against a threshold of the caller's (a tenant's policy).
     pub fn classify_at(&self, text: &str, threshold: f32) -> Verdict {
-        let score = self.score(text);
-        match score >= threshold {
-            true => block("toxicity_classifier", score),
-            false => Verdict {
-                score: Some(score),
-                ..Verdict::allow(Stage::Toxicity)
-            },
-        }
+        Verdict::scored(Stage::Toxicity, "toxicity_classifier", self.score(text), threshold)
     }
 
     /// Lexicon, then classifier.
@@ -284,12 +277,7 @@ impl ToxicityDetector {
 }
 
 fn block(reason: &'static str, score: f32) -> Verdict {
-    Verdict {
-        stage: Stage::Toxicity,
-        action: Action::Block,
-        reason,
-        score: Some(score),
-    }
+    Verdict::block(Stage::Toxicity, reason, score)
 }
 
 /// Runs of 3+ equal characters squeezed to `keep` ("fuuuck" → "fuck" with 1, "asss" → "ass"
@@ -449,7 +437,7 @@ mod tests {
         assert_eq!(d.check("shit").reason, "toxicity_lexicon");
         assert_eq!(d.check("bad bad bad").reason, "toxicity_classifier");
         let v = tiny(0.99).check("bad bad bad");
-        assert_eq!((v.action, v.reason), (Action::Allow, "none"));
+        assert_eq!((v.action, v.reason), (crate::verdict::Action::Allow, "none"));
         assert!(v.score.is_some());
     }
 

@@ -54,6 +54,27 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    pub fn block(stage: Stage, reason: &'static str, score: f32) -> Self {
+        Verdict {
+            stage,
+            action: Action::Block,
+            reason,
+            score: Some(score),
+        }
+    }
+
+    /// A classifier's verdict: a block at or above `threshold`, else an allow that keeps the
+    /// score.
+    pub fn scored(stage: Stage, reason: &'static str, score: f32, threshold: f32) -> Self {
+        match score >= threshold {
+            true => Verdict::block(stage, reason, score),
+            false => Verdict {
+                score: Some(score),
+                ..Verdict::allow(stage)
+            },
+        }
+    }
+
     pub fn allow(stage: Stage) -> Self {
         Verdict {
             stage,

@@ -406,7 +406,9 @@ fn specs() -> Vec<Spec> {
         },
         Spec {
             kind: e(Phone),
-            pattern: r"(?:\b1[ .-])?(?:\([2-9][0-9]{2}\) ?|\b[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4}\b",
+            // Any digits, not only valid NANP area and exchange codes: test data, fakes and
+            // typos ("555-123-4567") are still someone's number as far as a redactor knows.
+            pattern: r"(?:\b1[ .-])?(?:\([0-9]{3}\) ?|\b[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}\b",
             tail: Tail::None,
             validate: valid_us_phone,
         },
@@ -733,6 +735,11 @@ fn valid_national_phone(c: &Candidate) -> Option<usize> {
     }
     // A date followed by a number ("01.02.2024 1030") is not a phone number.
     let groups: Vec<&[u8]> = c.text.split(|b| !b.is_ascii_digit()).collect();
+    // Three groups of four digits are the tail of a 16-digit card-like number (a card that failed
+    // Luhn), not a national plan's grouping (UK 4-3-4 / 5-6, DE 3-8, FR 2-2-2-2-2).
+    if groups.len() == 3 && groups.iter().all(|g| g.len() == 4) {
+        return None;
+    }
     if groups.len() >= 3 && groups[0].len() == 2 && groups[1].len() == 2 && groups[2].len() == 4 {
         let y = &groups[2][..2];
         if y == b"19" || y == b"20" {
@@ -878,6 +885,9 @@ mod tests {
                 ("+33 1 23 45 67 89", "+33 1 23 45 67 89"),
                 ("US (415) 555-0132", "(415) 555-0132"),
                 ("US 415-555-0132.", "415-555-0132"),
+                ("call 555-123-4567 today", "555-123-4567"),
+                ("or (012) 345-6789", "(012) 345-6789"),
+                ("fax 123.456.7890", "123.456.7890"),
                 ("toll free 1-800-555-0199", "1-800-555-0199"),
                 ("UK 020 7946 0958", "020 7946 0958"),
                 ("UK mobile 07700 900123", "07700 900123"),
@@ -894,6 +904,7 @@ mod tests {
             "on 2024-01-15 at 10:30",
             "on 01.02.2024 1030 units",
             "order 5551234567 shipped",
+            "The number 4176 0291 0940 3391 is printed on the box.",
             "ISBN 978-3-16-148410-0",
             "ISBN 0-306-40615-2",
             "version 1.2.3",

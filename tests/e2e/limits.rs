@@ -172,7 +172,11 @@ flush_interval_ms = 200
         r.metadata_mut().insert("x-tenant-id", "grpc".parse().unwrap());
         r
     };
-    let mut s = client.generate(request()).await.unwrap().into_inner();
+    let ok = client.generate(request()).await.unwrap();
+    // Answers carry the tenant's limits too, in the initial metadata.
+    assert_eq!(ok.metadata().get("x-ratelimit-limit-requests").unwrap(), "1");
+    assert_eq!(ok.metadata().get("x-ratelimit-remaining-requests").unwrap(), "0");
+    let mut s = ok.into_inner();
     while s.message().await.unwrap().is_some() {}
     let e = client.generate(request()).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");

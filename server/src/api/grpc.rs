@@ -153,6 +153,7 @@ impl InferenceService {
             }
         };
         let answer = self.state.pipeline.generate(&ctx, input, obs).await?;
+        let ratelimit = answer.ratelimit;
         let sources = answer.citations;
         let safety = answer.safety;
         let mut first = true;
@@ -211,7 +212,14 @@ impl InferenceService {
             }
             futures::stream::iter(out)
         });
-        Ok(Response::new(Box::pin(out) as GenStream))
+        let mut resp = Response::new(Box::pin(out) as GenStream);
+        // The tenant's x-ratelimit-* as of admission, in the initial metadata (HTTP sends headers).
+        for (k, v) in ratelimit {
+            if let Ok(v) = v.parse() {
+                resp.metadata_mut().insert(k, v);
+            }
+        }
+        Ok(resp)
     }
 }
 

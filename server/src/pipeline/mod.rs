@@ -88,7 +88,8 @@ pub(crate) struct Answer {
     /// RAG: the sources numbered in the prompt; empty otherwise.
     pub citations: Vec<Citation>,
     pub events: EventStream,
-    /// The tenant's `x-ratelimit-*` headers as of admission (HTTP sends them, as OpenAI does).
+    /// The tenant's `x-ratelimit-*` headers as of admission (both doors send them: HTTP headers,
+    /// gRPC initial metadata).
     pub ratelimit: Vec<(&'static str, String)>,
     /// Set when the output stage ended the stream (`content_filter`): its stage and reason.
     pub safety: Outcome,

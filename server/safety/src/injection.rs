@@ -555,7 +555,8 @@ fn confusable(c: char) -> Option<char> {
     })
 }
 
-fn leet(c: char) -> Option<char> {
+/// Leetspeak digits and symbols to the letters they stand for (shared with `toxicity`).
+pub(crate) fn leet(c: char) -> Option<char> {
     Some(match c {
         '0' => 'o',
         '1' => 'i',

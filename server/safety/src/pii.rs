@@ -828,10 +828,11 @@ fn valid_jwt_prefix(c: &Candidate) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rec() -> Arc<Recognizer> {
+    /// One recognizer for every test of the crate (building the DFA takes ~20 ms).
+    pub(crate) fn rec() -> Arc<Recognizer> {
         use std::sync::OnceLock;
         static R: OnceLock<Arc<Recognizer>> = OnceLock::new();
         R.get_or_init(|| Arc::new(Recognizer::new(&PiiConfig::default()).unwrap()))

@@ -332,18 +332,7 @@ impl StreamScanner {
                 self.base = self.pos;
             }
             (_, Tail::None) => {
-                self.out.found.push(Found {
-                    entity,
-                    span: t.start..end,
-                    action,
-                });
-                if action == Action::Redact {
-                    let ph = self.vault.placeholder(entity, &value);
-                    self.out.text.push_str(&ph);
-                    self.out.verdicts.push(pii::verdict(entity, action));
-                } else {
-                    self.out.text.push_str(&value);
-                }
+                self.emit(entity, t.start..end, action, &value);
                 self.consume(end);
             }
             (_, tail) => {
@@ -420,17 +409,18 @@ impl StreamScanner {
         };
         let action = self.policy.action(entity);
         let value = String::from_utf8_lossy(&value).into_owned();
-        self.out.found.push(Found {
-            entity,
-            span: start..self.pos,
-            action,
-        });
+        self.emit(entity, start..self.pos, action, &value);
+    }
+
+    /// Sends a decided, non-blocked value: its placeholder (redact) or the value itself (allow).
+    fn emit(&mut self, entity: Entity, span: std::ops::Range<u64>, action: Action, value: &str) {
+        self.out.found.push(Found { entity, span, action });
         if action == Action::Redact {
-            let ph = self.vault.placeholder(entity, &value);
+            let ph = self.vault.placeholder(entity, value);
             self.out.text.push_str(&ph);
             self.out.verdicts.push(pii::verdict(entity, action));
         } else {
-            self.out.text.push_str(&value);
+            self.out.text.push_str(value);
         }
     }
 
@@ -482,15 +472,8 @@ fn push_matches(dfa: &regex_automata::dfa::dense::DFA<Vec<u32>>, s: StateID, end
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pii::PiiConfig;
+    use crate::pii::tests::rec;
     use proptest::prelude::*;
-
-    fn rec() -> Arc<Recognizer> {
-        use std::sync::OnceLock;
-        static R: OnceLock<Arc<Recognizer>> = OnceLock::new();
-        R.get_or_init(|| Arc::new(Recognizer::new(&PiiConfig::default()).unwrap()))
-            .clone()
-    }
 
     /// Values every recognizer must catch (each also a unit-test positive in `pii`).
     const VALUES: &[&str] = &[

@@ -328,17 +328,7 @@ fn fold_leet(t: &str) -> String {
     if !t.chars().any(char::is_alphabetic) {
         return t.to_string();
     }
-    t.chars()
-        .map(|c| match c {
-            '0' => 'o',
-            '1' => 'i',
-            '3' => 'e',
-            '4' | '@' => 'a',
-            '5' | '$' => 's',
-            '7' => 't',
-            c => c,
-        })
-        .collect()
+    t.chars().map(|c| crate::injection::leet(c).unwrap_or(c)).collect()
 }
 
 #[cfg(test)]

@@ -95,16 +95,6 @@ pub(crate) struct Answer {
     pub safety: Outcome,
 }
 
-/// What `start` hands to `generate`: the answer's parts and the prompt for the request log.
-struct Started {
-    model: String,
-    citations: Vec<Citation>,
-    prompt: String,
-    events: EventStream,
-    ratelimit: Vec<(&'static str, String)>,
-    safety: Outcome,
-}
-
 pub(crate) struct Pipeline {
     limits: Limits,
     /// Per-tenant limits and budgets (`crate::tenancy`).
@@ -212,22 +202,10 @@ impl Pipeline {
         mut obs: Observer,
     ) -> Result<Answer, ApiError> {
         match self.start(ctx, input, obs.safety_flags()).await {
-            Ok(Started {
-                model,
-                citations,
-                prompt,
-                events,
-                ratelimit,
-                safety,
-            }) => {
-                obs.set_model(&model, &prompt);
-                Ok(Answer {
-                    model,
-                    citations,
-                    events: observed(events, obs, ctx.deadline),
-                    ratelimit,
-                    safety,
-                })
+            Ok((mut answer, prompt)) => {
+                obs.set_model(&answer.model, &prompt);
+                answer.events = observed(answer.events, obs, ctx.deadline);
+                Ok(answer)
             }
             Err(e) => {
                 obs.on_error(e.codes());
@@ -236,7 +214,14 @@ impl Pipeline {
         }
     }
 
-    async fn start(&self, ctx: &RequestContext, mut input: GenerateInput, flags: Flags) -> Result<Started, ApiError> {
+    /// The answer with the backend's raw events, and the prompt as the model sees it (for the
+    /// request log).
+    async fn start(
+        &self,
+        ctx: &RequestContext,
+        mut input: GenerateInput,
+        flags: Flags,
+    ) -> Result<(Answer, String), ApiError> {
         self.limits.check_sampling(&input.sampling)?;
         match &input.prompt {
             Prompt::Text(p) => self.limits.check_prompt(p)?,
@@ -272,14 +257,14 @@ impl Pipeline {
         scan.settle().await?;
         // The meter sees every engine delta; the output stage may end the stream early.
         let (events, safety) = scan.output(tenancy::metered(generation.events, meter), prompt_tokens as u32);
-        Ok(Started {
+        let answer = Answer {
             model: backend.model().to_owned(),
             citations,
-            prompt: generation.prompt,
             events,
             ratelimit,
             safety,
-        })
+        };
+        Ok((answer, generation.prompt))
     }
 
     /// RAG: sources for the last user message, from the caller's tenant only.

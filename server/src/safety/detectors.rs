@@ -42,12 +42,9 @@ impl Detector for Injection {
         self.detector.rules(text).unwrap_or(Verdict::allow(Stage::Injection))
     }
 
-    /// Rules, then the classifier over the text's chunks (the highest chunk decides): retrieved
-    /// chunks get only this call, so it repeats the rules.
+    /// The classifier over the text's chunks (the highest chunk decides); the chain has run the
+    /// rules (`check`) first.
     async fn classify(&self, text: &str, threshold: Option<f32>) -> Option<Verdict> {
-        if let Some(v) = self.detector.rules(text) {
-            return Some(v);
-        }
         let chunks: Vec<String> = self
             .detector
             .classifier_chunks(text)

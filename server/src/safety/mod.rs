@@ -466,10 +466,14 @@ impl SafetyChain {
         }
         for (d, s) in self.active(&scan.policy, true) {
             for chunk in chunks {
-                let v = match d.classify(chunk, s.threshold).await {
-                    Some(v) => v,
-                    None => d.check(chunk, s.threshold),
-                };
+                // The rules first; the classifier only where they found nothing (one verdict
+                // per chunk either way).
+                let mut v = d.check(chunk, s.threshold);
+                if v.action != Action::Block {
+                    if let Some(c) = d.classify(chunk, s.threshold).await {
+                        v = c;
+                    }
+                }
                 scan.judge("retrieval_injection", v, &s)?;
             }
         }

@@ -22,8 +22,7 @@
 //! malformed, revoked), concurrent writers, bad files, no plaintext on disk.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
@@ -34,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::scope::{Scope, Scopes};
+use crate::atomic_file::{self, private_options, sibling};
 use crate::pipeline::context::is_valid_tenant;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -78,12 +78,6 @@ struct KeysFile {
 /// The path of the store secret next to the keys file.
 pub(crate) fn secret_path(keys_file: &Path) -> PathBuf {
     sibling(keys_file, ".secret")
-}
-
-fn sibling(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 /// The entries of the keys file; none when it does not exist.
@@ -184,39 +178,6 @@ impl WriteLock {
     }
 }
 
-/// Creates files readable by their owner only.
-fn private_options() -> OpenOptions {
-    #[allow(unused_mut)]
-    let mut o = OpenOptions::new();
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-    o
-}
-
-/// Temp file (0600), write, fsync, rename over `path`, fsync the directory. Callers hold the
-/// [`WriteLock`], so the temp name cannot clash.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = sibling(path, ".tmp");
-    let mut f = private_options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync {}", dir.display()))
-}
-
 fn write_entries(path: &Path, keys: Vec<KeyEntry>) -> anyhow::Result<()> {
     let file = KeysFile {
         version: FILE_VERSION,
@@ -224,7 +185,7 @@ fn write_entries(path: &Path, keys: Vec<KeyEntry>) -> anyhow::Result<()> {
     };
     let mut text = serde_json::to_string_pretty(&file)?;
     text.push('\n');
-    write_atomic(path, text.as_bytes())
+    atomic_file::write(path, text.as_bytes(), true)
 }
 
 /// Makes a key for `tenant` with `scopes` (`infer` when empty) and stores its hash; returns the
@@ -259,7 +220,7 @@ pub(crate) fn add(
         None if entries.is_empty() => {
             let mut s = vec![0u8; SECRET_BYTES];
             rand::rng().fill_bytes(&mut s);
-            write_atomic(&secret_file, format!("{}\n", hex::encode(&s)).as_bytes())?;
+            atomic_file::write(&secret_file, format!("{}\n", hex::encode(&s)).as_bytes(), true)?;
             s
         }
         None => bail!(

@@ -60,11 +60,11 @@ pub(crate) mod rate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use futures::StreamExt;
 use genai_engine::EngineEvent;
 use parking_lot::Mutex;
@@ -574,7 +574,7 @@ impl Tenancy {
             tenants: saved.clone(),
         };
         drop(saved);
-        if let Err(e) = write_atomic(&self.state.path, &serde_json::to_vec_pretty(&file)?) {
+        if let Err(e) = crate::atomic_file::write(&self.state.path, &serde_json::to_vec_pretty(&file)?, false) {
             for t in changed {
                 t.book.mark_dirty();
             }
@@ -601,29 +601,10 @@ impl Tenancy {
     }
 }
 
-/// Temp file in the same directory, fsync, rename over `path`, fsync the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn limits(f: impl FnOnce(&mut TenantLimits)) -> TenantLimits {
         let mut t = TenantLimits::default();

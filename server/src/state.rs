@@ -8,6 +8,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::ops::observe::Ops;
 use crate::pipeline::Pipeline;
+use crate::router::Router;
 use genai_retrieval::knowledge::KnowledgeService;
 
 pub(crate) struct AppState {
@@ -16,6 +17,8 @@ pub(crate) struct AppState {
     /// Embedder + vector store; loaded before the servers start.
     pub knowledge: Arc<KnowledgeService>,
     pub pipeline: Pipeline,
+    /// Chooses chat / RAG / agent for assistant requests with `mode = "auto"`.
+    pub router: Router,
     /// API keys; the context layer of both doors asks it about every request.
     pub auth: Arc<Authenticator>,
     /// Flips to true on SIGTERM/SIGINT: stop admitting new work.
@@ -34,6 +37,7 @@ impl AppState {
         Arc::new(Self {
             config,
             ops: Arc::new(ops),
+            router: Router::new(knowledge.clone()),
             knowledge,
             pipeline: pipeline(draining.subscribe()),
             auth,

@@ -28,7 +28,7 @@
 #[allow(dead_code)] // Shared with the examples; the Gaussian draws are the trainer's.
 mod data;
 
-use data::Rng;
+use data::{pct, Rng};
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -84,14 +84,6 @@ impl Counts {
 
 fn header() -> String {
     format!("{:<44} {:>5} {:>5} {:>5} {:>5}", "category", "TP", "FP", "FN", "TN")
-}
-
-fn pct(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 // ---------------------------------------------------------------------------------------------

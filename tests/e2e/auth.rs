@@ -395,7 +395,8 @@ async fn search_ids(server: &Server, key: &str, query: &str) -> Vec<String> {
         .collect()
 }
 
-/// The chunk ids of the sources a gRPC RAG chat retrieved (all of them come on the first message).
+/// The chunk ids of the sources a gRPC RAG chat retrieved (all of them come on the first message,
+/// as `sources`).
 async fn rag_sources(server: &Server, key: &str, question: &str) -> Result<Vec<String>, tonic::Status> {
     let mut client = InferenceClient::new(server.channel().await);
     let req = with_key(
@@ -417,7 +418,7 @@ async fn rag_sources(server: &Server, key: &str, question: &str) -> Result<Vec<S
     let mut stream = client.chat(req).await?.into_inner();
     let first = stream.message().await?.expect("a first message");
     while stream.message().await?.is_some() {}
-    Ok(first.citations.into_iter().map(|c| c.chunk_id).collect())
+    Ok(first.sources.into_iter().map(|c| c.chunk_id).collect())
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! Knowledge and RAG through the binary: ingest (HTTP, gRPC and the `ingest`
-//! command), search, RAG chat with citations, embeddings on both doors, and an
-//! index that survives a restart.
+//! command), search, RAG chat with its sources and citations (streamed and not, both doors),
+//! embeddings on both doors, and an index that survives a restart.
 
 use std::time::Duration;
 
@@ -71,7 +71,8 @@ async fn ingest_search_and_rag_chat_with_citations() {
         .hits;
     assert!(none.is_empty(), "{none:?}");
 
-    // RAG chat: the first message carries the numbered sources, the gold passage among them.
+    // RAG chat: the first message carries every numbered source, the gold passage among them; the
+    // last one the sources the answer cites, all among them.
     let mut inference = InferenceClient::new(channel);
     let mut req = tonic::Request::new(pb::ChatRequest {
         messages: vec![pb::ChatMessage {
@@ -89,18 +90,26 @@ async fn ingest_search_and_rag_chat_with_citations() {
     req.metadata_mut().insert("x-tenant-id", "acme".parse().unwrap());
     let mut stream = inference.chat(req).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    assert!(!first.citations.is_empty());
-    assert_eq!(first.citations[0].index, 1);
+    assert!(!first.sources.is_empty());
+    assert_eq!(first.sources[0].index, 1);
     assert!(
-        first.citations.iter().any(|c| c.chunk_id.starts_with("astronomy-2")),
+        first.sources.iter().any(|c| c.chunk_id.starts_with("astronomy-2")),
         "{:?}",
-        first.citations
+        first.sources
     );
+    let sources = first.sources.clone();
+    let mut text = first.text.clone();
     let mut last = first;
     while let Some(m) = stream.message().await.unwrap() {
+        assert!(m.sources.is_empty(), "sources come once, on the first message");
+        text.push_str(&m.text);
         last = m;
     }
     assert!(!last.finish_reason.is_empty());
+    for c in &last.citations {
+        assert!(sources.contains(c), "{c:?} is not among the sources");
+        assert!(text.contains(&c.index.to_string()), "{c:?} is not cited in {text:?}");
+    }
     assert!(last.usage.unwrap().prompt_tokens > 40, "the sources are in the prompt");
 
     // The same over HTTP.
@@ -116,7 +125,101 @@ async fn ingest_search_and_rag_chat_with_citations() {
         .await
         .unwrap();
     assert_eq!(v["object"], "chat.completion", "{v}");
-    assert!(v.get("citations").is_some(), "{v}");
+    assert!(v["sources"].as_array().is_some_and(|s| !s.is_empty()), "{v}");
+    assert!(v["citations"].is_array(), "{v}");
+}
+
+/// POSTs a chat completion as `tenant`; the JSON answer, or every SSE frame's JSON when streamed.
+async fn chat(server: &Server, tenant: &str, body: Value) -> Vec<Value> {
+    let stream = body["stream"] == json!(true);
+    let resp = reqwest::Client::new()
+        .post(server.http_url("/v1/chat/completions"))
+        .header("x-tenant-id", tenant)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    if !stream {
+        return vec![serde_json::from_str(&text).unwrap()];
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+fn chunk_ids(sources: &Value) -> Vec<String> {
+    sources
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {sources}"))
+        .iter()
+        .map(|s| s["chunk_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Every cited source is one of `sources` and its number appears in `answer`.
+fn assert_cited_among(citations: &Value, sources: &Value, answer: &str) {
+    let all = chunk_ids(sources);
+    for c in citations.as_array().unwrap_or_else(|| panic!("not a list: {citations}")) {
+        assert!(all.contains(&c["chunk_id"].as_str().unwrap().to_owned()), "{c} not among {all:?}");
+        assert!(answer.contains(&c["index"].to_string()), "{c} not cited in {answer:?}");
+    }
+}
+
+/// A RAG answer carries every source it was given, not only those the model cited with `[n]`
+/// (a 135M model rarely cites): `sources` on the answer or the first chunk, `citations` on the
+/// answer or the last chunk; a tenant without documents gets empty lists; plain chat neither.
+#[tokio::test]
+async fn rag_answers_carry_every_source_they_were_given() {
+    let server = Server::start().await;
+    ingest_http(&server, "acme").await;
+    let question = "What is the Great Red Spot on Jupiter?";
+    let body = |stream: bool| {
+        json!({"mode": "rag", "max_tokens": 24, "temperature": 0, "stream": stream,
+               "messages": [{"role": "user", "content": question}]})
+    };
+
+    // Not streamed.
+    let v = chat(&server, "acme", body(false)).await.remove(0);
+    let sources = &v["sources"];
+    let ids = chunk_ids(sources);
+    assert!(ids.iter().any(|id| id.starts_with("astronomy-2")), "{ids:?}");
+    for (i, s) in sources.as_array().unwrap().iter().enumerate() {
+        assert_eq!(s["index"], i + 1, "{s}");
+        assert!(!s["text"].as_str().unwrap().is_empty() && s["score"].is_number(), "{s}");
+    }
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_cited_among(&v["citations"], sources, answer);
+
+    // Streamed: the same sources on the first chunk only, the citations on the last chunk only.
+    let frames = chat(&server, "acme", body(true)).await;
+    assert_eq!(chunk_ids(&frames[0]["sources"]), ids);
+    assert!(frames[1..].iter().all(|f| f.get("sources").is_none()), "{frames:?}");
+    let last = frames
+        .iter()
+        .rposition(|f| f["choices"][0]["finish_reason"].is_string())
+        .unwrap();
+    assert!(frames[..last].iter().all(|f| f.get("citations").is_none()), "{frames:?}");
+    let streamed: String = frames
+        .iter()
+        .filter_map(|f| f["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_cited_among(&frames[last]["citations"], &frames[0]["sources"], &streamed);
+
+    // A tenant without documents: the RAG answer says so with empty lists, streamed or not.
+    let v = chat(&server, "globex", body(false)).await.remove(0);
+    assert_eq!((&v["sources"], &v["citations"]), (&json!([]), &json!([])), "{v}");
+    let frames = chat(&server, "globex", body(true)).await;
+    assert_eq!(frames[0]["sources"], json!([]), "{:?}", frames[0]);
+
+    // Plain chat carries neither.
+    let plain = json!({"max_tokens": 4, "messages": [{"role": "user", "content": question}]});
+    let v = chat(&server, "acme", plain).await.remove(0);
+    assert!(v.get("sources").is_none() && v.get("citations").is_none(), "{v}");
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! Shared by the `safety_eval` benchmark and the `train_injection`/`score_injection` examples: a
-//! seeded generator, where the fetched
+//! Shared by the `safety_eval` and `router_eval` benchmarks and the
+//! `train_injection`/`score_injection` examples: a seeded generator, a percentile, where the fetched
 //! safety data lives, its labelled rows, and sentence embeddings of them computed with the
 //! server's own embedder (cached in the system temp dir by content hash, so a rerun does not
 //! embed 15k rows again).
@@ -39,6 +39,15 @@ impl Rng {
         let (u, v) = (self.uniform().max(1e-7), self.uniform());
         (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
     }
+}
+
+/// The `q` quantile (0..=1) of `v` (sorted in place); NaN when empty.
+pub fn pct(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 pub fn models_dir() -> PathBuf {

@@ -17,7 +17,8 @@ struct Rule {
     mode: Mode,
     /// What the reason string says.
     name: &'static str,
-    re: Regex,
+    /// All must match.
+    all: Vec<Regex>,
 }
 
 /// Physical units and currencies a conversion names (lower case).
@@ -29,12 +30,17 @@ const GREETING: &str = r"(?:hi|hello|hey|hiya|yo|howdy|greetings|good (?:morning
 fn rules() -> &'static [Rule] {
     static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
     RULES.get_or_init(|| {
+        let compile = |name, re: &str| Regex::new(re).unwrap_or_else(|e| panic!("router rule {name}: {e}"));
         let rule = |mode, name, re: &str| Rule {
             mode,
             name,
-            re: Regex::new(re).unwrap_or_else(|e| panic!("router rule {name}: {e}")),
+            all: vec![compile(name, re)],
         };
         let docs = r"(?:docs?|documentation|documents?|knowledge ?base|kb|handbook|wiki|polic(?:y|ies)|manuals?|guides?|guidelines|runbooks?|playbooks?|files?|notes|faq|specs?|specifications?|contracts?|sops?|intranet|confluence|notion)";
+        let doc_reference = format!(
+            r"\baccording to (?:the|our|my|this|these|company|internal)\b[^?.!]{{0,40}}?\b{docs}\b|\b(?:in|from|based on|using|search|check|consult|look (?:it )?up in|per|see) (?:the|our|my) (?:internal |company |team |uploaded |pricing |sales |hr )?{docs}\b|\b(?:our|the) knowledge ?base\b"
+        );
+        let from_documents = "the query asks to compute from the tenant's documents (knowledge_search, calculator)";
         vec![
             rule(
                 Mode::Chat,
@@ -75,13 +81,19 @@ fn rules() -> &'static [Rule] {
                     r"\bconvert\s+[-\d.,]+\s*(?:{UNITS}|[$€£])|[-\d.,]+\s*{UNITS}\s+(?:to|in|into)\s+{UNITS}\b|\bhow many\s+{UNITS}\s+(?:are |is )?(?:in|is)\s+(?:a |an |one |[-\d.,]+\s*){UNITS}\b"
                 ),
             ),
-            rule(
-                Mode::Rag,
-                "the query refers to the tenant's documents",
-                &format!(
-                    r"\baccording to (?:the|our|my|this|these|company|internal)\b[^?.!]{{0,40}}?\b{docs}\b|\b(?:in|from|based on|using|search|check|consult|look (?:it )?up in|per|see) (?:the|our|my) (?:internal |company |team |uploaded )?{docs}\b|\b(?:our|the) knowledge ?base\b"
-                ),
-            ),
+            // Search, then compute: the agent has both tools; RAG alone would not calculate.
+            Rule {
+                mode: Mode::Agent,
+                name: from_documents,
+                all: vec![
+                    compile(from_documents, &doc_reference),
+                    compile(
+                        from_documents,
+                        r"\b(?:calculate|compute|work out|figure out|convert (?:it|that|this|them|the \w+)|multiply|divide|add up|sum up|total (?:cost|price)|how many \w+ (?:per|a|an|that is)|how much (?:is that|would|will))\b",
+                    ),
+                ],
+            },
+            rule(Mode::Rag, "the query refers to the tenant's documents", &doc_reference),
         ]
     })
 }
@@ -101,7 +113,7 @@ pub fn apply(query: &str, ctx: &Context) -> Option<Decision> {
     rules()
         .iter()
         .filter(|r| ctx.allows(r.mode))
-        .find(|r| r.re.is_match(&q))
+        .find(|r| r.all.iter().all(|re| re.is_match(&q)))
         .map(|r| Decision {
             mode: r.mode,
             confidence: 1.0,
@@ -142,6 +154,8 @@ mod tests {
             "Convert 5 miles to km",
             "how many ounces are in 3 cups",
             "72 °F in celsius",
+            "Search our pricing docs for the Pro price and work out the yearly cost for 14 seats",
+            "Find the SLA in our docs and convert it to minutes of downtime per month",
         ] {
             assert_eq!(mode(q), Some(Mode::Agent), "{q}");
         }

@@ -137,8 +137,9 @@ impl InferenceService {
         }
     }
 
-    /// Generates through the pipeline and streams the events. RAG answers carry all their sources
-    /// on the first message and the ones the answer cites on the last.
+    /// Generates through the pipeline and streams the events. RAG answers carry every source they
+    /// were given on the first message (`sources`) and the ones the answer cites on the last
+    /// (`citations`).
     async fn generate_stream(
         &self,
         ctx: Result<RequestContext, ApiError>,
@@ -191,8 +192,8 @@ impl InferenceService {
                 }
                 Err(e) => return futures::stream::iter(vec![Err(e.into())]),
             };
-            if std::mem::take(&mut first) && msg.citations.is_empty() {
-                msg.citations = sources.iter().cloned().map(citation).collect();
+            if std::mem::take(&mut first) {
+                msg.sources = sources.iter().cloned().map(citation).collect();
             }
             let finished_filtered = msg.finish_reason == FinishReason::ContentFilter.as_str();
             let mut out = vec![Ok(msg)];

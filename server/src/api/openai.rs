@@ -189,7 +189,8 @@ pub struct WireMessage {
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
     pub messages: Vec<WireMessage>,
-    /// Extension: "chat" (default) or "rag" (answer from the knowledge base, with `citations`).
+    /// Extension: "chat" (default) or "rag" (answer from the knowledge base, with `sources` and
+    /// `citations`).
     #[serde(default)]
     pub mode: Option<String>,
     #[serde(default)]
@@ -254,8 +255,9 @@ struct ResponseShape {
     model: String,
     created: u64,
     logprobs: bool,
-    /// RAG sources: all of them on the first chunk, the cited ones on the answer.
-    citations: Vec<Citation>,
+    /// RAG (None otherwise): every source the answer was given — `sources` on the answer or the
+    /// first chunk; the ones it cites with `[n]` are `citations`, on the answer or the last chunk.
+    sources: Option<Vec<Citation>>,
     /// Why the output stage ended the answer (`finish_reason: "content_filter"`), if it did.
     safety: Outcome,
 }
@@ -388,6 +390,7 @@ async fn generate(
             return e.into_response();
         }
     };
+    let rag = d.input.route == Route::Rag;
     let answer = match state.pipeline.generate(&ctx, d.input, obs).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
@@ -402,7 +405,7 @@ async fn generate(
         model: answer.model,
         created: now_secs(),
         logprobs: d.logprobs,
-        citations: answer.citations,
+        sources: rag.then_some(answer.citations),
         safety: answer.safety,
     };
     let mut resp = if d.stream {
@@ -459,10 +462,17 @@ impl ResponseShape {
             }
         };
         let mut v = json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]});
-        if first && !self.citations.is_empty() {
-            v["citations"] = json!(self.citations);
+        if let Some(sources) = self.sources.as_ref().filter(|_| first) {
+            v["sources"] = json!(sources);
         }
         v
+    }
+
+    /// `citations` of a RAG answer: the sources `text` cites with `[n]`.
+    fn add_citations(&self, v: &mut Value, text: &str) {
+        if let Some(sources) = &self.sources {
+            v["citations"] = json!(rag::parse_citations(text, sources));
+        }
     }
 
     /// Adds `"safety": {"stage", "reason"}` to the last chunk or answer of a blocked stream (an
@@ -514,9 +524,10 @@ async fn collect(job: ResponseShape, mut events: EventStream) -> Result<Value, A
                     "id": job.id, "object": job.object(false), "created": job.created, "model": job.model,
                     "choices": [choice], "usage": usage_json(&usage),
                 });
-                if !job.citations.is_empty() {
-                    v["citations"] = json!(rag::parse_citations(&text, &job.citations));
+                if let Some(sources) = &job.sources {
+                    v["sources"] = json!(sources);
                 }
+                job.add_citations(&mut v, &text);
                 job.add_safety(&mut v);
                 return Ok(v);
             }
@@ -533,16 +544,22 @@ fn stream_response(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let data = |v: Value| Event::default().data(v.to_string());
     let mut first = true;
+    // The answer so far, for the citations on the last chunk (RAG only).
+    let mut answer = String::new();
     let body = events
         .flat_map(move |ev| {
             let out: Vec<Event> = match ev {
                 Ok(EngineEvent::Delta { text, logprobs, .. }) => {
                     let e = data(job.chunk(&text, &logprobs, None, first));
                     first = false;
+                    if job.sources.is_some() {
+                        answer.push_str(&text);
+                    }
                     vec![e]
                 }
                 Ok(EngineEvent::Finished { reason, usage }) => {
                     let mut last = job.chunk("", &[], Some(reason.as_str()), first);
+                    job.add_citations(&mut last, &answer);
                     job.add_safety(&mut last);
                     let mut v = vec![data(last)];
                     if include_usage {

@@ -89,7 +89,7 @@ fn rules() -> &'static [Rule] {
                     compile(from_documents, &doc_reference),
                     compile(
                         from_documents,
-                        r"\b(?:calculate|compute|work out|figure out|convert (?:it|that|this|them|the \w+)|multiply|divide|add up|sum up|total (?:cost|price)|how many \w+ (?:per|a|an|that is)|how much (?:is that|would|will))\b",
+                        r"\b(?:calculate|compute|work out|figure out|convert (?:it|that|this|them|the \w+)|multiply|divide|add up|sum up|(?:total|yearly|annual|monthly) (?:cost|price)|discount|how many \w+ (?:per|a|an|that is)|how much (?:is that|would|will))\b",
                     ),
                 ],
             },

@@ -31,7 +31,10 @@ const DOCS: Context = Context { has_documents: true };
 const NO_DOCS: Context = Context { has_documents: false };
 
 fn classifier(train: &[(&Example, &Vec<f32>)], k: usize) -> Classifier {
-    let ex = train.iter().map(|(e, v)| (e.text.clone(), e.mode, (*v).clone())).collect();
+    let ex = train
+        .iter()
+        .map(|(e, v)| (e.text.clone(), e.mode, (*v).clone()))
+        .collect();
     Classifier::new(ex, k).expect("exemplars")
 }
 
@@ -103,7 +106,11 @@ fn main() {
                 .collect();
             ok += usize::from(classifier(&rest, k).classify(train[i].1, &DOCS).mode == train[i].0.mode);
         }
-        let mark = if k == Classifier::DEFAULT_K { "  <- DEFAULT_K" } else { "" };
+        let mark = if k == Classifier::DEFAULT_K {
+            "  <- DEFAULT_K"
+        } else {
+            ""
+        };
         println!("  k = {k:>2}: {:.3}{mark}", ok as f64 / train.len() as f64);
     }
 
@@ -146,7 +153,10 @@ fn main() {
             n.1 += usize::from(d.mode != e.mode);
         }
     }
-    println!("\nrules on all {} queries (fired / disagree with the label):", all.len());
+    println!(
+        "\nrules on all {} queries (fired / disagree with the label):",
+        all.len()
+    );
     for (rule, (n, bad)) in &fired {
         println!("  {n:>4} / {bad:>2}  {rule}");
     }
@@ -157,10 +167,17 @@ fn main() {
         .zip(&vectors)
         .filter(|(e, v)| route(&c, &e.text, v, &NO_DOCS).mode == Mode::Rag)
         .count();
-    println!("\ntenant without documents: {to_rag} of {} queries routed to RAG (must be 0)", all.len());
+    println!(
+        "\ntenant without documents: {to_rag} of {} queries routed to RAG (must be 0)",
+        all.len()
+    );
     assert_eq!(to_rag, 0);
 
-    latency(&c, &embedder, &test.iter().map(|(e, _)| e.text.clone()).collect::<Vec<_>>());
+    latency(
+        &c,
+        &embedder,
+        &test.iter().map(|(e, _)| e.text.clone()).collect::<Vec<_>>(),
+    );
 }
 
 /// p50 / p99 of one routing decision over the held-out queries, several rounds.

@@ -164,8 +164,14 @@ fn chunk_ids(sources: &Value) -> Vec<String> {
 /// Every cited source is one of `sources` and its number appears in `answer`.
 fn assert_cited_among(citations: &Value, sources: &Value, answer: &str) {
     let all = chunk_ids(sources);
-    for c in citations.as_array().unwrap_or_else(|| panic!("not a list: {citations}")) {
-        assert!(all.contains(&c["chunk_id"].as_str().unwrap().to_owned()), "{c} not among {all:?}");
+    for c in citations
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {citations}"))
+    {
+        assert!(
+            all.contains(&c["chunk_id"].as_str().unwrap().to_owned()),
+            "{c} not among {all:?}"
+        );
         assert!(answer.contains(&c["index"].to_string()), "{c} not cited in {answer:?}");
     }
 }
@@ -203,7 +209,10 @@ async fn rag_answers_carry_every_source_they_were_given() {
         .iter()
         .rposition(|f| f["choices"][0]["finish_reason"].is_string())
         .unwrap();
-    assert!(frames[..last].iter().all(|f| f.get("citations").is_none()), "{frames:?}");
+    assert!(
+        frames[..last].iter().all(|f| f.get("citations").is_none()),
+        "{frames:?}"
+    );
     let streamed: String = frames
         .iter()
         .filter_map(|f| f["choices"][0]["delta"]["content"].as_str())

@@ -45,7 +45,10 @@ fn the_train_split_routes_the_held_out_split_above_a_floor() {
         assert_ne!(without.mode, Mode::Rag, "{:?} went to RAG without documents", x.text);
     }
     let accuracy = correct.iter().sum::<usize>() as f64 / total.iter().sum::<usize>() as f64;
-    assert!(accuracy >= 0.85, "held-out accuracy {accuracy:.3} ({correct:?} of {total:?})");
+    assert!(
+        accuracy >= 0.85,
+        "held-out accuracy {accuracy:.3} ({correct:?} of {total:?})"
+    );
     for m in Mode::ALL {
         let recall = correct[m as usize] as f64 / total[m as usize] as f64;
         assert!(recall >= 0.75, "{m}: recall {recall:.3}");

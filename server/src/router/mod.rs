@@ -26,9 +26,9 @@ use std::sync::Arc;
 use genai_models::embedder::Priority;
 use genai_retrieval::knowledge::KnowledgeService;
 // Until the assistant (server/src/assistant) calls `route`, only the tests use these.
+use genai_router::{dataset, rules, Classifier, Context};
 #[allow(unused_imports)]
 pub(crate) use genai_router::{By, Decision, Mode};
-use genai_router::{dataset, rules, Classifier, Context};
 use tokio::sync::OnceCell;
 
 pub(crate) struct Router {
@@ -125,7 +125,9 @@ mod tests {
 
         let d = router.route("acme", "What is 17 * 23?").await;
         assert_eq!((d.mode, d.by), (Mode::Agent, By::Rule), "{d:?}");
-        let d = router.route("acme", "According to our handbook, how many vacation days do I get?").await;
+        let d = router
+            .route("acme", "According to our handbook, how many vacation days do I get?")
+            .await;
         assert_eq!((d.mode, d.by), (Mode::Rag, By::Rule), "{d:?}");
 
         // No rule: the classifier, with a confidence and the nearest exemplar in its reason.
@@ -140,7 +142,9 @@ mod tests {
         // A tenant without documents is never sent to RAG, by a rule or by the classifier.
         let d = router.route("globex", q).await;
         assert_ne!(d.mode, Mode::Rag, "{d:?}");
-        let d = router.route("globex", "according to the docs, how do I rotate an API key").await;
+        let d = router
+            .route("globex", "according to the docs, how do I rotate an API key")
+            .await;
         assert_ne!(d.mode, Mode::Rag, "{d:?}");
     }
 }

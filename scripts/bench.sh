@@ -3,7 +3,8 @@
 #   1. generation side by side with llama.cpp (../shared/perf/compare.sh: fresh server per point,
 #      same prompts, same streaming OpenAI load client), 1/4/16/64 streams, 128 new tokens;
 #   2. prefill: TTFT of a ~512-token prompt over gRPC (genai-load), against llama-bench pp512 and tg128;
-#   3. embeddings/s (criterion, batch 1/8/32/128) and vector search on 100k 384-d vectors (criterion).
+#   3. embeddings/s (criterion, batch 1/8/32/128) and vector search on 100k 384-d vectors (criterion);
+#   4. the chat / RAG / agent router: held-out accuracy and the latency of one decision.
 # Usage: scripts/bench.sh [OUT_DIR]   (figures land in OUT_DIR, default bench-results/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,3 +43,6 @@ kill $PID; wait $PID 2>/dev/null || true
 echo "== 3. embeddings and vector search =="
 cargo bench -p genai-benches --bench embed 2>&1 | grep -E "minilm|thrpt|time:" | tee "$OUT/embed.txt"
 cargo bench -p genai-benches --bench vector_search 2>&1 | grep -Ev "^(Gnuplot|Benchmarking|Found|  [0-9]+ \()" | tee "$OUT/vector_search.txt"
+
+echo "== 4. router =="
+cargo bench -p genai-benches --bench router_eval 2>&1 | grep -Ev "^\s*(Compiling|Finished|Running)" | tee "$OUT/router.txt"

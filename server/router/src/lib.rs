@@ -6,10 +6,10 @@
 //! 1. [`rules::apply`]: cheap, explicit patterns (arithmetic, "calculate", the current time or
 //!    date, a URL, a unit conversion → agent; "according to our handbook / the knowledge base" →
 //!    RAG; a bare greeting → chat). A rule decides with confidence 1 and names itself.
-//! 2. [`classifier::Classifier`]: nearest exemplars (k-NN, similarity-weighted votes) over the
-//!    MiniLM embeddings of the labelled train split of [`dataset`] (`data/router/queries.jsonl`,
-//!    compiled in). Its confidence is the winner's share of the votes; its reason names the
-//!    vote and the nearest exemplar.
+//! 2. [`classifier::Classifier`]: nearest exemplars (k-NN, similarity-weighted votes, cosine
+//!    after centring on the exemplars' mean) over the MiniLM embeddings of the labelled train
+//!    split of [`dataset`] (`data/router/queries.jsonl`, compiled in). Its confidence is the
+//!    winner's share of the votes; its reason names the vote and the nearest exemplar.
 //!
 //! Invariants: a tenant without documents is never routed to RAG (neither by a rule nor by the
 //! classifier, whose RAG exemplars are then ignored); every [`Decision`] says which stage made

@@ -216,7 +216,12 @@ async fn main() -> anyhow::Result<()> {
         None => PROMPTS.iter().map(|s| s.to_string()).collect(),
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
-    let grammar: Option<Arc<str>> = args.grammar.as_ref().map(std::fs::read_to_string).transpose()?.map(Into::into);
+    let grammar: Option<Arc<str>> = args
+        .grammar
+        .as_ref()
+        .map(std::fs::read_to_string)
+        .transpose()?
+        .map(Into::into);
     let channel = Endpoint::from_shared(args.addr.clone())?.connect().await?;
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));

@@ -48,7 +48,10 @@ async fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
 /// The text and finish reason of a non-streamed reply of either endpoint.
 fn answer(v: &Value) -> (String, String) {
     let c = &v["choices"][0];
-    let text = c["message"]["content"].as_str().or(c["text"].as_str()).unwrap_or_else(|| panic!("{v}"));
+    let text = c["message"]["content"]
+        .as_str()
+        .or(c["text"].as_str())
+        .unwrap_or_else(|| panic!("{v}"));
     (text.to_owned(), c["finish_reason"].as_str().unwrap().to_owned())
 }
 
@@ -95,7 +98,8 @@ async fn json_schema_output_validates_on_both_endpoints_streamed_and_not() {
     let server = Server::start().await;
     let schema = person_schema();
     let mut c = chat("Describe a fictional person as JSON.");
-    c["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}});
+    c["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": true}});
     let mut p = completion("A person record in JSON:");
     p["guided_json"] = schema.clone();
     for (path, body) in [("/v1/chat/completions", &c), ("/v1/completions", &p)] {
@@ -180,15 +184,17 @@ async fn constrained_and_free_requests_batch_together() {
         b["temperature"] = json!(0.9);
         b["seed"] = json!(i);
         match i % 4 {
-            0 => b["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": true}}),
+            0 => {
+                b["response_format"] =
+                    json!({"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": true}})
+            }
             1 => b["guided_regex"] = json!("[a-z]{4}-[0-9]{2}"),
             2 => b["guided_choice"] = json!(["yes", "no"]),
             _ => b["max_tokens"] = json!(40),
         }
         bodies.push(b);
     }
-    let replies =
-        futures::future::join_all(bodies.iter().map(|b| post(&server, "/v1/chat/completions", b))).await;
+    let replies = futures::future::join_all(bodies.iter().map(|b| post(&server, "/v1/chat/completions", b))).await;
     for (i, (status, v)) in replies.iter().enumerate() {
         assert_eq!(*status, 200, "{v}");
         let (text, finish) = answer(v);
@@ -205,10 +211,19 @@ async fn constrained_and_free_requests_batch_together() {
 async fn unusable_structured_output_is_a_400_naming_the_field() {
     let server = Server::start().await;
     let cases = [
-        (json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}), "guided_regex"),
-        (json!({"guided_choice": ["a"], "guided_grammar": "start: \"a\""}), "guided_grammar"),
+        (
+            json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}),
+            "guided_regex",
+        ),
+        (
+            json!({"guided_choice": ["a"], "guided_grammar": "start: \"a\""}),
+            "guided_grammar",
+        ),
         (json!({"response_format": {"type": "xml"}}), "response_format.type"),
-        (json!({"response_format": {"type": "json_schema"}}), "response_format.json_schema"),
+        (
+            json!({"response_format": {"type": "json_schema"}}),
+            "response_format.json_schema",
+        ),
         (
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}, "strict": true}}}),
             "response_format.json_schema.schema",
@@ -298,14 +313,24 @@ async fn grpc_generate_and_chat_carry_structured_output() {
             .into_inner(),
     )
     .await;
-    assert!(regex::Regex::new("^[A-Z][a-z]{2,8}$").unwrap().is_match(&text), "{text:?}");
+    assert!(
+        regex::Regex::new("^[A-Z][a-z]{2,8}$").unwrap().is_match(&text),
+        "{text:?}"
+    );
     let choice = Kind::Choice(pb::Choices {
         choices: vec!["red".into(), "green".into()],
     });
     let (text, finish) = drain(client.generate(generate(choice)).await.unwrap().into_inner()).await;
     assert!(text == "red" || text == "green", "{text:?}");
     assert_eq!(finish, "stop");
-    let (text, _) = drain(client.generate(generate(Kind::JsonObject(true))).await.unwrap().into_inner()).await;
+    let (text, _) = drain(
+        client
+            .generate(generate(Kind::JsonObject(true)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
     assert!(serde_json::from_str::<Value>(&text).unwrap().is_object(), "{text}");
 
     // Bad input: INVALID_ARGUMENT naming the field.

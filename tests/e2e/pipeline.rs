@@ -149,7 +149,7 @@ async fn unsupported_openai_fields_are_refused_by_name() {
             "tools",
             json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ),
-        ("response_format", json!({"type": "json_object"})),
+        ("functions", json!([{"name": "f", "parameters": {}}])),
         ("logit_bias", json!({"42": 10})),
         ("tool_choice", json!("required")),
     ] {

@@ -25,6 +25,7 @@ use crate::pipeline::sampling::SamplingInput;
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::state::AppState;
 use genai_engine::{EngineEvent, FinishReason, PositionLogprobs, TokenLogprob};
+use genai_grammar::{Grammar, GrammarRequest};
 use genai_models::chat_template::ChatMessage;
 use genai_retrieval::rag;
 
@@ -248,6 +249,34 @@ fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {
     }
 }
 
+/// The request's `structured_output` as a grammar; errors name `structured_output.…` fields.
+fn grammar(so: Option<pb::StructuredOutput>) -> Result<Option<GrammarRequest>, ApiError> {
+    use pb::structured_output::Kind;
+    let Some(kind) = so.and_then(|so| so.kind) else {
+        return Ok(None);
+    };
+    let g = match kind {
+        Kind::JsonObject(false) => return Ok(None),
+        Kind::JsonObject(true) => GrammarRequest::new(Grammar::JsonObject, "structured_output.json_object"),
+        Kind::JsonSchema(js) => {
+            let field = "structured_output.json_schema.schema";
+            let schema = serde_json::from_str(&js.schema)
+                .map_err(|e| ApiError::invalid(field, format!("not valid JSON: {e}")))?;
+            GrammarRequest::new(
+                Grammar::JsonSchema {
+                    schema,
+                    strict: js.strict,
+                },
+                field,
+            )
+        }
+        Kind::Regex(rx) => GrammarRequest::new(Grammar::Regex(rx), "structured_output.regex"),
+        Kind::Choice(c) => GrammarRequest::new(Grammar::Choice(c.choices), "structured_output.choice"),
+        Kind::Grammar(lark) => GrammarRequest::new(Grammar::Lark(lark), "structured_output.grammar"),
+    };
+    Ok(Some(g))
+}
+
 fn citation(c: rag::Citation) -> pb::Citation {
     pb::Citation {
         index: c.index,
@@ -279,11 +308,12 @@ impl Inference for InferenceService {
         let obs = self.observer(&req, "Generate", "completion");
         let ctx = RequestContext::of(req.extensions());
         let r = req.into_inner();
-        let input = Ok(GenerateInput {
+        let input = grammar(r.structured_output).map(|grammar| GenerateInput {
             model: r.model,
             prompt: Prompt::Text(r.prompt),
             route: Route::Chat,
             sampling: sampling(r.sampling),
+            grammar,
         });
         self.generate_stream(ctx, input, obs).await
     }
@@ -301,7 +331,8 @@ impl Inference for InferenceService {
         let obs = self.observer(&req, "Chat", label);
         let ctx = RequestContext::of(req.extensions());
         let r = req.into_inner();
-        let input = route.map(|route| GenerateInput {
+        let input = route.and_then(|route| Ok((route, grammar(r.structured_output)?)));
+        let input = input.map(|(route, grammar)| GenerateInput {
             model: r.model,
             prompt: Prompt::Chat(
                 r.messages
@@ -314,6 +345,7 @@ impl Inference for InferenceService {
             ),
             route,
             sampling: sampling(r.sampling),
+            grammar,
         });
         self.generate_stream(ctx, input, obs).await
     }

@@ -30,6 +30,7 @@ use std::sync::{Arc, OnceLock};
 
 use futures::StreamExt;
 use genai_engine::EngineEvent;
+use genai_grammar::GrammarRequest;
 use genai_models::chat_template::ChatMessage;
 use genai_retrieval::index::Filter;
 use genai_retrieval::rag::{Citation, RagPipeline};
@@ -79,6 +80,10 @@ pub(crate) struct GenerateInput {
     pub prompt: Prompt,
     pub route: Route,
     pub sampling: SamplingInput,
+    /// Structured output (`response_format`, `guided_*`, tool-call grammars): the backend
+    /// compiles it on the blocking pool before anything is reserved or queued; a grammar that
+    /// cannot be used is a 400 naming its field.
+    pub grammar: Option<GrammarRequest>,
 }
 
 /// A generation under way.
@@ -235,7 +240,7 @@ impl Pipeline {
         let params = input.sampling.into_params(self.default_max_tokens)?;
         // Safety: PII redacted in place before the backend tokenizes; classifiers start here.
         let mut scan = self.safety.scan_input(&ctx.tenant, &mut input.prompt, flags).await?;
-        let (prepared, citations) = match (input.prompt, input.route) {
+        let (mut prepared, citations) = match (input.prompt, input.route) {
             (Prompt::Text(p), _) => (backend.prepare_text(p).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Chat) => (backend.prepare_chat(messages).await?, Vec::new()),
             (Prompt::Chat(messages), Route::Rag) => {
@@ -245,6 +250,9 @@ impl Pipeline {
                 (backend.prepare_chat(messages).await?, citations)
             }
         };
+        if let Some(grammar) = input.grammar {
+            backend.prepare_grammar(&mut prepared, grammar).await?;
+        }
         // Reserve prompt + max_tokens (tokens and worst-case spend) before the engine sees it;
         // the meter goes with the stream and refunds what is not used.
         let prompt_tokens = prepared.tokens.len();

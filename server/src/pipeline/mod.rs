@@ -25,6 +25,7 @@
 pub(crate) mod context;
 pub(crate) mod limits;
 pub(crate) mod sampling;
+pub(crate) mod tool_calls;
 
 use std::sync::{Arc, OnceLock};
 
@@ -79,6 +80,11 @@ pub(crate) struct GenerateInput {
     pub prompt: Prompt,
     pub route: Route,
     pub sampling: SamplingInput,
+    /// Chat only: the tools in effect ([`tool_calls`]). Their definitions join the system prompt
+    /// after the safety stages ran (they are the caller's declarations, not conversation) and
+    /// their grammar constrains the answer; the door parses the answer with
+    /// [`tool_calls::ToolSet::parser`].
+    pub tools: Option<tool_calls::ToolSet>,
 }
 
 /// A generation under way.
@@ -223,6 +229,9 @@ impl Pipeline {
         flags: Flags,
     ) -> Result<(Answer, String), ApiError> {
         self.limits.check_sampling(&input.sampling)?;
+        if input.tools.is_some() && !(input.route == Route::Chat && matches!(input.prompt, Prompt::Chat(_))) {
+            return Err(ApiError::invalid("tools", "tools are for plain chat (not RAG, not completions)"));
+        }
         match &input.prompt {
             Prompt::Text(p) => self.limits.check_prompt(p)?,
             Prompt::Chat(m) => self.limits.check_messages(m)?,
@@ -237,7 +246,12 @@ impl Pipeline {
         let mut scan = self.safety.scan_input(&ctx.tenant, &mut input.prompt, flags).await?;
         let (prepared, citations) = match (input.prompt, input.route) {
             (Prompt::Text(p), _) => (backend.prepare_text(p).await?, Vec::new()),
-            (Prompt::Chat(messages), Route::Chat) => (backend.prepare_chat(messages).await?, Vec::new()),
+            (Prompt::Chat(mut messages), Route::Chat) => {
+                if let Some(tools) = &input.tools {
+                    tools.inject(&mut messages);
+                }
+                (backend.prepare_chat(messages).await?, Vec::new())
+            }
             (Prompt::Chat(messages), Route::Rag) => {
                 let (mut messages, citations) = self.retrieve(ctx, &messages).await?;
                 let chunks: Vec<&str> = citations.iter().map(|c| c.text.as_str()).collect();

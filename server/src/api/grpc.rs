@@ -28,6 +28,7 @@ use crate::pipeline::tool_calls::{
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::state::AppState;
 use genai_engine::{EngineEvent, FinishReason, PositionLogprobs, TokenLogprob};
+use genai_grammar::{Grammar, GrammarRequest};
 use genai_retrieval::rag;
 
 /// Names reported by `grpc.health.v1.Health`; "" is the whole server.
@@ -328,6 +329,34 @@ fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {
     }
 }
 
+/// The request's `structured_output` as a grammar; errors name `structured_output.…` fields.
+fn grammar(so: Option<pb::StructuredOutput>) -> Result<Option<GrammarRequest>, ApiError> {
+    use pb::structured_output::Kind;
+    let Some(kind) = so.and_then(|so| so.kind) else {
+        return Ok(None);
+    };
+    let g = match kind {
+        Kind::JsonObject(false) => return Ok(None),
+        Kind::JsonObject(true) => GrammarRequest::new(Grammar::JsonObject, "structured_output.json_object"),
+        Kind::JsonSchema(js) => {
+            let field = "structured_output.json_schema.schema";
+            let schema = serde_json::from_str(&js.schema)
+                .map_err(|e| ApiError::invalid(field, format!("not valid JSON: {e}")))?;
+            GrammarRequest::new(
+                Grammar::JsonSchema {
+                    schema,
+                    strict: js.strict,
+                },
+                field,
+            )
+        }
+        Kind::Regex(rx) => GrammarRequest::new(Grammar::Regex(rx), "structured_output.regex"),
+        Kind::Choice(c) => GrammarRequest::new(Grammar::Choice(c.choices), "structured_output.choice"),
+        Kind::Grammar(lark) => GrammarRequest::new(Grammar::Lark(lark), "structured_output.grammar"),
+    };
+    Ok(Some(g))
+}
+
 fn citation(c: rag::Citation) -> pb::Citation {
     pb::Citation {
         index: c.index,
@@ -359,12 +388,13 @@ impl Inference for InferenceService {
         let obs = self.observer(&req, "Generate", "completion");
         let ctx = RequestContext::of(req.extensions());
         let r = req.into_inner();
-        let input = Ok(GenerateInput {
+        let input = grammar(r.structured_output).map(|grammar| GenerateInput {
             model: r.model,
             prompt: Prompt::Text(r.prompt),
             route: Route::Chat,
             sampling: sampling(r.sampling),
             tools: None,
+            grammar,
         });
         self.generate_stream(ctx, input, obs).await
     }
@@ -384,6 +414,7 @@ impl Inference for InferenceService {
         let mut r = req.into_inner();
         let input = route.and_then(|route| {
             let tools = chat_tools(&mut r)?;
+            let grammar = grammar(r.structured_output.take())?;
             let messages = r
                 .messages
                 .into_iter()
@@ -408,6 +439,7 @@ impl Inference for InferenceService {
                 route,
                 sampling: sampling(r.sampling),
                 tools,
+                grammar,
             })
         });
         self.generate_stream(ctx, input, obs).await

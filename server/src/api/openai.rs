@@ -2,9 +2,12 @@
 //! `/v1/models`. Field names, SSE framing (`data: {...}` … `data: [DONE]`), error bodies and
 //! status codes follow OpenAI's API; vLLM's extra sampling fields (`top_k`, `min_p`,
 //! `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) are accepted too.
+//! Structured output: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) and
+//! vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark), at most one
+//! per request ([`decode_grammar`]).
 //!
 //! Protocol only: decode the body into a pipeline input, encode what comes back. Fields OpenAI
-//! defines that we do not implement yet (`response_format`, `functions`, ...) are refused with
+//! defines that we do not implement yet (`functions`, `logit_bias`, ...) are refused with
 //! 400 `unsupported_parameter` naming the field, never silently dropped; unknown fields are
 //! ignored with one warning line, as vLLM does.
 //!
@@ -43,7 +46,7 @@ use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::safety::output::Outcome;
 use crate::state::AppState;
 use genai_engine::{EngineEvent, PositionLogprobs, Usage};
-use genai_models::chat_template::ChatMessage;
+use genai_grammar::{Grammar, GrammarRequest};
 use genai_retrieval::rag::{self, Citation};
 
 /// OpenAI's default `max_tokens` for legacy completions.
@@ -57,7 +60,6 @@ const UNSUPPORTED: &[&str] = &[
     "parallel_tool_calls",
     "functions",
     "function_call",
-    "response_format",
     "logit_bias",
     "best_of",
     "suffix",
@@ -67,10 +69,6 @@ const UNSUPPORTED: &[&str] = &[
     "prediction",
     "web_search_options",
     "reasoning_effort",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
 ];
 
 /// Known fields that change nothing here (bookkeeping for the caller's own records).
@@ -96,6 +94,11 @@ const COMMON_FIELDS: &[&str] = &[
     "ignore_eos",
     "stop_token_ids",
     "logprobs",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 ];
 const CHAT_FIELDS: &[&str] = &[
     "messages",
@@ -180,6 +183,100 @@ pub struct CommonFields {
     pub ignore_eos: bool,
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
+}
+
+/// Structured-output fields of both endpoints (at most one may be set).
+#[derive(Debug, Deserialize, Default)]
+pub struct GrammarFields {
+    pub response_format: Option<ResponseFormat>,
+    /// A JSON schema, as an object or as JSON text (vLLM accepts both).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    /// A Lark grammar (llguidance's dialect).
+    pub guided_grammar: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// `name` (and `description`), which OpenAI requires, are accepted and change nothing.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub schema: Option<Value>,
+    /// OpenAI's default is false.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// The request's structured-output grammar, if any. Each grammar names the field it came from
+/// (its compile errors do); two set at once is a 400 naming both.
+fn decode_grammar(body: &Value) -> Result<Option<GrammarRequest>, ApiError> {
+    let f: GrammarFields = from_value(body)?;
+    // (top-level field, grammar)
+    let mut set: Vec<(&str, GrammarRequest)> = Vec::new();
+    if let Some(rf) = f.response_format {
+        match rf.kind.as_str() {
+            "text" => {}
+            "json_object" => set.push(("response_format", GrammarRequest::new(Grammar::JsonObject, "response_format"))),
+            "json_schema" => {
+                let js = rf.json_schema.ok_or_else(|| {
+                    ApiError::invalid("response_format.json_schema", "required when type is \"json_schema\"")
+                })?;
+                let g = match js.schema {
+                    // No schema: any JSON object.
+                    None => GrammarRequest::new(Grammar::JsonObject, "response_format.json_schema"),
+                    Some(schema) => GrammarRequest::new(
+                        Grammar::JsonSchema {
+                            schema,
+                            strict: js.strict.unwrap_or(false),
+                        },
+                        "response_format.json_schema.schema",
+                    ),
+                };
+                set.push(("response_format", g));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!("must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"),
+                ))
+            }
+        }
+    }
+    if let Some(v) = f.guided_json {
+        let schema = match v {
+            Value::String(text) => serde_json::from_str(&text)
+                .map_err(|e| ApiError::invalid("guided_json", format!("not valid JSON: {e}")))?,
+            v => v,
+        };
+        let g = Grammar::JsonSchema { schema, strict: true };
+        set.push(("guided_json", GrammarRequest::new(g, "guided_json")));
+    }
+    if let Some(rx) = f.guided_regex {
+        set.push(("guided_regex", GrammarRequest::new(Grammar::Regex(rx), "guided_regex")));
+    }
+    if let Some(choices) = f.guided_choice {
+        set.push(("guided_choice", GrammarRequest::new(Grammar::Choice(choices), "guided_choice")));
+    }
+    if let Some(lark) = f.guided_grammar {
+        set.push(("guided_grammar", GrammarRequest::new(Grammar::Lark(lark), "guided_grammar")));
+    }
+    if set.len() > 1 {
+        let names: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
+        return Err(ApiError::invalid(
+            names[1],
+            format!(
+                "at most one of response_format, guided_json, guided_regex, guided_choice and guided_grammar may be set; got {}",
+                names.join(" and ")
+            ),
+        ));
+    }
+    Ok(set.pop().map(|(_, g)| g))
 }
 
 #[derive(Debug, Deserialize)]
@@ -450,6 +547,7 @@ fn decode_chat(body: &Value) -> Result<Decoded, ApiError> {
             route,
             sampling,
             tools,
+            grammar: decode_grammar(body)?,
         },
         kind: Kind::Chat,
         logprobs: req.logprobs,
@@ -481,6 +579,7 @@ fn decode_completion(body: &Value) -> Result<Decoded, ApiError> {
             route: Route::Chat,
             sampling,
             tools: None,
+            grammar: decode_grammar(body)?,
         },
         kind: Kind::Completion,
         logprobs: req.logprobs.is_some(),

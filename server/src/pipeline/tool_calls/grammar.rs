@@ -12,10 +12,11 @@
 //! args_i:    %json { the tool's schema + x-guidance layout }
 //! ```
 //!
-//! Each schema gets a top-level `x-guidance` with compact-but-spaced separators (`", "`,
-//! `": "`) and no free whitespace: a small model given free whitespace may loop on newlines
-//! forever. A non-`strict` tool is compiled `lenient` (unsupported keywords ignored, the rest
-//! still enforced); a `strict` one must compile exactly, or the request is refused.
+//! Each schema gets the server's JSON options (`genai_grammar::json_schema_options`: no free
+//! whitespace, since a small model given free whitespace may loop on newlines; a non-`strict`
+//! tool compiled lenient, unsupported keywords ignored and the rest enforced; a `strict` one
+//! exactly, or the request is refused), with `json.dumps`' separators (`", "`, `": "`) as in
+//! the prompt's examples.
 //!
 //! Tested below on the generated text; the grammar's behaviour through the engine in
 //! `tests/e2e/tools.rs`.
@@ -54,21 +55,19 @@ impl ToolSet {
         g
     }
 
-    /// Tool `i`'s schema with the layout options llguidance reads from `x-guidance`.
+    /// Tool `i`'s schema with the compile options llguidance reads from its `x-guidance` key:
+    /// the server's (`genai_grammar::json_schema_options`: no free whitespace, `strict` exact,
+    /// otherwise lenient), with `json.dumps`' separators, the layout of the prompt's examples.
     fn guided_schema(&self, i: usize) -> String {
-        let mut schema = self.0.schemas[i].clone();
-        if let Value::Object(o) = &mut schema {
-            o.insert(
-                "x-guidance".into(),
-                serde_json::json!({
-                    "whitespace_flexible": false,
-                    "item_separator": ", ",
-                    "key_separator": ": ",
-                    "lenient": !self.0.tools[i].strict,
-                }),
-            );
+        let schema = &self.0.schemas[i];
+        // Only fails for a non-object, which `ToolSet::new` refused.
+        let mut guided =
+            genai_grammar::json_schema_options(schema.clone(), self.0.tools[i].strict).unwrap_or_else(|_| schema.clone());
+        if let Some(opts) = guided.get_mut("x-guidance").and_then(Value::as_object_mut) {
+            opts.insert("item_separator".into(), ", ".into());
+            opts.insert("key_separator".into(), ": ".into());
         }
-        schema.to_string()
+        guided.to_string()
     }
 }
 
@@ -106,12 +105,21 @@ mod tests {
             more: (\"\\n<tool_call>\" body)*\n\
             fn_0: \"{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": \" args_0 \"}\"\n";
         assert!(g.starts_with(expected), "{g}");
-        assert!(g.contains(
-            "args_0: %json {\"additionalProperties\":false,\"properties\":{\"city\":{\"type\":\"string\"},\"unit\":{\"enum\":[\"c\",\"f\"]}},\"required\":[\"city\"],\"type\":\"object\",\"x-guidance\":{\"item_separator\":\", \",\"key_separator\":\": \",\"lenient\":false,\"whitespace_flexible\":false}}\n"
-        ), "{g}");
+        let args = |i: usize| -> serde_json::Value {
+            let line = g.lines().find(|l| l.starts_with(&format!("args_{i}: %json "))).unwrap();
+            serde_json::from_str(line.split_once("%json ").unwrap().1).unwrap()
+        };
+        let a0 = args(0);
+        assert_eq!(a0["properties"]["city"]["type"], "string");
+        assert_eq!(a0["x-guidance"]["item_separator"], ", ");
+        assert_eq!(a0["x-guidance"]["key_separator"], ": ");
+        assert_eq!(a0["x-guidance"]["whitespace_flexible"], false);
+        assert_eq!(a0["x-guidance"]["lenient"], false, "get_weather is strict");
         // The parameterless tool: an empty object schema, lenient (not strict).
         assert!(g.contains("fn_1: \"{\\\"name\\\": \\\"now\\\", \\\"arguments\\\": \" args_1 \"}\"\n"), "{g}");
-        assert!(g.contains("args_1: %json {\"properties\":{},\"type\":\"object\",\"x-guidance\":{\"item_separator\":\", \",\"key_separator\":\": \",\"lenient\":true,\"whitespace_flexible\":false}}\n"), "{g}");
+        let a1 = args(1);
+        assert_eq!(a1["properties"], serde_json::json!({}));
+        assert_eq!(a1["x-guidance"]["lenient"], true);
     }
 
     #[test]

@@ -12,3 +12,4 @@ mod observability;
 mod pipeline;
 mod retrieval;
 mod safety;
+mod tools;

@@ -145,13 +145,11 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     let server = Server::start().await;
     let msgs = json!([{"role": "user", "content": "hi"}]);
     for (field, value) in [
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ),
+        // The legacy function-calling fields (`tools` is implemented: tests/e2e/tools.rs).
+        ("functions", json!([{"name": "f", "parameters": {}}])),
         ("response_format", json!({"type": "json_object"})),
         ("logit_bias", json!({"42": 10})),
-        ("tool_choice", json!("required")),
+        ("function_call", json!("auto")),
     ] {
         let mut body = json!({"messages": msgs, "max_tokens": 2});
         body[field] = value;

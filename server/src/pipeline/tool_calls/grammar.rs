@@ -18,7 +18,9 @@
 //! exactly, or the request is refused), with `json.dumps`' separators (`", "`, `": "`) as in
 //! the prompt's examples.
 //!
-//! Tested below on the generated text; the grammar's behaviour through the engine in
+//! Tested below: the generated text, and the grammar compiled by llguidance over the real
+//! SmolLM2 tokenizer, fed texts token by token (free text, text then calls, bad names and
+//! arguments, a second call when only one is allowed); through the engine in
 //! `tests/e2e/tools.rs`.
 
 use serde_json::Value;
@@ -91,8 +93,67 @@ fn regex_escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, OnceLock};
+
+    use genai_engine::Constraint;
+    use genai_grammar::{Grammar, GrammarCompiler, GrammarRequest};
+    use serde_json::json;
+    use tokenizers::Tokenizer;
+
+    use super::super::prompt::call_text;
     use super::super::tests::set;
     use super::super::ToolChoice;
+
+    fn compiler() -> &'static (Arc<Tokenizer>, Vec<u32>, GrammarCompiler) {
+        static C: OnceLock<(Arc<Tokenizer>, Vec<u32>, GrammarCompiler)> = OnceLock::new();
+        C.get_or_init(|| {
+            let (tok, end_ids) = genai_models::test_support::smollm2_tokenizer();
+            let compiler = GrammarCompiler::new(tok.clone(), &end_ids).unwrap();
+            (tok, end_ids, compiler)
+        })
+    }
+
+    /// Whether the grammar admits `text` token by token and may end after it.
+    fn admits(choice: ToolChoice, parallel: bool, text: &str) -> bool {
+        let (tok, end_ids, compiler) = compiler();
+        let lark = set(choice, parallel).lark();
+        let mut c: Box<dyn Constraint> = compiler
+            .compile(&GrammarRequest::new(Grammar::Lark(lark), "tools"))
+            .unwrap();
+        for &t in tok.encode(text, false).unwrap().get_ids() {
+            if c.is_finished() || !c.allowed().unwrap().allows(t) {
+                return false;
+            }
+            c.commit(t).unwrap();
+        }
+        c.is_finished() || end_ids.iter().any(|&e| c.allowed().unwrap().allows(e))
+    }
+
+    #[test]
+    fn llguidance_enforces_the_call_shape_and_schemas() {
+        let paris = call_text("get_weather", &json!({"city": "Paris", "unit": "c"}));
+        let now = call_text("now", &json!({}));
+        let auto = |text: &str| admits(ToolChoice::Auto, true, text);
+        // auto: free text, or text then calls.
+        assert!(auto("Hello there, nothing to call."));
+        assert!(auto(&format!("Let me check.\n{paris}")));
+        assert!(auto(&format!("{paris}\n{now}")));
+        // Once the trigger is written, a well-formed call to a declared tool must follow.
+        assert!(!auto("<tool_call>\nsome text"));
+        assert!(!auto(&call_text("rm_rf", &json!({}))));
+        assert!(!auto(&call_text("get_weather", &json!({"city": 3, "unit": "c"}))));
+        assert!(!auto(&call_text("get_weather", &json!({"city": "Paris", "unit": "kelvin"}))));
+        assert!(!auto(&call_text("get_weather", &json!({"city": "Paris", "unit": "c", "x": 1}))));
+        assert!(!auto(&format!("{paris} and more text")));
+        // required: a call from the first token; one call only without parallel calls.
+        assert!(!admits(ToolChoice::Required, true, "Hello"));
+        assert!(admits(ToolChoice::Required, true, &format!("{paris}\n{now}")));
+        assert!(admits(ToolChoice::Required, false, &paris));
+        assert!(!admits(ToolChoice::Required, false, &format!("{paris}\n{now}")));
+        // named: that function only.
+        assert!(admits(ToolChoice::Named("now".into()), true, &now));
+        assert!(!admits(ToolChoice::Named("now".into()), true, &paris));
+    }
 
     #[test]
     fn auto_allows_text_or_calls_after_the_trigger() {

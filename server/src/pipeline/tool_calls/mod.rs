@@ -73,7 +73,7 @@ pub(crate) enum ToolChoice {
     None,
     /// At least one call, from the first token.
     Required,
-    /// Exactly this function is called.
+    /// This function is called, once.
     Named(String),
 }
 
@@ -224,7 +224,8 @@ impl ToolSet {
             validators,
             only,
             forced,
-            parallel,
+            // A named function is called once (as OpenAI does).
+            parallel: parallel && only.is_none(),
         }))))
     }
 

@@ -85,8 +85,7 @@ impl ToolSet {
         });
         s.push_str("\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n");
         for (i, t) in self.callable() {
-            // Written by hand: name and description first, as Qwen's template orders them
-            // (serde_json's maps sort their keys).
+            // Written by hand: name and description first, as Qwen's template orders them.
             s.push_str(&format!(
                 "{{\"type\": \"function\", \"function\": {{\"name\": {}, \"description\": {}, \"parameters\": {}}}}}\n",
                 Value::String(t.name.clone()),
@@ -221,10 +220,10 @@ mod tests {
         let p = &msgs[0].content;
         assert!(p.starts_with("# Tools\n\nYou may call one or more functions"), "{p}");
         assert!(p.contains(
-            "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Current weather in a city.\", \"parameters\": {\"additionalProperties\": false, \"properties\": {\"city\""
+            "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Current weather in a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\""
         ), "{p}");
         // A tool without parameters gets the empty object schema.
-        assert!(p.contains("{\"name\": \"now\", \"description\": \"The current time.\", \"parameters\": {\"properties\": {}, \"type\": \"object\"}}}\n</tools>"), "{p}");
+        assert!(p.contains("{\"name\": \"now\", \"description\": \"The current time.\", \"parameters\": {\"type\": \"object\", \"properties\": {}}}}\n</tools>"), "{p}");
         assert!(p.ends_with("<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"));
         // An existing system prompt keeps its text, the tools follow it.
         let mut msgs = vec![ChatMessage {

@@ -56,6 +56,10 @@ struct Args {
     /// Write the report as JSON here too.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
+    /// Constrain every request with this Lark grammar (structured output). min_tokens is set to
+    /// max_tokens, so a grammar that may always continue yields exactly max_tokens per request.
+    #[arg(long)]
+    grammar: Option<std::path::PathBuf>,
 }
 
 const PROMPTS: &[&str] = &[
@@ -124,12 +128,21 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[idx.min(v.len() - 1)]
 }
 
-async fn one(mut client: InferenceClient<tonic::transport::Channel>, args: &Args, prompt: String) -> Sample {
+async fn one(
+    mut client: InferenceClient<tonic::transport::Channel>,
+    args: &Args,
+    grammar: Option<&str>,
+    prompt: String,
+) -> Sample {
     let sampling = Some(pb::SamplingParams {
         max_tokens: Some(args.max_tokens),
+        min_tokens: grammar.map(|_| args.max_tokens),
         ignore_eos: args.ignore_eos,
         temperature: Some(args.temperature),
         ..Default::default()
+    });
+    let structured_output = grammar.map(|g| pb::StructuredOutput {
+        kind: Some(pb::structured_output::Kind::Grammar(g.to_owned())),
     });
     let start = Instant::now();
     let res = if args.chat {
@@ -142,6 +155,7 @@ async fn one(mut client: InferenceClient<tonic::transport::Channel>, args: &Args
             .chat(pb::ChatRequest {
                 messages,
                 sampling,
+                structured_output,
                 ..Default::default()
             })
             .await
@@ -150,6 +164,7 @@ async fn one(mut client: InferenceClient<tonic::transport::Channel>, args: &Args
             .generate(pb::GenerateRequest {
                 prompt,
                 sampling,
+                structured_output,
                 ..Default::default()
             })
             .await
@@ -202,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
         None => PROMPTS.iter().map(|s| s.to_string()).collect(),
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
+    let grammar: Option<Arc<str>> = args.grammar.as_ref().map(std::fs::read_to_string).transpose()?.map(Into::into);
     let channel = Endpoint::from_shared(args.addr.clone())?.connect().await?;
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
@@ -213,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let (args, next, prompts) = (args.clone(), next.clone(), prompts.clone());
+        let (args, next, prompts, grammar) = (args.clone(), next.clone(), prompts.clone(), grammar.clone());
         let client = InferenceClient::new(channel.clone());
         workers.push(tokio::spawn(async move {
             let mut out = Vec::new();
@@ -228,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 // A per-request tag keeps prompts distinct (no accidental prefix-cache hits across requests).
                 let prompt = format!("[{i}] {}", prompts[i % prompts.len()]);
-                out.push(one(client.clone(), &args, prompt).await);
+                out.push(one(client.clone(), &args, grammar.as_deref(), prompt).await);
             }
         }));
     }

@@ -12,4 +12,5 @@ mod observability;
 mod pipeline;
 mod retrieval;
 mod safety;
+mod structured;
 mod tools;

@@ -147,7 +147,6 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     for (field, value) in [
         // The legacy function-calling fields (`tools` is implemented: tests/e2e/tools.rs).
         ("functions", json!([{"name": "f", "parameters": {}}])),
-        ("response_format", json!({"type": "json_object"})),
         ("logit_bias", json!({"42": 10})),
         ("function_call", json!("auto")),
     ] {

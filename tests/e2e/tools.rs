@@ -79,7 +79,10 @@ fn checked_calls(v: &Value) -> Vec<(String, String)> {
             assert!(id.starts_with("call_") && ids.insert(id.to_owned()), "{v}");
             assert_eq!(c["type"], "function");
             let name = c["function"]["name"].as_str().unwrap().to_owned();
-            let args = c["function"]["arguments"].as_str().expect("arguments is a string").to_owned();
+            let args = c["function"]["arguments"]
+                .as_str()
+                .expect("arguments is a string")
+                .to_owned();
             let parsed: Value = serde_json::from_str(&args).unwrap_or_else(|e| panic!("{args}: {e}"));
             let validator = jsonschema::validator_for(&schema_of(&name)).unwrap();
             assert!(validator.is_valid(&parsed), "{name}({args}) does not match its schema");
@@ -134,7 +137,14 @@ async fn tool_choice_modes_results_back_and_errors_over_http() {
     // none: plain text.
     let (_, v) = chat(request("Say hello to me.", json!({"tool_choice": "none"}))).await;
     assert_ne!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
-    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().trim().is_empty(), "{v}");
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .is_empty(),
+        "{v}"
+    );
 
     // A conversation with an assistant call (content null) and the tool's result is accepted.
     let history = json!([
@@ -158,14 +168,20 @@ async fn tool_choice_modes_results_back_and_errors_over_http() {
         {"type": "function", "function": {"name": "f"}},
     ]);
     let cases = [
-        (json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice.function.name"),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice.function.name",
+        ),
         (json!({"tool_choice": "sometimes"}), "tool_choice"),
         (json!({"tools": dup}), "tools[1].function.name"),
         (
             json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 7}}}}}]}),
             "tools[0].function.parameters",
         ),
-        (json!({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}), "tools[0].type"),
+        (
+            json!({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}),
+            "tools[0].type",
+        ),
         (json!({"tools": [], "tool_choice": "required"}), "tool_choice"),
         (json!({"mode": "rag"}), "tools"),
         (json!({"response_format": {"type": "json_object"}}), "tools"),
@@ -324,7 +340,10 @@ async fn grpc_chat_with_tools_streams_call_deltas() {
     };
     let req = |messages: Vec<pb::ChatMessage>, mode: &str, name: &str| pb::ChatRequest {
         messages,
-        tools: vec![tool("get_weather", &weather_schema()), tool("calculator", &calculator_schema())],
+        tools: vec![
+            tool("get_weather", &weather_schema()),
+            tool("calculator", &calculator_schema()),
+        ],
         tool_choice: Some(pb::ToolChoice {
             mode: mode.into(),
             name: name.into(),
@@ -352,7 +371,10 @@ async fn grpc_chat_with_tools_streams_call_deltas() {
         for d in &m.tool_calls {
             let i = d.index as usize;
             if i == calls.len() {
-                assert!(d.id.starts_with("call_") && !d.name.is_empty() && d.arguments.is_empty(), "{d:?}");
+                assert!(
+                    d.id.starts_with("call_") && !d.name.is_empty() && d.arguments.is_empty(),
+                    "{d:?}"
+                );
                 calls.push(pb::ToolCall {
                     id: d.id.clone(),
                     name: d.name.clone(),
@@ -370,7 +392,10 @@ async fn grpc_chat_with_tools_streams_call_deltas() {
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].name, "get_weather");
     let args: Value = serde_json::from_str(&calls[0].arguments).unwrap();
-    assert!(jsonschema::validator_for(&weather_schema()).unwrap().is_valid(&args), "{args}");
+    assert!(
+        jsonschema::validator_for(&weather_schema()).unwrap().is_valid(&args),
+        "{args}"
+    );
 
     // The call and its result go back; a bad choice names its field.
     let history = vec![

@@ -45,7 +45,11 @@ impl ToolSet {
             ));
             g.push_str(&format!("pre[lazy]: TEXT {}\n", lit(CALL_OPEN)));
         }
-        g.push_str(&format!("body: \"\\n\" ({}) {}\n", fns.join(" | "), lit(&format!("\n{CALL_CLOSE}"))));
+        g.push_str(&format!(
+            "body: \"\\n\" ({}) {}\n",
+            fns.join(" | "),
+            lit(&format!("\n{CALL_CLOSE}"))
+        ));
         if self.0.parallel {
             g.push_str(&format!("more: ({} body)*\n", lit(&format!("\n{CALL_OPEN}"))));
         }
@@ -63,8 +67,8 @@ impl ToolSet {
     fn guided_schema(&self, i: usize) -> String {
         let schema = &self.0.schemas[i];
         // Only fails for a non-object, which `ToolSet::new` refused.
-        let mut guided =
-            genai_grammar::json_schema_options(schema.clone(), self.0.tools[i].strict).unwrap_or_else(|_| schema.clone());
+        let mut guided = genai_grammar::json_schema_options(schema.clone(), self.0.tools[i].strict)
+            .unwrap_or_else(|_| schema.clone());
         if let Some(opts) = guided.get_mut("x-guidance").and_then(Value::as_object_mut) {
             opts.insert("item_separator".into(), ", ".into());
             opts.insert("key_separator".into(), ": ".into());
@@ -142,8 +146,14 @@ mod tests {
         assert!(!auto("<tool_call>\nsome text"));
         assert!(!auto(&call_text("rm_rf", &json!({}))));
         assert!(!auto(&call_text("get_weather", &json!({"city": 3, "unit": "c"}))));
-        assert!(!auto(&call_text("get_weather", &json!({"city": "Paris", "unit": "kelvin"}))));
-        assert!(!auto(&call_text("get_weather", &json!({"city": "Paris", "unit": "c", "x": 1}))));
+        assert!(!auto(&call_text(
+            "get_weather",
+            &json!({"city": "Paris", "unit": "kelvin"})
+        )));
+        assert!(!auto(&call_text(
+            "get_weather",
+            &json!({"city": "Paris", "unit": "c", "x": 1})
+        )));
         assert!(!auto(&format!("{paris} and more text")));
         // required: a call from the first token; one call only without parallel calls.
         assert!(!admits(ToolChoice::Required, true, "Hello"));
@@ -177,7 +187,10 @@ mod tests {
         assert_eq!(a0["x-guidance"]["whitespace_flexible"], false);
         assert_eq!(a0["x-guidance"]["lenient"], false, "get_weather is strict");
         // The parameterless tool: an empty object schema, lenient (not strict).
-        assert!(g.contains("fn_1: \"{\\\"name\\\": \\\"now\\\", \\\"arguments\\\": \" args_1 \"}\"\n"), "{g}");
+        assert!(
+            g.contains("fn_1: \"{\\\"name\\\": \\\"now\\\", \\\"arguments\\\": \" args_1 \"}\"\n"),
+            "{g}"
+        );
         let a1 = args(1);
         assert_eq!(a1["properties"], serde_json::json!({}));
         assert_eq!(a1["x-guidance"]["lenient"], true);

@@ -149,6 +149,7 @@ async fn one(
         let messages = vec![pb::ChatMessage {
             role: "user".into(),
             content: prompt,
+            ..Default::default()
         }];
         client
             .chat(pb::ChatRequest {

@@ -13,3 +13,4 @@ mod pipeline;
 mod retrieval;
 mod safety;
 mod structured;
+mod tools;

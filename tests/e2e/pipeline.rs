@@ -145,13 +145,10 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     let server = Server::start().await;
     let msgs = json!([{"role": "user", "content": "hi"}]);
     for (field, value) in [
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ),
+        // The legacy function-calling fields (`tools` is implemented: tests/e2e/tools.rs).
         ("functions", json!([{"name": "f", "parameters": {}}])),
         ("logit_bias", json!({"42": 10})),
-        ("tool_choice", json!("required")),
+        ("function_call", json!("auto")),
     ] {
         let mut body = json!({"messages": msgs, "max_tokens": 2});
         body[field] = value;
@@ -213,6 +210,7 @@ async fn prefix_cache_hits_stay_within_the_tenant() {
         messages: vec![pb::ChatMessage {
             role: "user".into(),
             content: long.clone(),
+            ..Default::default()
         }],
         sampling: Some(pb::SamplingParams {
             max_tokens: Some(1),

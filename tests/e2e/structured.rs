@@ -286,6 +286,7 @@ async fn grpc_generate_and_chat_carry_structured_output() {
         messages: vec![pb::ChatMessage {
             role: "user".into(),
             content: "Describe a fictional person.".into(),
+            ..Default::default()
         }],
         sampling: sampling.clone(),
         structured_output: structured(Kind::JsonSchema(pb::JsonSchemaFormat {

@@ -1,0 +1,618 @@
+//! A remote OpenAI-compatible backend (`[[llm.backends]]`, `kind = "openai"`): another GenAI
+//! Factory node, vLLM, or a provider, reached over HTTP(S) with reqwest.
+//!
+//! A chat goes to `POST {base_url}/v1/chat/completions`, a text prompt to `/v1/completions`,
+//! always with `stream: true` and `stream_options.include_usage`; the SSE chunks ([`super::sse`])
+//! become the engine-neutral [`EngineEvent`]s the pipeline consumes (text deltas without token
+//! ids, then `Finished`). `prepare_*` cannot tokenize with the upstream's tokenizer, so it
+//! estimates the prompt's tokens ([`super::estimate_chat_tokens`]) for the tenant reservation;
+//! the upstream's reported `usage` settles it at the end (an estimate stands in where the
+//! upstream reports none). Embeddings and tokenization are the local models' business: asked of
+//! a remote backend they are a clear 400.
+//!
+//! Each request runs attempts under [`RetryPolicy`] and the backend's [`Breaker`] until the
+//! first text: connect errors, HTTP 408/429/5xx, the first-token timeout and a stream broken
+//! before any text are retried. From the first text on the stream is committed: an upstream
+//! failure or an `idle_timeout` between chunks ends it with an error event (the breaker counts
+//! it), never a retry. A finish reason already received makes a late failure harmless (the
+//! stream ends normally). Dropping the stream drops the HTTP response: the upstream call is
+//! cancelled with it.
+//!
+//! Invariants: any upstream bytes yield events or a clean error, never a panic; the stream
+//! always ends with `Finished` or an error; at most one attempt's text ever reaches the client.
+//!
+//! Tested: `tests` below, against a real HTTP server on 127.0.0.1 ([`super::fault_server`])
+//! with tokio's paused clock: streaming and usage, retries and their delays, Retry-After and
+//! its cap, the budget, timeouts, resets and malformed SSE before and after the first text,
+//! client errors, cancellation, the breaker; the fallback chain and 1 000 randomized fault runs
+//! in `fallback`'s tests; the binary in `tests/e2e/resilience.rs`.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use genai_engine::{EngineEvent, FinishReason, SamplingParams, Usage};
+use genai_models::chat_template::ChatMessage;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::backends::BackendConfig;
+use super::breaker::Breaker;
+use super::retry::{parse_retry_after, Failure, RetryPolicy};
+use super::sse::{SseEvent, SseParser};
+use super::{
+    estimate_chat_tokens, estimate_tokens, Capabilities, Embeddings, EventStream, Generation, Health, LlmBackend,
+    Prepared, PreparedInput, Tokenized,
+};
+use crate::error::ApiError;
+use crate::ops::metrics::BACKEND_ATTEMPTS;
+use crate::pipeline::context::{Priority, RequestContext};
+
+/// What a remote backend sends upstream.
+pub(crate) enum RemotePrompt {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
+/// Bytes of an error body kept for the message.
+const MAX_ERROR_BODY: usize = 4096;
+
+#[derive(Clone)]
+pub(crate) struct RemoteBackend(Arc<Inner>);
+
+struct Inner {
+    name: String,
+    upstream_model: String,
+    chat_url: reqwest::Url,
+    text_url: reqwest::Url,
+    api_key: Option<String>,
+    client: reqwest::Client,
+    first_token_timeout: Duration,
+    idle_timeout: Duration,
+    retry: RetryPolicy,
+    breaker: Arc<Breaker>,
+}
+
+impl RemoteBackend {
+    /// A backend from a validated `[[llm.backends]]` table and its API key.
+    pub(crate) fn new(cfg: &BackendConfig, api_key: Option<String>) -> anyhow::Result<Self> {
+        let root = cfg.base_url.trim_end_matches('/');
+        let root = root.strip_suffix("/v1").unwrap_or(root);
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{root}/v1/{path}"))
+                .map_err(|e| anyhow::anyhow!("llm.backends `{}`: base_url: {e}", cfg.name))
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .user_agent(concat!("genai-factory/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| anyhow::anyhow!("llm.backends `{}`: building the HTTP client: {e}", cfg.name))?;
+        Ok(Self(Arc::new(Inner {
+            name: cfg.name.clone(),
+            upstream_model: cfg.model.clone(),
+            chat_url: url("chat/completions")?,
+            text_url: url("completions")?,
+            api_key,
+            client,
+            first_token_timeout: cfg.first_token_timeout,
+            idle_timeout: cfg.idle_timeout,
+            retry: RetryPolicy::new(cfg),
+            breaker: Arc::new(Breaker::new(
+                &cfg.name,
+                cfg.failure_threshold,
+                cfg.failure_window,
+                cfg.open_for,
+            )),
+        })))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn breaker(&self) -> &Breaker {
+        &self.0.breaker
+    }
+
+    /// The upstream request body; vLLM-style extras only when set (OpenAI refuses unknown
+    /// fields).
+    fn body(&self, prompt: &RemotePrompt, p: &SamplingParams) -> Value {
+        let mut b = json!({
+            "model": self.0.upstream_model,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+        });
+        match prompt {
+            RemotePrompt::Chat(m) => {
+                b["messages"] = m.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
+            }
+            RemotePrompt::Text(t) => b["prompt"] = json!(t),
+        }
+        let mut set = |k: &str, v: Value| b[k] = v;
+        if !p.stop.is_empty() {
+            set("stop", json!(p.stop));
+        }
+        if let Some(seed) = p.seed {
+            set("seed", json!(seed));
+        }
+        if p.presence_penalty != 0.0 {
+            set("presence_penalty", json!(p.presence_penalty));
+        }
+        if p.frequency_penalty != 0.0 {
+            set("frequency_penalty", json!(p.frequency_penalty));
+        }
+        if p.top_k > 0 {
+            set("top_k", json!(p.top_k));
+        }
+        if p.min_p > 0.0 {
+            set("min_p", json!(p.min_p));
+        }
+        if p.repetition_penalty != 1.0 {
+            set("repetition_penalty", json!(p.repetition_penalty));
+        }
+        if p.min_tokens > 0 {
+            set("min_tokens", json!(p.min_tokens));
+        }
+        if p.ignore_eos {
+            set("ignore_eos", json!(true));
+        }
+        if !p.stop_token_ids.is_empty() {
+            set("stop_token_ids", json!(p.stop_token_ids));
+        }
+        b
+    }
+
+    /// One attempt, up to the first text (or the end, for an empty answer).
+    async fn attempt(&self, url: &reqwest::Url, body: &Value, text: bool, prompt_tokens: usize) -> Result<Upstream, Failure> {
+        let me = &self.0;
+        let Some(permit) = me.breaker.acquire() else {
+            metrics::counter!(BACKEND_ATTEMPTS, "backend" => me.name.clone(), "outcome" => "circuit_open").increment(1);
+            return Err(Failure::CircuitOpen);
+        };
+        let r = tokio::time::timeout(me.first_token_timeout, self.open(url, body, text, prompt_tokens))
+            .await
+            .unwrap_or(Err(Failure::FirstTokenTimeout(me.first_token_timeout)));
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(f) => f.outcome(),
+        };
+        metrics::counter!(BACKEND_ATTEMPTS, "backend" => me.name.clone(), "outcome" => outcome).increment(1);
+        match &r {
+            Err(f) if f.backend_fault() => permit.failure(),
+            _ => permit.success(),
+        }
+        r
+    }
+
+    async fn open(&self, url: &reqwest::Url, body: &Value, text: bool, prompt_tokens: usize) -> Result<Upstream, Failure> {
+        let me = &self.0;
+        let mut req = me.client.post(url.clone()).json(body);
+        if let Some(key) = &me.api_key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                Failure::Connect(error_chain(&e))
+            } else {
+                Failure::Stream(format!("no response: {}", error_chain(&e)))
+            }
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = parse_retry_after(resp.headers());
+            return Err(Failure::Status {
+                code: status.as_u16(),
+                retry_after,
+                message: error_message(resp).await,
+            });
+        }
+        let mut up = Upstream {
+            body: Box::pin(resp.bytes_stream()),
+            decoder: Decoder::new(text, prompt_tokens),
+            ended: false,
+        };
+        up.first().await.map_err(Failure::Stream)?;
+        Ok(up)
+    }
+
+    /// The request's events: attempts (with retries) up to the first text, then the rest of
+    /// that one upstream stream.
+    fn events(&self, prompt: RemotePrompt, params: &SamplingParams, prompt_tokens: usize) -> EventStream {
+        let text = matches!(prompt, RemotePrompt::Text(_));
+        let body = self.body(&prompt, params);
+        let url = if text { &self.0.text_url } else { &self.0.chat_url }.clone();
+        enum St {
+            Start(RemoteBackend, reqwest::Url, Value),
+            Flowing(RemoteBackend, Upstream),
+            Done,
+        }
+        let start = St::Start(self.clone(), url, body);
+        Box::pin(futures::stream::unfold(start, move |st| async move {
+            match st {
+                St::Start(me, url, body) => {
+                    let (b, u, m) = (&body, &url, &me);
+                    match me.0.retry.run(move || m.attempt(u, b, text, prompt_tokens)).await {
+                        Ok(mut up) => {
+                            let ev = up.decoder.out.pop_front().expect("an attempt ends at its first event");
+                            let next = if matches!(ev, EngineEvent::Finished { .. }) {
+                                St::Done
+                            } else {
+                                St::Flowing(me, up)
+                            };
+                            Some((Ok(ev), next))
+                        }
+                        Err(f) => Some((Err(f.into_api_error(&me.0.name)), St::Done)),
+                    }
+                }
+                St::Flowing(me, mut up) => match up.next(Some(me.0.idle_timeout)).await {
+                    Ok(ev) => {
+                        let done = matches!(ev, EngineEvent::Finished { .. });
+                        Some((Ok(ev), if done { St::Done } else { St::Flowing(me, up) }))
+                    }
+                    Err(e) => {
+                        // Committed: no retry, no fallback. The breaker hears about it.
+                        me.0.breaker.record_failure();
+                        tracing::warn!(backend = %me.0.name, "upstream stream failed after its first text: {e}");
+                        let msg = format!("backend `{}` failed mid-stream: {e}", me.0.name);
+                        Some((Err(ApiError::Unavailable(msg)), St::Done))
+                    }
+                },
+                St::Done => None,
+            }
+        }))
+    }
+
+    fn unsupported(&self, what: &str) -> ApiError {
+        ApiError::invalid(
+            "model",
+            format!(
+                "`{}` is a remote backend: {what} are served by this server's local models only",
+                self.0.name
+            ),
+        )
+    }
+}
+
+/// The error's message with its causes (reqwest's top-level message alone says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The upstream's error message (OpenAI's `{"error": {"message"}}`, else the body's start).
+async fn error_message(resp: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= MAX_ERROR_BODY {
+            body.truncate(MAX_ERROR_BODY);
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&body);
+    serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| text.trim().to_owned())
+}
+
+type Body = Pin<Box<dyn Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>;
+
+/// One upstream response being read.
+struct Upstream {
+    body: Body,
+    decoder: Decoder,
+    ended: bool,
+}
+
+impl Upstream {
+    /// Reads until the first event is decoded (the caller bounds the wait).
+    async fn first(&mut self) -> Result<(), String> {
+        while self.decoder.out.is_empty() {
+            self.read(None).await?;
+        }
+        Ok(())
+    }
+
+    /// The next event, waiting at most `idle` for each piece of the body.
+    async fn next(&mut self, idle: Option<Duration>) -> Result<EngineEvent, String> {
+        loop {
+            if let Some(ev) = self.decoder.out.pop_front() {
+                return Ok(ev);
+            }
+            self.read(idle).await?;
+        }
+    }
+
+    async fn read(&mut self, idle: Option<Duration>) -> Result<(), String> {
+        if self.ended {
+            return Err("the stream already ended".into());
+        }
+        let piece = match idle {
+            Some(d) => match tokio::time::timeout(d, self.body.next()).await {
+                Ok(p) => p,
+                Err(_) => {
+                    return self.fail(format!(
+                        "no data for {} (idle_timeout)",
+                        humantime::format_duration(d)
+                    ))
+                }
+            },
+            None => self.body.next().await,
+        };
+        match piece {
+            Some(Ok(bytes)) => self.decoder.feed(&bytes).or_else(|e| self.fail(e)),
+            Some(Err(e)) => self.fail(format!("reading the stream: {}", error_chain(&e))),
+            None => {
+                self.ended = true;
+                self.decoder.eof()
+            }
+        }
+    }
+
+    /// A failure, unless the upstream already said how the answer finished: then it ends here.
+    fn fail(&mut self, e: String) -> Result<(), String> {
+        self.ended = true;
+        if self.decoder.finish.is_some() && !self.decoder.finished {
+            self.decoder.finish_now();
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    usage: Option<UsageJson>,
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    index: u32,
+    delta: Option<DeltaJson>,
+    text: Option<String>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeltaJson {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UsageJson {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    prompt_tokens_details: Option<CachedJson>,
+}
+
+#[derive(Deserialize)]
+struct CachedJson {
+    cached_tokens: Option<u32>,
+}
+
+/// OpenAI stream chunks → engine events.
+struct Decoder {
+    sse: SseParser,
+    /// `/v1/completions` (`choices[0].text`) rather than chat (`choices[0].delta.content`).
+    text: bool,
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+    /// `Finished` was queued: anything after it is ignored.
+    finished: bool,
+    prompt_estimate: usize,
+    completion_estimate: usize,
+    out: VecDeque<EngineEvent>,
+    events: Vec<SseEvent>,
+}
+
+impl Decoder {
+    fn new(text: bool, prompt_estimate: usize) -> Self {
+        Self {
+            sse: SseParser::default(),
+            text,
+            finish: None,
+            usage: None,
+            finished: false,
+            prompt_estimate,
+            completion_estimate: 0,
+            out: VecDeque::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if self.finished {
+            return Ok(());
+        }
+        let mut events = std::mem::take(&mut self.events);
+        let r = self.sse.push(bytes, &mut events);
+        for ev in events.drain(..) {
+            if !self.finished {
+                self.on_event(ev)?;
+            }
+        }
+        self.events = events;
+        r.map_err(|e| format!("malformed SSE: {e}"))
+    }
+
+    fn on_event(&mut self, ev: SseEvent) -> Result<(), String> {
+        let data = ev.data.trim();
+        if data == "[DONE]" {
+            self.finish_now();
+            return Ok(());
+        }
+        let chunk: Chunk = serde_json::from_str(data).map_err(|e| {
+            let head: String = data.chars().take(80).collect();
+            format!("malformed SSE: a chunk that is not an OpenAI chunk ({e}): {head:?}")
+        })?;
+        if ev.event == "error" || chunk.error.is_some() {
+            let err = chunk.error.unwrap_or(Value::Null);
+            let msg = err["message"].as_str().map(str::to_owned).unwrap_or_else(|| err.to_string());
+            return Err(format!("the upstream reported an error: {msg}"));
+        }
+        if let Some(u) = chunk.usage {
+            self.usage = Some(Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                cached_prompt_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            });
+        }
+        for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {
+            let text = if self.text {
+                choice.text
+            } else {
+                choice.delta.and_then(|d| d.content)
+            };
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
+                self.completion_estimate += estimate_tokens(&text);
+                self.out.push_back(EngineEvent::Delta {
+                    text,
+                    token_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                });
+            }
+            if let Some(r) = choice.finish_reason {
+                self.finish = Some(match r.as_str() {
+                    "length" => FinishReason::Length,
+                    "content_filter" => FinishReason::ContentFilter,
+                    _ => FinishReason::Stop,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `Finished` (once) with the upstream's usage, or the estimates.
+    fn finish_now(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let usage = self.usage.clone().unwrap_or(Usage {
+            prompt_tokens: self.prompt_estimate as u32,
+            completion_tokens: self.completion_estimate as u32,
+            cached_prompt_tokens: 0,
+        });
+        self.out.push_back(EngineEvent::Finished {
+            reason: self.finish.unwrap_or(FinishReason::Stop),
+            usage,
+        });
+    }
+
+    /// The body ended: fine after `[DONE]` or a finish reason, an error otherwise.
+    fn eof(&mut self) -> Result<(), String> {
+        if self.finished || self.finish.is_some() {
+            self.finish_now();
+            Ok(())
+        } else {
+            Err("the upstream closed the stream before finishing".into())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl LlmBackend for RemoteBackend {
+    fn model(&self) -> &str {
+        &self.0.name
+    }
+
+    fn embedding_model(&self) -> Option<&str> {
+        None
+    }
+
+    /// Unknown here: the upstream enforces its own.
+    fn context_length(&self) -> usize {
+        usize::MAX
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            logprobs: false,
+            cached_tokens: true,
+            embeddings: false,
+            tokenize: false,
+        }
+    }
+
+    /// Not serving while the circuit refuses calls (the fallback chain skips it at once).
+    fn health(&self) -> Health {
+        if self.0.breaker.admits() {
+            Health::Serving
+        } else {
+            Health::NotServing(format!("backend `{}`: circuit open", self.0.name))
+        }
+    }
+
+    async fn prepare_chat(&self, messages: Vec<ChatMessage>) -> Result<Prepared, ApiError> {
+        if messages.is_empty() {
+            return Err(ApiError::invalid("messages", "must contain at least one message"));
+        }
+        let prompt = messages
+            .iter()
+            .map(|m| format!("{}: {}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok(Prepared {
+            prompt,
+            prompt_tokens: estimate_chat_tokens(&messages),
+            input: PreparedInput::Remote(RemotePrompt::Chat(messages)),
+        })
+    }
+
+    async fn prepare_text(&self, prompt: String) -> Result<Prepared, ApiError> {
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("prompt", "must not be empty"));
+        }
+        Ok(Prepared {
+            prompt_tokens: estimate_tokens(&prompt),
+            prompt: prompt.clone(),
+            input: PreparedInput::Remote(RemotePrompt::Text(prompt)),
+        })
+    }
+
+    fn submit(&self, _ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError> {
+        if params.logprobs.is_some() {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("not supported by the remote backend `{}`", self.0.name),
+            ));
+        }
+        let PreparedInput::Remote(prompt) = prepared.input else {
+            return Err(ApiError::Internal(format!(
+                "backend `{}` was handed another backend's prompt",
+                self.0.name
+            )));
+        };
+        Ok(Generation {
+            prompt: prepared.prompt,
+            events: self.events(prompt, &params, prepared.prompt_tokens),
+        })
+    }
+
+    async fn embed(&self, _texts: Vec<String>, _priority: Priority) -> Result<Embeddings, ApiError> {
+        Err(self.unsupported("embeddings"))
+    }
+
+    async fn tokenize(&self, _text: String, _add_special_tokens: bool) -> Result<Tokenized, ApiError> {
+        Err(self.unsupported("tokenize and detokenize"))
+    }
+
+    async fn detokenize(&self, _ids: Vec<u32>, _skip_special_tokens: bool) -> Result<String, ApiError> {
+        Err(self.unsupported("tokenize and detokenize"))
+    }
+}

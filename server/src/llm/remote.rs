@@ -616,3 +616,331 @@ impl LlmBackend for RemoteBackend {
         Err(self.unsupported("tokenize and detokenize"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::llm::breaker::CircuitState;
+    use crate::llm::fault_server::{collect, event, FaultServer, Hit, Reply, Step, SSE_HEAD};
+
+    const MS: Duration = Duration::from_millis(1);
+    const S: Duration = Duration::from_secs(1);
+
+    pub(crate) fn config(url: &str) -> BackendConfig {
+        BackendConfig {
+            name: "up".into(),
+            base_url: url.into(),
+            model: "up-model".into(),
+            first_token_timeout: 5 * S,
+            idle_timeout: 5 * S,
+            max_retries: 3,
+            initial_backoff: 100 * MS,
+            max_backoff: S,
+            retry_after_cap: 10 * S,
+            failure_threshold: 1000,
+            ..Default::default()
+        }
+    }
+
+    fn backend(cfg: BackendConfig) -> RemoteBackend {
+        RemoteBackend::new(&cfg, None).unwrap()
+    }
+
+    fn user(text: &str) -> Vec<ChatMessage> {
+        vec![ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        }]
+    }
+
+    async fn chat(b: &RemoteBackend) -> (String, Result<Usage, ApiError>) {
+        let p = b.prepare_chat(user("hi")).await.unwrap();
+        let g = b
+            .submit(&RequestContext::for_tests(), p, SamplingParams::default())
+            .unwrap();
+        collect(g.events).await
+    }
+
+    /// Time between consecutive requests (on the paused clock: exactly the waits).
+    fn gaps(hits: &[Hit]) -> Vec<Duration> {
+        hits.windows(2).map(|w| w[1].at - w[0].at).collect()
+    }
+
+    fn message(r: Result<Usage, ApiError>) -> String {
+        r.unwrap_err().message()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_chat_text_with_the_upstreams_usage() {
+        let srv = FaultServer::start(vec![], Reply::chat(&["Hel", "lo", " world"])).await;
+        let mut cfg = config(&format!("{}/v1/", srv.url));
+        cfg.name = "peer".into();
+        let b = RemoteBackend::new(&cfg, Some("sk-test".into())).unwrap();
+        let p = b.prepare_chat(user("hi there")).await.unwrap();
+        assert_eq!(p.prompt_tokens, estimate_chat_tokens(&user("hi there")));
+        let params = SamplingParams {
+            seed: Some(7),
+            stop: vec!["\n\n".into()],
+            ..Default::default()
+        };
+        let g = b.submit(&RequestContext::for_tests(), p, params).unwrap();
+        let (text, usage) = collect(g.events).await;
+        assert_eq!(text, "Hello world");
+        let usage = usage.unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (11, 3), "the upstream's own usage");
+        let hit = &srv.hits()[0];
+        assert_eq!(hit.path, "/v1/chat/completions");
+        assert_eq!(hit.authorization.as_deref(), Some("Bearer sk-test"));
+        let body = &hit.body;
+        assert_eq!(body["model"], "up-model");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["messages"], json!([{"role": "user", "content": "hi there"}]));
+        assert_eq!((body["seed"].clone(), body["stop"].clone()), (json!(7), json!(["\n\n"])));
+        // vLLM extras only when set: an OpenAI upstream refuses fields it does not know.
+        assert!(body.get("top_k").is_none() && body.get("ignore_eos").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn text_prompts_stream_from_completions_and_estimate_missing_usage() {
+        let srv = FaultServer::start(vec![], Reply::text(&["one", " two"])).await;
+        let b = backend(config(&srv.url));
+        let p = b.prepare_text("count: ".into()).await.unwrap();
+        let g = b
+            .submit(&RequestContext::for_tests(), p, SamplingParams::default())
+            .unwrap();
+        let (text, usage) = collect(g.events).await;
+        assert_eq!(text, "one two");
+        let usage = usage.unwrap();
+        assert_eq!(usage.prompt_tokens as usize, estimate_tokens("count: "));
+        assert_eq!(
+            usage.completion_tokens as usize,
+            estimate_tokens("one") + estimate_tokens(" two")
+        );
+        assert_eq!(srv.hits()[0].path, "/v1/completions");
+        assert_eq!(srv.hits()[0].body["prompt"], "count: ");
+        // What a remote backend cannot do is a clear 400.
+        assert!(matches!(b.tokenize("x".into(), true).await, Err(ApiError::Invalid { .. })));
+        let p = b.prepare_text("x".into()).await.unwrap();
+        let lp = SamplingParams {
+            logprobs: Some(1),
+            ..Default::default()
+        };
+        let e = b.submit(&RequestContext::for_tests(), p, lp).err().unwrap();
+        assert!(matches!(e, ApiError::Invalid { ref param, .. } if param == "logprobs"), "{e:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_429_and_5xx_with_full_jitter_and_retry_after() {
+        let script = vec![
+            Reply::status(429, Some("3")),
+            Reply::status(500, None),
+            Reply::status(503, None),
+        ];
+        let srv = FaultServer::start(script, Reply::chat(&["ok"])).await;
+        let b = backend(config(&srv.url));
+        let (text, r) = chat(&b).await;
+        assert_eq!((text.as_str(), r.is_ok()), ("ok", true));
+        let hits = srv.hits();
+        assert_eq!(hits.len(), 4, "1 attempt + 3 retries");
+        let g = gaps(&hits);
+        assert_eq!(g[0], 3 * S, "Retry-After is waited as sent");
+        // Full jitter: the k-th wait is drawn from [0, 100 ms × 2^(k-1)].
+        assert!(g[1] <= 200 * MS, "{g:?}");
+        assert!(g[2] <= 400 * MS, "{g:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_capped_and_the_last_failure_is_reported() {
+        let srv = FaultServer::start(vec![Reply::status(429, Some("100"))], Reply::status(503, None)).await;
+        let mut cfg = config(&srv.url);
+        cfg.max_retries = 2;
+        let b = backend(cfg);
+        let (text, r) = chat(&b).await;
+        assert_eq!(text, "");
+        let e = message(r);
+        assert!(e.contains("HTTP 503") && e.contains("scripted 503"), "{e}");
+        let hits = srv.hits();
+        assert_eq!(hits.len(), 3);
+        assert_eq!(gaps(&hits)[0], 10 * S, "capped at retry_after_cap");
+        assert!(gaps(&hits)[1] <= 200 * MS);
+
+        // A rate limit that outlasts the retries is the client's 429 with the upstream's hint.
+        let srv = FaultServer::start(vec![], Reply::status(429, Some("1"))).await;
+        let mut cfg = config(&srv.url);
+        cfg.max_retries = 1;
+        let (_, r) = chat(&backend(cfg)).await;
+        assert_eq!(r.unwrap_err(), ApiError::Overloaded { retry_after: S });
+        assert_eq!(srv.hit_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_first_byte_is_retried_a_stall_after_the_first_text_is_not() {
+        let srv = FaultServer::start(vec![Reply::chat(&["late"]).after(60 * S)], Reply::chat(&["on time"])).await;
+        let b = backend(config(&srv.url));
+        let (text, r) = chat(&b).await;
+        assert_eq!((text.as_str(), r.is_ok()), ("on time", true));
+        let hits = srv.hits();
+        assert_eq!(hits.len(), 2);
+        let g = gaps(&hits)[0];
+        assert!(g >= 5 * S && g <= 5 * S + 100 * MS, "first_token_timeout, then a backoff: {g:?}");
+
+        let stall = Reply::chat_prefix(&["a", "b"]).then_step(Step::Sleep(60 * S));
+        srv.script(vec![stall]);
+        let (text, r) = chat(&b).await;
+        assert_eq!(text, "ab");
+        let e = message(r);
+        assert!(e.contains("idle_timeout") && e.contains("mid-stream"), "{e}");
+        assert_eq!(srv.hit_count(), 3, "no retry after the first text");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_after_the_first_text_end_the_stream_before_it_are_retried() {
+        let endings = [
+            ("reset", Step::Reset),
+            ("malformed", Step::Write(b"data: {oops\n\n".to_vec())),
+            (
+                "error event",
+                Step::Write(b"data: {\"error\": {\"message\": \"boom\"}}\n\n".to_vec()),
+            ),
+            ("close", Step::Sleep(Duration::ZERO)),
+        ];
+        for (what, ending) in endings {
+            // The pause lets the client read the text first (a reset discards unread bytes).
+            let srv = FaultServer::start(
+                vec![Reply::chat_prefix(&["a", "b"])
+                    .then_step(Step::Sleep(10 * MS))
+                    .then_step(ending.clone())],
+                Reply::chat(&["never"]),
+            )
+            .await;
+            let b = backend(config(&srv.url));
+            let (text, r) = chat(&b).await;
+            assert_eq!(text, "ab", "{what}");
+            let e = message(r);
+            assert!(e.contains("mid-stream"), "{what}: {e}");
+            if what == "error event" {
+                assert!(e.contains("boom"), "{e}");
+            }
+            assert_eq!(srv.hit_count(), 1, "{what}: never retried after the first text");
+
+            // The same fault before any text is retried.
+            srv.script(vec![Reply::chat_prefix(&[]).then_step(ending)]);
+            let (text, r) = chat(&b).await;
+            assert_eq!((text.as_str(), r.is_ok()), ("never", true), "{what}");
+            assert_eq!(srv.hit_count(), 3, "{what}");
+        }
+        // Garbage that is not SSE at all, before any text: retried too.
+        let garbage = Reply(vec![Step::Write(SSE_HEAD.to_vec()), Step::Write(vec![0xff; 64])]);
+        let srv = FaultServer::start(vec![garbage], Reply::chat(&["fine"])).await;
+        let (text, _) = chat(&backend(config(&srv.url))).await;
+        assert_eq!((text.as_str(), srv.hit_count()), ("fine", 2));
+        // A finish reason already received: a late reset is harmless.
+        let finish = event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}));
+        let srv = FaultServer::start(
+            vec![],
+            Reply::chat_prefix(&["done"])
+                .then_step(finish)
+                .then_step(Step::Sleep(10 * MS))
+                .then_step(Step::Reset),
+        )
+        .await;
+        let (text, r) = chat(&backend(config(&srv.url))).await;
+        assert_eq!((text.as_str(), r.is_ok()), ("done", true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_errors_are_neither_retried_nor_held_against_the_backend() {
+        let srv = FaultServer::start(vec![], Reply::status(400, None)).await;
+        let mut cfg = config(&srv.url);
+        cfg.failure_threshold = 1;
+        let b = backend(cfg);
+        for n in 1..=2 {
+            let (_, r) = chat(&b).await;
+            assert!(matches!(r, Err(ApiError::Invalid { ref param, .. }) if param == "request"), "{r:?}");
+            assert_eq!(srv.hit_count(), n);
+        }
+        assert_eq!(b.breaker().state(), CircuitState::Closed);
+        // A refused connection is retried and reported as such.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut cfg = config(&format!("http://{closed}"));
+        cfg.max_retries = 1;
+        let e = message(chat(&backend(cfg)).await.1);
+        assert!(e.contains("cannot connect"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_budget_caps_retries_across_requests() {
+        let srv = FaultServer::start(vec![], Reply::status(503, None)).await;
+        let mut cfg = config(&srv.url);
+        cfg.max_retries = 5;
+        cfg.retry_budget_ratio = 0.0;
+        cfg.retry_budget_burst = 2;
+        let b = backend(cfg);
+        chat(&b).await.1.unwrap_err();
+        assert_eq!(srv.hit_count(), 3, "the burst of 2 retries");
+        chat(&b).await.1.unwrap_err();
+        assert_eq!(srv.hit_count(), 4, "no budget left: no retry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_stream_cancels_the_upstream_call() {
+        let srv = FaultServer::start(vec![], Reply::chat(&["a", "b", "c", "d", "e"]).gaps(S)).await;
+        let b = backend(config(&srv.url));
+        let p = b.prepare_chat(user("hi")).await.unwrap();
+        let mut events = b
+            .submit(&RequestContext::for_tests(), p, SamplingParams::default())
+            .unwrap()
+            .events;
+        assert!(matches!(events.next().await, Some(Ok(EngineEvent::Delta { .. }))));
+        drop(events);
+        for _ in 0..100 {
+            if srv.hits()[0].cancelled {
+                break;
+            }
+            tokio::time::sleep(100 * MS).await;
+        }
+        assert!(srv.hits()[0].cancelled, "the upstream saw the connection close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_refuses_without_a_call_and_lets_one_probe_through() {
+        let srv = FaultServer::start(
+            vec![Reply::status(500, None), Reply::status(500, None)],
+            Reply::chat(&["ok"]),
+        )
+        .await;
+        let mut cfg = config(&srv.url);
+        cfg.max_retries = 0;
+        cfg.failure_threshold = 2;
+        cfg.open_for = 30 * S;
+        let b = backend(cfg);
+        chat(&b).await.1.unwrap_err();
+        assert_eq!(b.breaker().state(), CircuitState::Closed);
+        chat(&b).await.1.unwrap_err();
+        assert_eq!(b.breaker().state(), CircuitState::Open);
+        assert!(matches!(b.health(), Health::NotServing(_)));
+        let e = message(chat(&b).await.1);
+        assert!(e.contains("circuit open"), "{e}");
+        assert_eq!(srv.hit_count(), 2, "refused without a call");
+
+        tokio::time::advance(30 * S).await;
+        assert_eq!(b.health(), Health::Serving);
+        // Half-open: of two concurrent requests exactly one probes; the other is refused.
+        srv.script(vec![Reply::chat(&["probe"]).after(2 * S)]);
+        let (r1, r2) = tokio::join!(chat(&b), chat(&b));
+        let mut texts = [r1.0, r2.0];
+        texts.sort();
+        assert_eq!(texts, ["".to_string(), "probe".to_string()]);
+        assert_eq!(srv.hit_count(), 3, "one probe");
+        assert_eq!(b.breaker().state(), CircuitState::Closed);
+        assert_eq!(chat(&b).await.0, "ok");
+    }
+}

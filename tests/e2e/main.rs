@@ -10,5 +10,6 @@ mod foundation;
 mod limits;
 mod observability;
 mod pipeline;
+mod resilience;
 mod retrieval;
 mod safety;

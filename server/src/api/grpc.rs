@@ -399,11 +399,17 @@ impl Inference for InferenceService {
             },
         ];
         // Remote backends ([[llm.backends]]): their context length is the upstream's (0 = unknown).
-        models.extend(self.state.pipeline.remote_models().into_iter().map(|name| pb::ModelInfo {
-            name,
-            kind: "generation".into(),
-            ..Default::default()
-        }));
+        models.extend(
+            self.state
+                .pipeline
+                .remote_models()
+                .into_iter()
+                .map(|name| pb::ModelInfo {
+                    name,
+                    kind: "generation".into(),
+                    ..Default::default()
+                }),
+        );
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }

@@ -165,11 +165,17 @@ impl LlmConfig {
                 );
             }
             if b.model.trim().is_empty() {
-                bail!("invalid config: {} (the upstream's model id) must not be empty", key("model"));
+                bail!(
+                    "invalid config: {} (the upstream's model id) must not be empty",
+                    key("model")
+                );
             }
             if let Some(env) = &b.api_key_env {
                 if env.is_empty() {
-                    bail!("invalid config: {} must name an environment variable", key("api_key_env"));
+                    bail!(
+                        "invalid config: {} must name an environment variable",
+                        key("api_key_env")
+                    );
                 }
             }
             for (k, d) in [
@@ -305,24 +311,53 @@ mod tests {
     fn errors_name_the_key() {
         let base = "[[backends]]\nname = \"a\"\nbase_url = \"http://x:1\"\nmodel = \"m\"\n";
         let cases = [
-            ("[[backends]]\nbase_url = \"http://x:1\"\nmodel = \"m\"\n", "llm.backends[0].name"),
-            ("[[backends]]\nname = \"local\"\nbase_url = \"http://x:1\"\nmodel = \"m\"\n", "llm.backends[0].name"),
-            ("[[backends]]\nname = \"smollm2\"\nbase_url = \"http://x:1\"\nmodel = \"m\"\n", "llm.backends[0].name"),
-            ("[[backends]]\nname = \"a\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n", "llm.backends[0].base_url"),
-            ("[[backends]]\nname = \"a\"\nbase_url = \"http://x:1\"\n", "llm.backends[0].model"),
+            (
+                "[[backends]]\nbase_url = \"http://x:1\"\nmodel = \"m\"\n",
+                "llm.backends[0].name",
+            ),
+            (
+                "[[backends]]\nname = \"local\"\nbase_url = \"http://x:1\"\nmodel = \"m\"\n",
+                "llm.backends[0].name",
+            ),
+            (
+                "[[backends]]\nname = \"smollm2\"\nbase_url = \"http://x:1\"\nmodel = \"m\"\n",
+                "llm.backends[0].name",
+            ),
+            (
+                "[[backends]]\nname = \"a\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n",
+                "llm.backends[0].base_url",
+            ),
+            (
+                "[[backends]]\nname = \"a\"\nbase_url = \"http://x:1\"\n",
+                "llm.backends[0].model",
+            ),
             (&format!("{base}fallback = [\"nope\"]\n"), "llm.backends[0].fallback[0]"),
             (&format!("{base}fallback = [\"a\"]\n"), "llm.backends[0].fallback[0]"),
-            (&format!("{base}fallback = [\"local\", \"local\"]\n"), "llm.backends[0].fallback[1]"),
-            (&format!("{base}retry_budget_ratio = 2.0\n"), "llm.backends[0].retry_budget_ratio"),
-            (&format!("{base}idle_timeout = \"0s\"\n"), "llm.backends[0].idle_timeout"),
-            (&format!("{base}failure_threshold = 0\n"), "llm.backends[0].failure_threshold"),
+            (
+                &format!("{base}fallback = [\"local\", \"local\"]\n"),
+                "llm.backends[0].fallback[1]",
+            ),
+            (
+                &format!("{base}retry_budget_ratio = 2.0\n"),
+                "llm.backends[0].retry_budget_ratio",
+            ),
+            (
+                &format!("{base}idle_timeout = \"0s\"\n"),
+                "llm.backends[0].idle_timeout",
+            ),
+            (
+                &format!("{base}failure_threshold = 0\n"),
+                "llm.backends[0].failure_threshold",
+            ),
             (&format!("{base}{base}"), "llm.backends[1].name"),
         ];
         for (toml, key) in cases {
             let e = parse(toml).unwrap_err().to_string();
             assert!(e.contains(key), "{toml}: {e}");
         }
-        let e = parse(&format!("{base}idle_timeout = \"soon\"\n")).unwrap_err().to_string();
+        let e = parse(&format!("{base}idle_timeout = \"soon\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("idle_timeout") && e.contains("soon"), "{e}");
         let e = parse(&format!("{base}retries = 3\n")).unwrap_err().to_string();
         assert!(e.contains("retries"), "{e}");
@@ -336,7 +371,10 @@ mod tests {
         )
         .unwrap();
         let e = Backends::from_config(&c).err().unwrap().to_string();
-        assert!(e.contains("llm.backends[0].api_key_env") && e.contains("GENAI_TEST_SURELY_UNSET_KEY"), "{e}");
+        assert!(
+            e.contains("llm.backends[0].api_key_env") && e.contains("GENAI_TEST_SURELY_UNSET_KEY"),
+            "{e}"
+        );
         let c = parse(
             "[[backends]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:1\"\nmodel = \"m\"\nfallback = [\"b\"]\n\
              [[backends]]\nname = \"b\"\nbase_url = \"http://127.0.0.1:2\"\nmodel = \"m\"\n",

@@ -33,10 +33,16 @@ pub(crate) enum CircuitState {
 
 enum State {
     /// When the failures in the window happened, oldest first.
-    Closed { failures: VecDeque<Instant> },
-    Open { until: Instant },
+    Closed {
+        failures: VecDeque<Instant>,
+    },
+    Open {
+        until: Instant,
+    },
     /// `probing`: the one call let through has not reported yet.
-    HalfOpen { probing: bool },
+    HalfOpen {
+        probing: bool,
+    },
 }
 
 pub(crate) struct Breaker {
@@ -144,7 +150,12 @@ impl Breaker {
             failures.pop_front();
         }
         if failures.len() >= self.threshold {
-            self.set(st, State::Open { until: now + self.open_for });
+            self.set(
+                st,
+                State::Open {
+                    until: now + self.open_for,
+                },
+            );
         }
     }
 

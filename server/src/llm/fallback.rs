@@ -26,7 +26,9 @@ use futures::StreamExt;
 use genai_engine::{EngineEvent, SamplingParams};
 use genai_models::chat_template::ChatMessage;
 
-use super::{Capabilities, Embeddings, EventStream, Generation, Health, LlmBackend, Prepared, PreparedInput, Tokenized};
+use super::{
+    Capabilities, Embeddings, EventStream, Generation, Health, LlmBackend, Prepared, PreparedInput, Tokenized,
+};
 use crate::error::ApiError;
 use crate::ops::metrics::BACKEND_FALLBACKS;
 use crate::pipeline::context::{Priority, RequestContext};
@@ -62,7 +64,11 @@ impl Chain {
                 // The named backend's verdict is the request's.
                 Err(e) if i == 0 => return Err(e),
                 Err(e) => {
-                    tracing::debug!(backend = m.model(), "fallback member refused the prompt: {}", e.message());
+                    tracing::debug!(
+                        backend = m.model(),
+                        "fallback member refused the prompt: {}",
+                        e.message()
+                    );
                     each.push(None);
                 }
             }
@@ -119,7 +125,11 @@ fn chain_events(
             if !falls_back(&err) {
                 return futures::stream::once(async { Err(err) }).boxed();
             }
-            tracing::info!(backend = member.model(), "failed before its first token: {}", err.message());
+            tracing::info!(
+                backend = member.model(),
+                "failed before its first token: {}",
+                err.message()
+            );
             last = Some(err);
         }
         let err = last.unwrap_or_else(|| ApiError::Unavailable(format!("no backend of `{name}` could serve")));
@@ -282,12 +292,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_fallback_once_text_was_sent_nor_for_the_requests_own_fault() {
         let a = FaultServer::start(
-            vec![Reply::chat_prefix(&["a1 "]).then_step(Step::Sleep(10 * MS)).then_step(Step::Reset)],
+            vec![Reply::chat_prefix(&["a1 "])
+                .then_step(Step::Sleep(10 * MS))
+                .then_step(Step::Reset)],
             Reply::status(400, None),
         )
         .await;
         let b = FaultServer::start(vec![], Reply::chat(&["from b"])).await;
-        let chain = Chain::new("a".into(), vec![remote("a", &a.url, 2, 1000), remote("b", &b.url, 0, 1000)]);
+        let chain = Chain::new(
+            "a".into(),
+            vec![remote("a", &a.url, 2, 1000), remote("b", &b.url, 0, 1000)],
+        );
         let (text, r) = ask(&chain).await;
         assert_eq!(text, "a1 ");
         assert!(r.unwrap_err().message().contains("mid-stream"));
@@ -313,11 +328,16 @@ mod tests {
             4 => Reply::chat(pieces).after(5 * S),
             5 => head(k).then_step(Step::Reset),
             6 => head(k),
-            7 => head(k).then_step(Step::Write(b"data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": 7".to_vec())),
+            7 => head(k).then_step(Step::Write(
+                b"data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": 7".to_vec(),
+            )),
             8 => head(k).then_step(Step::Sleep(10 * S)),
             _ => match rng.random_range(0..4) {
                 0 => Reply::status(400, None),
-                1 => Reply(vec![Step::Write(SSE_HEAD.to_vec()), Step::Write(vec![b'\n', 0xfe, 0xff, b'\n'])]),
+                1 => Reply(vec![
+                    Step::Write(SSE_HEAD.to_vec()),
+                    Step::Write(vec![b'\n', 0xfe, 0xff, b'\n']),
+                ]),
                 2 => head(k).then_step(event(json!({"error": {"message": "upstream fell over"}}))),
                 _ => Reply::chat(pieces).gaps(MS),
             },
@@ -334,7 +354,10 @@ mod tests {
         let (full_a, full_b) = (pa.concat(), pb.concat());
         let a = FaultServer::start(vec![], Reply::chat(&pa)).await;
         let b = FaultServer::start(vec![], Reply::chat(&pb)).await;
-        let chain = Chain::new("a".into(), vec![remote("a", &a.url, 1, usize::MAX), remote("b", &b.url, 1, usize::MAX)]);
+        let chain = Chain::new(
+            "a".into(),
+            vec![remote("a", &a.url, 1, usize::MAX), remote("b", &b.url, 1, usize::MAX)],
+        );
         let mut rng = StdRng::seed_from_u64(0x13);
         let (mut complete, mut cut, mut fell_back) = (0, 0, 0);
         for run in 0..1000 {
@@ -371,7 +394,10 @@ mod tests {
             }
             match end.unwrap_or_else(|| panic!("run {run}: the stream ended silently after {text:?}")) {
                 Ok(()) => {
-                    assert!(text == full_a || text == full_b, "run {run}: spliced or partial {text:?}");
+                    assert!(
+                        text == full_a || text == full_b,
+                        "run {run}: spliced or partial {text:?}"
+                    );
                     complete += 1;
                 }
                 Err(e) => {
@@ -390,6 +416,9 @@ mod tests {
             }
         }
         // The faults were varied enough to exercise every path.
-        assert!(complete > 300 && cut > 100 && fell_back > 50, "{complete} {cut} {fell_back}");
+        assert!(
+            complete > 300 && cut > 100 && fell_back > 50,
+            "{complete} {cut} {fell_back}"
+        );
     }
 }

@@ -39,7 +39,9 @@ pub(crate) fn event(v: Value) -> Step {
 
 /// A chat chunk carrying `text` (the OpenAI shape).
 fn chat_piece(text: &str) -> Step {
-    event(json!({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}))
+    event(
+        json!({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}),
+    )
 }
 
 impl Reply {
@@ -63,7 +65,9 @@ impl Reply {
     pub(crate) fn chat_prefix(pieces: &[&str]) -> Self {
         let mut steps = vec![
             Step::Write(SSE_HEAD.to_vec()),
-            event(json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]})),
+            event(
+                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+            ),
         ];
         steps.extend(pieces.iter().map(|p| chat_piece(p)));
         Reply(steps)
@@ -72,7 +76,9 @@ impl Reply {
     fn chat_end(completion: usize) -> Self {
         Reply(vec![
             event(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})),
-            event(json!({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": completion, "total_tokens": 11 + completion}})),
+            event(
+                json!({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": completion, "total_tokens": 11 + completion}}),
+            ),
             Step::Write(b"data: [DONE]\n\n".to_vec()),
         ])
     }
@@ -85,7 +91,9 @@ impl Reply {
                 .iter()
                 .map(|p| event(json!({"choices": [{"index": 0, "text": p, "finish_reason": null}]}))),
         );
-        steps.push(event(json!({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})));
+        steps.push(event(
+            json!({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}),
+        ));
         steps.push(Step::Write(b"data: [DONE]\n\n".to_vec()));
         Reply(steps)
     }

@@ -160,7 +160,9 @@ impl LlmBackend for LocalEngine {
 
     fn submit(&self, ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError> {
         let PreparedInput::Tokens(tokens) = prepared.input else {
-            return Err(ApiError::Internal("the local engine was handed another backend's prompt".into()));
+            return Err(ApiError::Internal(
+                "the local engine was handed another backend's prompt".into(),
+            ));
         };
         let rx = self.engine.submit(GenerateRequest {
             request_id: ctx.request_id.clone(),

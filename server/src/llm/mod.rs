@@ -19,9 +19,9 @@
 
 pub(crate) mod backends;
 pub(crate) mod breaker;
+pub(crate) mod fallback;
 #[cfg(test)]
 mod fault_server;
-pub(crate) mod fallback;
 pub(crate) mod local;
 pub(crate) mod remote;
 pub(crate) mod retry;

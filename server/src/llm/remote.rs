@@ -126,7 +126,10 @@ impl RemoteBackend {
         });
         match prompt {
             RemotePrompt::Chat(m) => {
-                b["messages"] = m.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
+                b["messages"] = m
+                    .iter()
+                    .map(|m| json!({"role": m.role, "content": m.content}))
+                    .collect();
             }
             RemotePrompt::Text(t) => b["prompt"] = json!(t),
         }
@@ -165,7 +168,13 @@ impl RemoteBackend {
     }
 
     /// One attempt, up to the first text (or the end, for an empty answer).
-    async fn attempt(&self, url: &reqwest::Url, body: &Value, text: bool, prompt_tokens: usize) -> Result<Upstream, Failure> {
+    async fn attempt(
+        &self,
+        url: &reqwest::Url,
+        body: &Value,
+        text: bool,
+        prompt_tokens: usize,
+    ) -> Result<Upstream, Failure> {
         let me = &self.0;
         let Some(permit) = me.breaker.acquire() else {
             metrics::counter!(BACKEND_ATTEMPTS, "backend" => me.name.clone(), "outcome" => "circuit_open").increment(1);
@@ -186,7 +195,13 @@ impl RemoteBackend {
         r
     }
 
-    async fn open(&self, url: &reqwest::Url, body: &Value, text: bool, prompt_tokens: usize) -> Result<Upstream, Failure> {
+    async fn open(
+        &self,
+        url: &reqwest::Url,
+        body: &Value,
+        text: bool,
+        prompt_tokens: usize,
+    ) -> Result<Upstream, Failure> {
         let me = &self.0;
         let mut req = me.client.post(url.clone()).json(body);
         if let Some(key) = &me.api_key {
@@ -340,12 +355,7 @@ impl Upstream {
         let piece = match idle {
             Some(d) => match tokio::time::timeout(d, self.body.next()).await {
                 Ok(p) => p,
-                Err(_) => {
-                    return self.fail(format!(
-                        "no data for {} (idle_timeout)",
-                        humantime::format_duration(d)
-                    ))
-                }
+                Err(_) => return self.fail(format!("no data for {} (idle_timeout)", humantime::format_duration(d))),
             },
             None => self.body.next().await,
         };
@@ -462,7 +472,10 @@ impl Decoder {
         })?;
         if ev.event == "error" || chunk.error.is_some() {
             let err = chunk.error.unwrap_or(Value::Null);
-            let msg = err["message"].as_str().map(str::to_owned).unwrap_or_else(|| err.to_string());
+            let msg = err["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| err.to_string());
             return Err(format!("the upstream reported an error: {msg}"));
         }
         if let Some(u) = chunk.usage {
@@ -585,7 +598,12 @@ impl LlmBackend for RemoteBackend {
         })
     }
 
-    fn submit(&self, _ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError> {
+    fn submit(
+        &self,
+        _ctx: &RequestContext,
+        prepared: Prepared,
+        params: SamplingParams,
+    ) -> Result<Generation, ApiError> {
         if params.logprobs.is_some() {
             return Err(ApiError::invalid(
                 "logprobs",
@@ -691,7 +709,11 @@ mod tests {
         let (text, usage) = collect(g.events).await;
         assert_eq!(text, "Hello world");
         let usage = usage.unwrap();
-        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (11, 3), "the upstream's own usage");
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens),
+            (11, 3),
+            "the upstream's own usage"
+        );
         let hit = &srv.hits()[0];
         assert_eq!(hit.path, "/v1/chat/completions");
         assert_eq!(hit.authorization.as_deref(), Some("Bearer sk-test"));
@@ -700,7 +722,10 @@ mod tests {
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["messages"], json!([{"role": "user", "content": "hi there"}]));
-        assert_eq!((body["seed"].clone(), body["stop"].clone()), (json!(7), json!(["\n\n"])));
+        assert_eq!(
+            (body["seed"].clone(), body["stop"].clone()),
+            (json!(7), json!(["\n\n"]))
+        );
         // vLLM extras only when set: an OpenAI upstream refuses fields it does not know.
         assert!(body.get("top_k").is_none() && body.get("ignore_eos").is_none());
     }
@@ -724,14 +749,20 @@ mod tests {
         assert_eq!(srv.hits()[0].path, "/v1/completions");
         assert_eq!(srv.hits()[0].body["prompt"], "count: ");
         // What a remote backend cannot do is a clear 400.
-        assert!(matches!(b.tokenize("x".into(), true).await, Err(ApiError::Invalid { .. })));
+        assert!(matches!(
+            b.tokenize("x".into(), true).await,
+            Err(ApiError::Invalid { .. })
+        ));
         let p = b.prepare_text("x".into()).await.unwrap();
         let lp = SamplingParams {
             logprobs: Some(1),
             ..Default::default()
         };
         let e = b.submit(&RequestContext::for_tests(), p, lp).err().unwrap();
-        assert!(matches!(e, ApiError::Invalid { ref param, .. } if param == "logprobs"), "{e:?}");
+        assert!(
+            matches!(e, ApiError::Invalid { ref param, .. } if param == "logprobs"),
+            "{e:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -787,7 +818,10 @@ mod tests {
         let hits = srv.hits();
         assert_eq!(hits.len(), 2);
         let g = gaps(&hits)[0];
-        assert!(g >= 5 * S && g <= 5 * S + 100 * MS, "first_token_timeout, then a backoff: {g:?}");
+        assert!(
+            g >= 5 * S && g <= 5 * S + 100 * MS,
+            "first_token_timeout, then a backoff: {g:?}"
+        );
 
         let stall = Reply::chat_prefix(&["a", "b"]).then_step(Step::Sleep(60 * S));
         srv.script(vec![stall]);
@@ -861,7 +895,10 @@ mod tests {
         let b = backend(cfg);
         for n in 1..=2 {
             let (_, r) = chat(&b).await;
-            assert!(matches!(r, Err(ApiError::Invalid { ref param, .. }) if param == "request"), "{r:?}");
+            assert!(
+                matches!(r, Err(ApiError::Invalid { ref param, .. }) if param == "request"),
+                "{r:?}"
+            );
             assert_eq!(srv.hit_count(), n);
         }
         assert_eq!(b.breaker().state(), CircuitState::Closed);

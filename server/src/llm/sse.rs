@@ -102,7 +102,8 @@ mod tests {
 
     #[test]
     fn events_survive_any_split() {
-        let stream = b": keep-alive\r\n\r\ndata: {\"a\":1}\r\n\r\nevent: error\ndata: x\ndata: y\nid: 3\n\ndata:[DONE]\n\n";
+        let stream =
+            b": keep-alive\r\n\r\ndata: {\"a\":1}\r\n\r\nevent: error\ndata: x\ndata: y\nid: 3\n\ndata:[DONE]\n\n";
         let want = vec![
             SseEvent {
                 event: String::new(),

@@ -189,6 +189,10 @@ impl Pipeline {
             if *self.draining.borrow() {
                 return Err(ApiError::Unavailable("server is shutting down".into()));
             }
+            // Every member's circuit open (or the local engine down): a 503 before any stream.
+            if let Health::NotServing(why) = chain.health() {
+                return Err(ApiError::Unavailable(why));
+            }
             return Ok(chain);
         }
         let b = self.serving()?;

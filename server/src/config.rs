@@ -63,6 +63,9 @@ pub struct Config {
     /// The safety chain: PII redaction, injection/toxicity stages, output scanning.
     #[serde(default)]
     pub safety: crate::safety::SafetyConfig,
+    /// Remote backends (`[[llm.backends]]`): `crate::llm::backends`.
+    #[serde(default)]
+    pub llm: crate::llm::backends::LlmConfig,
 }
 
 /// `[limits]`: what one request may ask for. Checked on the raw request, before tokenization,
@@ -424,6 +427,7 @@ impl Config {
         self.ops.validate()?;
         crate::tenancy::validate(&self.tenants, &self.tenants_state)?;
         self.safety.validate()?;
+        self.llm.validate(&self.models.generation.name)?;
         self.validate_retrieval()
     }
 

@@ -67,8 +67,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         safety.add_detector(Arc::new(detectors::Toxicity::load(&config.models.dir)?));
     }
     tracing::info!(target: "genai::safety", "safety policy: {}", safety.describe());
+    let remotes = crate::llm::backends::Backends::from_config(&config.llm)?;
     let state = AppState::new(config, ops, knowledge, auth, |draining| {
-        Pipeline::new(limits, pipeline_tenancy, rag, safety, draining, default_max)
+        Pipeline::new(limits, pipeline_tenancy, rag, safety, draining, default_max).with_remotes(remotes)
     });
     tokio::spawn(latency.run(Duration::from_secs(5)));
     let tenancy_task = tokio::spawn(tenancy.clone().run());

@@ -10,6 +10,7 @@ mod foundation;
 mod limits;
 mod observability;
 mod pipeline;
+mod resilience;
 mod retrieval;
 mod safety;
 mod structured;

@@ -514,20 +514,31 @@ impl Inference for InferenceService {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let (generation, context_length, embedding) = self.state.pipeline.models()?;
         // Names and kinds only: file paths are the operator's business (review m2).
-        Ok(Response::new(pb::ListModelsResponse {
-            models: vec![
-                pb::ModelInfo {
-                    name: generation,
+        let mut models = vec![
+            pb::ModelInfo {
+                name: generation,
+                kind: "generation".into(),
+                context_length: context_length as u32,
+                ..Default::default()
+            },
+            pb::ModelInfo {
+                name: embedding,
+                kind: "embedding".into(),
+                ..Default::default()
+            },
+        ];
+        // Remote backends ([[llm.backends]]): their context length is the upstream's (0 = unknown).
+        models.extend(
+            self.state
+                .pipeline
+                .remote_models()
+                .into_iter()
+                .map(|name| pb::ModelInfo {
+                    name,
                     kind: "generation".into(),
-                    context_length: context_length as u32,
                     ..Default::default()
-                },
-                pb::ModelInfo {
-                    name: embedding,
-                    kind: "embedding".into(),
-                    ..Default::default()
-                },
-            ],
-        }))
+                }),
+        );
+        Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }

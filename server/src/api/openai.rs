@@ -944,14 +944,17 @@ fn stream_response(
 pub async fn models(State(state): State<Arc<AppState>>) -> Response {
     match state.pipeline.models() {
         Err(e) => e.into_response(),
-        Ok((generation, _, embedding)) => Json(json!({
-            "object": "list",
-            "data": [
-                {"id": generation, "object": "model", "created": 0, "owned_by": "genai-factory"},
-                {"id": embedding, "object": "model", "created": 0, "owned_by": "genai-factory"},
-            ],
-        }))
-        .into_response(),
+        Ok((generation, _, embedding)) => {
+            let mut data = vec![
+                json!({"id": generation, "object": "model", "created": 0, "owned_by": "genai-factory"}),
+                json!({"id": embedding, "object": "model", "created": 0, "owned_by": "genai-factory"}),
+            ];
+            // Remote backends ([[llm.backends]]) are addressed by name like the local model.
+            for name in state.pipeline.remote_models() {
+                data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": "remote"}));
+            }
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
     }
 }
 

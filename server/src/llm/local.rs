@@ -16,7 +16,7 @@ use genai_models::embedder::EmbedderHandle;
 use genai_models::prompt::PromptEncoder;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{Capabilities, Embeddings, Generation, Health, LlmBackend, Prepared, Tokenized};
+use super::{Capabilities, Embeddings, Generation, Health, LlmBackend, Prepared, PreparedInput, Tokenized};
 use crate::error::ApiError;
 use crate::pipeline::context::{Priority, RequestContext};
 
@@ -139,7 +139,8 @@ impl LlmBackend for LocalEngine {
         let p = self.blocking(move |e| e.encode_chat(&messages), "messages").await?;
         Ok(Prepared {
             prompt: p.text,
-            tokens: p.tokens,
+            prompt_tokens: p.tokens.len(),
+            input: PreparedInput::Tokens(p.tokens),
             constraint: None,
         })
     }
@@ -154,7 +155,8 @@ impl LlmBackend for LocalEngine {
                 let tokens = e.encode_text(&prompt)?;
                 Ok(Prepared {
                     prompt,
-                    tokens,
+                    prompt_tokens: tokens.len(),
+                    input: PreparedInput::Tokens(tokens),
                     constraint: None,
                 })
             },
@@ -179,9 +181,14 @@ impl LlmBackend for LocalEngine {
     }
 
     fn submit(&self, ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError> {
+        let PreparedInput::Tokens(tokens) = prepared.input else {
+            return Err(ApiError::Internal(
+                "the local engine was handed another backend's prompt".into(),
+            ));
+        };
         let rx = self.engine.submit(GenerateRequest {
             request_id: ctx.request_id.clone(),
-            prompt_tokens: prepared.tokens,
+            prompt_tokens: tokens,
             params,
             cache_salt: self.salt_key.hash_one(&ctx.tenant),
             adapter: None,

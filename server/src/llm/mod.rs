@@ -1,6 +1,8 @@
 //! LLM backends: what the pipeline generates, embeds and tokenizes with. [`LlmBackend`] is the
-//! seam (as TGI's and TEI's `Backend` traits): the local engine ([`local::LocalEngine`]) is the
-//! first implementation; remote OpenAI-compatible backends with retries and fallback come next.
+//! seam (as TGI's and TEI's `Backend` traits): the local engine ([`local::LocalEngine`]) and
+//! remote OpenAI-compatible servers ([`remote::RemoteBackend`], `[[llm.backends]]`), the latter
+//! wrapped in retries ([`retry`]), a circuit breaker ([`breaker`]) and a fallback chain
+//! ([`fallback::Chain`]); [`backends::Backends`] resolves a request's `model` to one of them.
 //!
 //! A backend takes messages or text, not token ids: tokenization and template rendering are its
 //! own business (a remote backend has no tokenizer of ours). It does them in a separate step
@@ -11,9 +13,19 @@
 //!
 //! Tested through the pipeline's end-to-end tests (`tests/e2e/pipeline.rs`), which exercise the
 //! local backend with the real models; the prompt encoder it relies on has its own unit tests in
-//! `genai_models::prompt`.
+//! `genai_models::prompt`. The remote backend and its resilience layers are tested against a real
+//! HTTP server that injects faults (`fault_server`, paused clock) and through the binary in
+//! `tests/e2e/resilience.rs`.
 
+pub(crate) mod backends;
+pub(crate) mod breaker;
+pub(crate) mod fallback;
+#[cfg(test)]
+mod fault_server;
 pub(crate) mod local;
+pub(crate) mod remote;
+pub(crate) mod retry;
+mod sse;
 
 use std::pin::Pin;
 
@@ -39,9 +51,37 @@ pub(crate) struct Generation {
 pub(crate) struct Prepared {
     /// The prompt as the model sees it (rendered chat), for the request log.
     pub prompt: String,
-    pub tokens: Vec<u32>,
     /// Structured output compiled for the local engine by [`LlmBackend::prepare_grammar`].
     pub constraint: Option<Box<dyn Constraint>>,
+    /// What the tenant limits reserve: exact for the local engine, an estimate for a remote
+    /// backend ([`estimate_chat_tokens`]), the largest of its members' for a fallback chain.
+    pub prompt_tokens: usize,
+    pub input: PreparedInput,
+}
+
+/// What a backend submits: its own business, so only the backend that prepared it reads it.
+pub(crate) enum PreparedInput {
+    /// The local engine: the token ids.
+    Tokens(Vec<u32>),
+    /// A remote backend: the request as its upstream takes it.
+    Remote(remote::RemotePrompt),
+    /// A fallback chain: one prepared prompt per member, `None` where that member refused it
+    /// (it is skipped for this request).
+    Chain(Vec<Option<Prepared>>),
+}
+
+/// Tokens a text is reserved as when no tokenizer of the model is at hand (remote backends,
+/// deltas without token ids): one per 3 bytes, rounded up. BPE vocabularies average about 4
+/// bytes a token on English text, so this errs high; the reservation is settled from the
+/// upstream's own `usage` when it reports one.
+pub(crate) fn estimate_tokens(text: &str) -> usize {
+    text.len().div_ceil(3)
+}
+
+/// [`estimate_tokens`] for a chat: each message's content plus 4 tokens of role and delimiters,
+/// plus 3 that prime the reply (the overhead OpenAI documents for its chat format).
+pub(crate) fn estimate_chat_tokens(messages: &[ChatMessage]) -> usize {
+    messages.iter().map(|m| 4 + estimate_tokens(&m.content)).sum::<usize>() + 3
 }
 
 pub(crate) struct Embeddings {

@@ -63,6 +63,11 @@ pub const REQUEST_LOG_ERRORS: &str = "genai_request_log_errors_total";
 pub const BUILD_INFO: &str = "genai_build_info";
 pub const AUTH_FAILURES: &str = "genai_auth_failures_total";
 pub const SAFETY_VERDICTS: &str = "genai_safety_verdicts_total";
+// Recorded by `crate::llm` (remote backends: retries, circuit breakers, fallback chains).
+pub const BACKEND_CIRCUIT_STATE: &str = "genai_backend_circuit_state";
+pub const BACKEND_ATTEMPTS: &str = "genai_backend_attempts_total";
+pub const BACKEND_RETRIES: &str = "genai_backend_retries_total";
+pub const BACKEND_FALLBACKS: &str = "genai_backend_fallbacks_total";
 
 /// Prometheus type of a catalogued metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -486,6 +491,34 @@ pub const CATALOGUE: &[MetricDef] = &[
         &["stage", "verdict", "reason"],
         N,
         "Safety verdicts by stage (input_pii|retrieval_pii|output_pii|input_injection|input_toxicity|retrieval_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
+    ),
+    def(
+        BACKEND_CIRCUIT_STATE,
+        Kind::Gauge,
+        &["backend"],
+        None,
+        "A remote backend's circuit breaker: 0 closed, 1 open, 2 half-open (one probe let through).",
+    ),
+    def(
+        BACKEND_ATTEMPTS,
+        Kind::Counter,
+        &["backend", "outcome"],
+        N,
+        "Attempts at a remote backend up to its first token, by outcome (ok|connect_error|first_token_timeout|rate_limited|server_error|client_error|stream_error|circuit_open).",
+    ),
+    def(
+        BACKEND_RETRIES,
+        Kind::Counter,
+        &["backend"],
+        N,
+        "Retries of a remote backend's requests before their first token.",
+    ),
+    def(
+        BACKEND_FALLBACKS,
+        Kind::Counter,
+        &["backend", "to"],
+        N,
+        "Requests for a backend answered by the next one of its fallback chain (`to`), after a failure or an open circuit.",
     ),
     def(
         BUILD_INFO,

@@ -126,6 +126,12 @@ impl RequestContext {
         }
     }
 
+    /// An open-mode context of no particular request (backend tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Self::from_headers(&HeaderMap::new())
+    }
+
     fn from_headers(headers: &HeaderMap) -> Self {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let mut invalid = None;

@@ -3,7 +3,8 @@
 //! A door decodes its wire format into a [`GenerateInput`] (or an embeddings / tokenize call),
 //! takes the [`context::RequestContext`] the shared tower layer attached, and calls
 //! [`Pipeline`]. The pipeline checks the hard limits ([`limits`]) before anything costly, picks
-//! the backend by model name, checks the tenant's limits ([`crate::tenancy`]: cheap ones before
+//! the backend by model name (the local engine, or a remote one of `[[llm.backends]]` with its
+//! fallback chain: [`crate::llm::backends`]), checks the tenant's limits ([`crate::tenancy`]: cheap ones before
 //! tokenization, token and budget reservations after it), runs the safety chain's input stages
 //! ([`crate::safety`]: the model never sees a raw PII value), runs retrieval for RAG, lets the
 //! backend tokenize (on the blocking pool) and generate, and hands back one event stream —
@@ -40,6 +41,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::error::ApiError;
+use crate::llm::backends::Backends;
 use crate::llm::local::LocalEngine;
 use crate::llm::{Embeddings, EventStream, Health, LlmBackend, Tokenized};
 use crate::ops::observe::Observer;
@@ -113,6 +115,8 @@ pub(crate) struct Pipeline {
     rag: RagPipeline,
     safety: SafetyChain,
     local: OnceLock<Arc<LocalEngine>>,
+    /// Remote backends (`[[llm.backends]]`), addressed by name.
+    remotes: Backends,
     draining: watch::Receiver<bool>,
     default_max_tokens: usize,
     /// Wakes the health reporters when the models load or draining starts (a stopped engine or
@@ -135,10 +139,22 @@ impl Pipeline {
             rag,
             safety,
             local: OnceLock::new(),
+            remotes: Backends::default(),
             draining,
             default_max_tokens,
             changed: Notify::new(),
         }
+    }
+
+    /// The remote backends clients may address by name.
+    pub(crate) fn with_remotes(mut self, remotes: Backends) -> Self {
+        self.remotes = remotes;
+        self
+    }
+
+    /// The remote backends' names (listed by `/v1/models` next to the local models).
+    pub(crate) fn remote_models(&self) -> Vec<String> {
+        self.remotes.names().map(str::to_owned).collect()
     }
 
     pub(crate) fn limits(&self) -> &Limits {
@@ -176,16 +192,30 @@ impl Pipeline {
         }
     }
 
-    /// The backend serving `model` ("" and "default" name the default one).
+    /// The backend serving `model` ("" and "default" name the local one; a remote backend's
+    /// name its fallback chain, which needs no local model unless it falls back to it).
     fn backend(&self, model: &str) -> Result<Arc<dyn LlmBackend>, ApiError> {
+        let local = self.local.get().map(|l| l.clone() as Arc<dyn LlmBackend>);
+        if let Some(chain) = self.remotes.chain(model, local) {
+            if *self.draining.borrow() {
+                return Err(ApiError::Unavailable("server is shutting down".into()));
+            }
+            // Every member's circuit open (or the local engine down): a 503 before any stream.
+            if let Health::NotServing(why) = chain.health() {
+                return Err(ApiError::Unavailable(why));
+            }
+            return Ok(chain);
+        }
         let b = self.serving()?;
         let name = b.model();
         if model.is_empty() || model == "default" || model == name {
             Ok(b)
         } else {
+            let mut names = vec![format!("{name:?}")];
+            names.extend(self.remotes.names().map(|n| format!("{n:?}")));
             Err(ApiError::invalid(
                 "model",
-                format!("unknown model {model:?}; this server serves {name:?}"),
+                format!("unknown model {model:?}; this server serves {}", names.join(", ")),
             ))
         }
     }
@@ -282,7 +312,7 @@ impl Pipeline {
         }
         // Reserve prompt + max_tokens (tokens and worst-case spend) before the engine sees it;
         // the meter goes with the stream and refunds what is not used.
-        let prompt_tokens = prepared.tokens.len();
+        let prompt_tokens = prepared.prompt_tokens;
         let meter = self
             .tenancy
             .admit(entry, prompt_tokens, params.max_tokens, backend.model())?;

@@ -285,8 +285,14 @@ pub(crate) fn metered(events: EventStream, mut meter: Meter) -> EventStream {
     let prompt = meter.prompt;
     Box::pin(events.map(move |ev| {
         match &ev {
-            Ok(EngineEvent::Delta { token_ids, .. }) => {
-                let completion = meter.completion + token_ids.len() as u64;
+            Ok(EngineEvent::Delta { token_ids, text, .. }) => {
+                // Remote backends' deltas carry no ids: estimated until their `Finished` settles.
+                let n = if token_ids.is_empty() {
+                    crate::llm::estimate_tokens(text)
+                } else {
+                    token_ids.len()
+                };
+                let completion = meter.completion + n as u64;
                 meter.record(prompt, completion);
             }
             Ok(EngineEvent::Finished { usage, .. }) => {

@@ -534,7 +534,7 @@ impl Decoder {
             return;
         }
         self.finished = true;
-        let usage = self.usage.clone().unwrap_or(Usage {
+        let usage = self.usage.unwrap_or(Usage {
             prompt_tokens: self.prompt_estimate as u32,
             completion_tokens: self.completion_estimate as u32,
             cached_prompt_tokens: 0,

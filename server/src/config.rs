@@ -63,6 +63,9 @@ pub struct Config {
     /// The safety chain: PII redaction, injection/toxicity stages, output scanning.
     #[serde(default)]
     pub safety: crate::safety::SafetyConfig,
+    /// The assistant's ReAct agent and its tools (`crate::assistant`).
+    #[serde(default)]
+    pub agent: crate::assistant::AgentConfig,
 }
 
 /// `[limits]`: what one request may ask for. Checked on the raw request, before tokenization,
@@ -424,6 +427,7 @@ impl Config {
         self.ops.validate()?;
         crate::tenancy::validate(&self.tenants, &self.tenants_state)?;
         self.safety.validate()?;
+        self.agent.validate()?;
         self.validate_retrieval()
     }
 

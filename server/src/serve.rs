@@ -66,7 +66,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         safety.add_detector(Arc::new(detectors::Toxicity::load(&config.models.dir)?));
     }
     tracing::info!(target: "genai::safety", "safety policy: {}", safety.describe());
-    let state = AppState::new(config, ops, knowledge, auth, |draining| {
+    let assistant = crate::assistant::Assistant::new(&config.agent, knowledge.clone(), &config.rag)?;
+    let state = AppState::new(config, ops, knowledge, auth, assistant, |draining| {
         Pipeline::new(limits, pipeline_tenancy, rag, safety, draining, default_max)
     });
     tokio::spawn(latency.run(Duration::from_secs(5)));

@@ -16,6 +16,8 @@ pub(crate) struct AppState {
     /// Embedder + vector store; loaded before the servers start.
     pub knowledge: Arc<KnowledgeService>,
     pub pipeline: Pipeline,
+    /// The assistant service (mode dispatch, the agent's tools).
+    pub assistant: crate::assistant::Assistant,
     /// API keys; the context layer of both doors asks it about every request.
     pub auth: Arc<Authenticator>,
     /// Flips to true on SIGTERM/SIGINT: stop admitting new work.
@@ -28,6 +30,7 @@ impl AppState {
         ops: Ops,
         knowledge: Arc<KnowledgeService>,
         auth: Arc<Authenticator>,
+        assistant: crate::assistant::Assistant,
         pipeline: impl FnOnce(watch::Receiver<bool>) -> Pipeline,
     ) -> Arc<Self> {
         let draining = watch::channel(false).0;
@@ -36,6 +39,7 @@ impl AppState {
             ops: Arc::new(ops),
             knowledge,
             pipeline: pipeline(draining.subscribe()),
+            assistant,
             auth,
             draining,
         })

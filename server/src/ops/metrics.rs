@@ -63,6 +63,8 @@ pub const REQUEST_LOG_ERRORS: &str = "genai_request_log_errors_total";
 pub const BUILD_INFO: &str = "genai_build_info";
 pub const AUTH_FAILURES: &str = "genai_auth_failures_total";
 pub const SAFETY_VERDICTS: &str = "genai_safety_verdicts_total";
+// Recorded by the assistant's agent (`crate::assistant`).
+pub const AGENT_TOOL_CALLS: &str = "genai_agent_tool_calls_total";
 
 /// Prometheus type of a catalogued metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -485,7 +487,14 @@ pub const CATALOGUE: &[MetricDef] = &[
         Kind::Counter,
         &["stage", "verdict", "reason"],
         N,
-        "Safety verdicts by stage (input_pii|retrieval_pii|output_pii|input_injection|input_toxicity|retrieval_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
+        "Safety verdicts by stage (input_pii|retrieval_pii|output_pii|input_injection|input_toxicity|retrieval_injection|tool_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
+    ),
+    def(
+        AGENT_TOOL_CALLS,
+        Kind::Counter,
+        &["tool", "outcome"],
+        N,
+        "Agent tool calls by tool and outcome (ok|invalid_arguments|refused|failed|timeout); calls to unknown tools are not counted.",
     ),
     def(
         BUILD_INFO,
@@ -616,6 +625,11 @@ pub fn record_embedding_batch(size: usize) {
 /// Time taken by one retrieval (query embedding + search).
 pub fn record_retrieval(duration: Duration) {
     metrics::histogram!(RETRIEVAL_LATENCY).record(duration.as_secs_f64());
+}
+
+/// One agent tool call (`tool` is a built-in name, a bounded label set).
+pub fn record_tool_call(tool: &'static str, outcome: &'static str) {
+    metrics::counter!(AGENT_TOOL_CALLS, "tool" => tool, "outcome" => outcome).increment(1);
 }
 
 type LabelSet = Vec<(&'static str, String)>;

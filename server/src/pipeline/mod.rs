@@ -100,7 +100,8 @@ pub(crate) struct Pipeline {
     /// Per-tenant limits and budgets (`crate::tenancy`).
     tenancy: Arc<Tenancy>,
     rag: RagPipeline,
-    safety: SafetyChain,
+    /// Shared with the assistant's agent, which screens tool outputs with it.
+    safety: Arc<SafetyChain>,
     local: OnceLock<Arc<LocalEngine>>,
     draining: watch::Receiver<bool>,
     default_max_tokens: usize,
@@ -122,7 +123,7 @@ impl Pipeline {
             limits,
             tenancy,
             rag,
-            safety,
+            safety: Arc::new(safety),
             local: OnceLock::new(),
             draining,
             default_max_tokens,
@@ -132,6 +133,10 @@ impl Pipeline {
 
     pub(crate) fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    pub(crate) fn safety(&self) -> &Arc<SafetyChain> {
+        &self.safety
     }
 
     /// Called once, when the models are loaded.
@@ -215,8 +220,9 @@ impl Pipeline {
     }
 
     /// The answer with the backend's raw events, and the prompt as the model sees it (for the
-    /// request log).
-    async fn start(
+    /// request log). Unobserved: [`Pipeline::generate`] adds the observer; the assistant's agent
+    /// calls it once per step and records the request as a whole.
+    pub(crate) async fn start(
         &self,
         ctx: &RequestContext,
         mut input: GenerateInput,

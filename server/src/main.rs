@@ -17,6 +17,7 @@ mod ingest;
 mod llm;
 mod ops;
 mod pipeline;
+mod router;
 mod safety;
 mod serve;
 mod state;

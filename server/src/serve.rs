@@ -73,6 +73,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(latency.run(Duration::from_secs(5)));
     let tenancy_task = tokio::spawn(tenancy.clone().run());
     tokio::spawn(publish_engine_stats(state.clone()));
+    // The router's exemplars are embedded (bulk queue) while the generation model loads.
+    let router_state = state.clone();
+    tokio::spawn(async move { router_state.router.warm().await });
     tracing::info!(
         grpc = %grpc_listener.local_addr()?,
         http = %http_listener.local_addr()?,

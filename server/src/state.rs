@@ -8,6 +8,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::ops::observe::Ops;
 use crate::pipeline::Pipeline;
+use crate::router::Router;
 use genai_retrieval::knowledge::KnowledgeService;
 
 pub(crate) struct AppState {
@@ -18,6 +19,8 @@ pub(crate) struct AppState {
     pub pipeline: Pipeline,
     /// The assistant service (mode dispatch, the agent's tools).
     pub assistant: crate::assistant::Assistant,
+    /// Chooses chat / RAG / agent for assistant requests with `mode = "auto"`.
+    pub router: Router,
     /// API keys; the context layer of both doors asks it about every request.
     pub auth: Arc<Authenticator>,
     /// Flips to true on SIGTERM/SIGINT: stop admitting new work.
@@ -37,6 +40,7 @@ impl AppState {
         Arc::new(Self {
             config,
             ops: Arc::new(ops),
+            router: Router::new(knowledge.clone()),
             knowledge,
             pipeline: pipeline(draining.subscribe()),
             assistant,

@@ -27,7 +27,7 @@
 //! tenant isolation over random filters, delete and replace, concurrent
 //! upserts and searches, Flat/IVF/HNSW factories.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -159,7 +159,8 @@ struct MetaFile {
 struct State {
     index: faiss::index::IndexImpl,
     chunks: HashMap<u64, ChunkMeta>,
-    docs: HashMap<(String, String), DocEntry>,
+    /// Ordered by (tenant, document id): a tenant's documents are one range.
+    docs: BTreeMap<(String, String), DocEntry>,
     next_id: u64,
     tombstones: u64,
     /// Writes (upserts that change something, deletes) since start: tells a GPU copy it is stale.
@@ -484,6 +485,15 @@ impl VectorStore {
             .unwrap_or_default()
     }
 
+    /// Whether `tenant` has at least one document (O(log documents)).
+    pub fn has_documents(&self, tenant: &str) -> bool {
+        let st = self.state.read();
+        st.docs
+            .range((tenant.to_owned(), String::new())..)
+            .next()
+            .is_some_and(|((t, _), _)| t == tenant)
+    }
+
     pub fn stats(&self) -> Stats {
         let generation = self.generation.load(Ordering::Acquire);
         let st = self.state.read();
@@ -568,7 +578,7 @@ fn new_state(cfg: &IndexConfig, dim: usize) -> Result<State> {
     Ok(State {
         index,
         chunks: HashMap::new(),
-        docs: HashMap::new(),
+        docs: BTreeMap::new(),
         next_id: 0,
         tombstones: 0,
         writes: 0,
@@ -986,8 +996,12 @@ mod tests {
         );
         let s = store.stats();
         assert_eq!((s.documents, s.chunks, s.vectors), (1, 2, 2));
+        // Per tenant, exactly: neither a prefix ("") nor an extension ("tt") of the name counts.
+        assert!(store.has_documents("t"));
+        assert!(!store.has_documents("") && !store.has_documents("tt") && !store.has_documents("s"));
         assert!((store.search(&w, 1, &Filter::tenant("t")).unwrap()[0].score - 1.0).abs() < 1e-5);
         assert_eq!(store.delete("t", "a").unwrap(), 2);
+        assert!(!store.has_documents("t"));
         assert!(store.search(&w, 5, &Filter::tenant("t")).unwrap().is_empty());
         assert_eq!(store.stats().vectors, 0);
         assert!(matches!(store.delete("t", "a"), Err(RetrievalError::NotFound(_))));

@@ -267,6 +267,11 @@ impl KnowledgeService {
         self.store.stats()
     }
 
+    /// Whether `tenant` has at least one document (the router never picks RAG without).
+    pub fn has_documents(&self, tenant: &str) -> bool {
+        self.store.has_documents(tenant)
+    }
+
     /// Saves now (the `ingest` command saves once at the end).
     pub async fn save(&self) -> Result<()> {
         let store = self.store.clone();

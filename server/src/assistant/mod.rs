@@ -39,6 +39,7 @@ use crate::ops::observe::Observer;
 use crate::pipeline::context::RequestContext;
 use crate::pipeline::sampling::SamplingInput;
 use crate::pipeline::{GenerateInput, Prompt, Route};
+use crate::router::Mode as RoutedMode;
 use crate::state::AppState;
 use agent::{Agent, AgentLimits, ToolChoice};
 use tools::{Tool, ToolContext};
@@ -330,7 +331,20 @@ impl Assistant {
     ) -> Result<Started, ApiError> {
         check_messages(&input.messages)?;
         let route = match input.mode {
-            Mode::Auto => auto_route(&input.messages),
+            Mode::Auto => {
+                // `check_messages` made sure the last message is the user's question.
+                let query = input.messages.last().map_or("", |m| m.content.as_str());
+                let d = state.router.route(&ctx.tenant, query).await;
+                RouteInfo {
+                    mode: match d.mode {
+                        RoutedMode::Chat => Mode::Chat,
+                        RoutedMode::Rag => Mode::Rag,
+                        RoutedMode::Agent => Mode::Agent,
+                    },
+                    reason: format!("{}: {}", d.by.as_str(), d.reason),
+                    confidence: d.confidence,
+                }
+            }
             mode => RouteInfo {
                 mode,
                 reason: "explicit".into(),
@@ -419,15 +433,6 @@ fn check_messages(messages: &[ChatMessage]) -> Result<(), ApiError> {
             "messages",
             "the last message must be a non-empty user message (the question)",
         )),
-    }
-}
-
-/// PLACEHOLDER until the router lands (branch `router`): plain chat.
-fn auto_route(_messages: &[ChatMessage]) -> RouteInfo {
-    RouteInfo {
-        mode: Mode::Chat,
-        reason: "default".into(),
-        confidence: 0.0,
     }
 }
 

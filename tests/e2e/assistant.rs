@@ -114,7 +114,15 @@ async fn agent_answers_arithmetic_through_the_calculator_on_sse_and_grpc() {
         .expect("its result");
     assert!(result.output.contains("7006652"), "{result:?}");
     assert!(matches!(got.last(), Some(E::Usage(u)) if u.steps >= 2));
-    assert!(server.labelled_metric("genai_agent_tool_calls_total", &["tool=\"calculator\"", "outcome=\"ok\""]).await >= 2.0);
+    assert!(
+        server
+            .labelled_metric(
+                "genai_agent_tool_calls_total",
+                &["tool=\"calculator\"", "outcome=\"ok\""]
+            )
+            .await
+            >= 2.0
+    );
 }
 
 /// The bundled corpus, into the default tenant's knowledge base.
@@ -172,9 +180,15 @@ async fn rag_streams_its_sources_chat_answers_and_auto_routes() {
     .await;
     assert_eq!(events[0].1["mode"], "chat");
     assert!(of(&events, "retrieval").is_empty());
-    let answer: String = of(&events, "token").iter().map(|t| t["text"].as_str().unwrap()).collect();
+    let answer: String = of(&events, "token")
+        .iter()
+        .map(|t| t["text"].as_str().unwrap())
+        .collect();
     assert!(!answer.trim().is_empty());
-    assert!(matches!(of(&events, "usage")[0]["finish_reason"].as_str(), Some("stop" | "length")));
+    assert!(matches!(
+        of(&events, "usage")[0]["finish_reason"].as_str(),
+        Some("stop" | "length")
+    ));
 
     // Auto: the router's rules send arithmetic to the agent and say why; the client leaves
     // after the route event (the agent's run is cancelled with the stream).
@@ -204,10 +218,22 @@ async fn bad_input_is_refused_naming_the_field() {
         (json!({"messages": question("hi"), "mode": "wizard"}), "mode"),
         (json!({"messages": question("hi"), "mode": 3}), "mode"),
         (json!({"messages": [], "mode": "chat"}), "messages"),
-        (json!({"messages": question("hi"), "mode": "chat", "tools": ["calculator"]}), "tools"),
-        (json!({"messages": question("hi"), "mode": "agent", "tools": ["shell"]}), "tools[0]"),
-        (json!({"messages": question("hi"), "mode": "agent", "tool_choice": "shell"}), "tool_choice"),
-        (json!({"messages": question("hi"), "mode": "agent", "max_steps": 1000}), "max_steps"),
+        (
+            json!({"messages": question("hi"), "mode": "chat", "tools": ["calculator"]}),
+            "tools",
+        ),
+        (
+            json!({"messages": question("hi"), "mode": "agent", "tools": ["shell"]}),
+            "tools[0]",
+        ),
+        (
+            json!({"messages": question("hi"), "mode": "agent", "tool_choice": "shell"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": question("hi"), "mode": "agent", "max_steps": 1000}),
+            "max_steps",
+        ),
     ] {
         let (status, v) = server.post("/v1/assistant/ask", body.to_string()).await;
         assert_eq!(status, 400, "{body}: {v}");

@@ -166,8 +166,16 @@ mod tests {
         let d = c.classify(&unit([0.05, 0.95, 0.05, 0.0]), &DOCS);
         assert_eq!((d.mode, d.by), (Mode::Rag, By::Classifier));
         assert!(d.confidence > 0.9 && d.confidence <= 1.0, "{d:?}");
-        assert!(d.reason.contains("2 of the 3 nearest exemplars are rag"), "{}", d.reason);
-        assert!(d.reason.contains("\"our handbook\"") || d.reason.contains("\"refund policy\""), "{}", d.reason);
+        assert!(
+            d.reason.contains("2 of the 3 nearest exemplars are rag"),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason.contains("\"our handbook\"") || d.reason.contains("\"refund policy\""),
+            "{}",
+            d.reason
+        );
         assert_eq!(c.classify(&unit([0.0, 0.0, 1.0, 0.0]), &DOCS).mode, Mode::Agent);
         assert_eq!(c.classify(&unit([1.0, 0.0, 0.1, 0.0]), &DOCS).mode, Mode::Chat);
     }
@@ -199,7 +207,10 @@ mod tests {
             ("a".to_owned(), Mode::Chat, vec![1.0, 0.0]),
             ("b".to_owned(), Mode::Rag, vec![1.0, 0.0, 0.0]),
         ];
-        assert!(Classifier::new(mixed, 3).err().unwrap_or_default().contains("dimension 3 != 2"));
+        assert!(Classifier::new(mixed, 3)
+            .err()
+            .unwrap_or_default()
+            .contains("dimension 3 != 2"));
         let zero = vec![("z".to_owned(), Mode::Chat, vec![0.0, 0.0])];
         assert!(Classifier::new(zero, 3).is_err());
         // k beyond the exemplar count uses them all.

@@ -104,13 +104,19 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_line() {
-        assert!(parse("{\"text\": \"hi\", \"mode\": \"chat\"}\n\n{\"text\": \"x\", \"mode\": \"auto\"}")
+        assert!(
+            parse("{\"text\": \"hi\", \"mode\": \"chat\"}\n\n{\"text\": \"x\", \"mode\": \"auto\"}")
+                .unwrap_err()
+                .starts_with("line 3:")
+        );
+        assert!(
+            parse("{\"text\": \"hi\", \"mode\": \"chat\"}\n{\"text\": \"Hi\", \"mode\": \"rag\"}")
+                .unwrap_err()
+                .contains("duplicate")
+        );
+        assert!(parse("{\"text\": \" \", \"mode\": \"chat\"}")
             .unwrap_err()
-            .starts_with("line 3:"));
-        assert!(parse("{\"text\": \"hi\", \"mode\": \"chat\"}\n{\"text\": \"Hi\", \"mode\": \"rag\"}")
-            .unwrap_err()
-            .contains("duplicate"));
-        assert!(parse("{\"text\": \" \", \"mode\": \"chat\"}").unwrap_err().contains("empty"));
+            .contains("empty"));
         assert!(parse("{\"text\": \"hi\", \"mode\": \"chat\", \"x\": 1}").is_err());
     }
 }

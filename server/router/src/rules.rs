@@ -163,7 +163,14 @@ mod tests {
 
     #[test]
     fn greetings_alone_are_chat() {
-        for q in ["hi", "Hello there!", "thanks, bye", "Good morning :)", "hey, how are you?", "Thank you so much!"] {
+        for q in [
+            "hi",
+            "Hello there!",
+            "thanks, bye",
+            "Good morning :)",
+            "hey, how are you?",
+            "Thank you so much!",
+        ] {
             let d = apply(q, &DOCS).unwrap();
             assert_eq!((d.mode, d.by, d.confidence), (Mode::Chat, By::Rule, 1.0), "{q}");
             assert!(d.reason.starts_with("rule: "), "{}", d.reason);

@@ -209,7 +209,12 @@ fn decode_grpc(r: pb::AskRequest) -> Result<AskInput, ApiError> {
         Ok(pb::AssistantMode::Chat) => Mode::Chat,
         Ok(pb::AssistantMode::Rag) => Mode::Rag,
         Ok(pb::AssistantMode::Agent) => Mode::Agent,
-        Err(_) => return Err(ApiError::invalid("mode", format!("unknown AssistantMode value {}", r.mode))),
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "mode",
+                format!("unknown AssistantMode value {}", r.mode),
+            ))
+        }
     };
     Ok(AskInput {
         messages: r

@@ -78,14 +78,21 @@ impl Default for AgentConfig {
 impl AgentConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(1..=64).contains(&self.max_steps) {
-            anyhow::bail!("invalid config: agent.max_steps must be in 1..=64 (got {})", self.max_steps);
+            anyhow::bail!(
+                "invalid config: agent.max_steps must be in 1..=64 (got {})",
+                self.max_steps
+            );
         }
         if self.max_observation_bytes < 64 || self.http_max_bytes == 0 || self.http_timeout_ms == 0 {
             anyhow::bail!(
                 "invalid config: agent.max_observation_bytes must be >= 64, agent.http_max_bytes and agent.http_timeout_ms > 0"
             );
         }
-        if let Some(h) = self.http_allow_hosts.iter().find(|h| h.trim().is_empty() || h.contains('/')) {
+        if let Some(h) = self
+            .http_allow_hosts
+            .iter()
+            .find(|h| h.trim().is_empty() || h.contains('/'))
+        {
             anyhow::bail!("invalid config: agent.http_allow_hosts: {h:?} is not a host name (no scheme or path)");
         }
         Ok(())
@@ -184,7 +191,10 @@ pub(crate) enum AskEvent {
     Route(RouteInfo),
     /// Every source the model was given (RAG), in prompt order.
     Retrieval(Vec<Citation>),
-    Thought { step: u32, text: String },
+    Thought {
+        step: u32,
+        text: String,
+    },
     ToolCall(ToolCallEvent),
     ToolResult(ToolResultEvent),
     Token(String),
@@ -260,7 +270,7 @@ impl Assistant {
         let started = self.start(state, ctx, input, &mut obs).await;
         match started {
             Ok(Started::Pipeline(route, input, ctx)) => {
-                let answer = state.pipeline.generate(&ctx, input, obs).await?;
+                let answer = state.pipeline.generate(&ctx, *input, obs).await?;
                 let price = price(state, &answer.model);
                 let mut head = vec![Ok(AskEvent::Route(route.clone()))];
                 if route.mode == Mode::Rag {
@@ -368,10 +378,14 @@ impl Assistant {
                 let gen = GenerateInput {
                     model: input.model,
                     prompt: Prompt::Chat(input.messages),
-                    route: if route.mode == Mode::Rag { Route::Rag } else { Route::Chat },
+                    route: if route.mode == Mode::Rag {
+                        Route::Rag
+                    } else {
+                        Route::Chat
+                    },
                     sampling: input.sampling,
                 };
-                Ok(Started::Pipeline(route, gen, ctx))
+                Ok(Started::Pipeline(route, Box::new(gen), ctx))
             }
             Mode::Agent => {
                 let tools = tools::select(&self.tools, &input.tools)?;
@@ -386,7 +400,13 @@ impl Assistant {
                         ))
                     }
                 };
-                let model = agent::PipelineModel::new(state.clone(), ctx.clone(), input.model.clone(), input.sampling, obs.safety_flags());
+                let model = agent::PipelineModel::new(
+                    state.clone(),
+                    ctx.clone(),
+                    input.model.clone(),
+                    input.sampling,
+                    obs.safety_flags(),
+                );
                 let model_name = state.pipeline.models().map(|m| m.0)?;
                 let agent = Agent {
                     model: Arc::new(model),
@@ -411,7 +431,7 @@ impl Assistant {
 }
 
 enum Started {
-    Pipeline(RouteInfo, GenerateInput, RequestContext),
+    Pipeline(RouteInfo, Box<GenerateInput>, RequestContext),
     Agent(RouteInfo, Agent, Vec<ChatMessage>, String),
 }
 
@@ -484,12 +504,19 @@ mod tests {
 
     #[test]
     fn modes_parse_and_bad_ones_name_the_field() {
-        for (s, m) in [("auto", Mode::Auto), ("chat", Mode::Chat), ("rag", Mode::Rag), ("agent", Mode::Agent)] {
+        for (s, m) in [
+            ("auto", Mode::Auto),
+            ("chat", Mode::Chat),
+            ("rag", Mode::Rag),
+            ("agent", Mode::Agent),
+        ] {
             assert_eq!(Mode::parse(s).unwrap(), m);
             assert_eq!(m.label(), s);
         }
         let e = Mode::parse("wizard").unwrap_err();
-        assert!(matches!(&e, ApiError::Invalid { param, message } if param == "mode" && message.contains("\"wizard\"")));
+        assert!(
+            matches!(&e, ApiError::Invalid { param, message } if param == "mode" && message.contains("\"wizard\""))
+        );
     }
 
     #[test]
@@ -522,6 +549,10 @@ mod tests {
             http_allow_hosts: vec!["https://example.com/".into()],
             ..AgentConfig::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("agent.http_allow_hosts"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("agent.http_allow_hosts"));
     }
 }

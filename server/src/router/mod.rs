@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use genai_models::embedder::Priority;
 use genai_retrieval::knowledge::KnowledgeService;
-pub(crate) use genai_router::{Decision, Mode};
 use genai_router::{dataset, rules, Classifier, Context};
+pub(crate) use genai_router::{Decision, Mode};
 use tokio::sync::OnceCell;
 
 pub(crate) struct Router {
@@ -107,8 +107,8 @@ impl Router {
 mod tests {
     use super::*;
     use crate::config::IndexConfig;
-    use genai_router::By;
     use genai_retrieval::test_support::{corpus, passage_docs, service};
+    use genai_router::By;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn routes_by_rule_classifier_and_documents() {
@@ -123,7 +123,9 @@ mod tests {
 
         let d = router.route("acme", "What is 17 * 23?").await;
         assert_eq!((d.mode, d.by), (Mode::Agent, By::Rule), "{d:?}");
-        let d = router.route("acme", "According to our handbook, how many vacation days do I get?").await;
+        let d = router
+            .route("acme", "According to our handbook, how many vacation days do I get?")
+            .await;
         assert_eq!((d.mode, d.by), (Mode::Rag, By::Rule), "{d:?}");
 
         // No rule: the classifier, with a confidence and the nearest exemplar in its reason.
@@ -138,7 +140,9 @@ mod tests {
         // A tenant without documents is never sent to RAG, by a rule or by the classifier.
         let d = router.route("globex", q).await;
         assert_ne!(d.mode, Mode::Rag, "{d:?}");
-        let d = router.route("globex", "according to the docs, how do I rotate an API key").await;
+        let d = router
+            .route("globex", "according to the docs, how do I rotate an API key")
+            .await;
         assert_ne!(d.mode, Mode::Rag, "{d:?}");
     }
 }

@@ -55,7 +55,9 @@ impl Tool for Calculator {
 
     async fn run(&self, args: Value, _ctx: &ToolContext) -> Result<String, ToolError> {
         let a: Args = parse_args(args)?;
-        evaluate(&a.expression).map(|n| n.to_string()).map_err(ToolError::Failed)
+        evaluate(&a.expression)
+            .map(|n| n.to_string())
+            .map_err(ToolError::Failed)
     }
 }
 
@@ -445,7 +447,10 @@ mod tests {
         let big = ok("2 ^ 200");
         assert!(big.starts_with("1.60693804425899") && big.ends_with("e60"), "{big}");
         assert_eq!(ok("1 / 3000000000"), "3.333333333333333e-10");
-        assert_eq!(evaluate("170141183460469231731687303715884105727 + 1").map(|n| n.f()), Ok(2f64.powi(127)));
+        assert_eq!(
+            evaluate("170141183460469231731687303715884105727 + 1").map(|n| n.f()),
+            Ok(2f64.powi(127))
+        );
     }
 
     #[test]

@@ -67,7 +67,11 @@ struct RedirectRefused(String);
 
 impl std::fmt::Display for RedirectRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "redirect to {} refused: the host is not in [agent] http_allow_hosts", self.0)
+        write!(
+            f,
+            "redirect to {} refused: the host is not in [agent] http_allow_hosts",
+            self.0
+        )
     }
 }
 
@@ -185,7 +189,10 @@ impl Tool for HttpGet {
             }
             body.extend_from_slice(&chunk);
         }
-        let mut out = format!("HTTP {status}\ncontent-type: {ctype}\n\n{}", String::from_utf8_lossy(&body));
+        let mut out = format!(
+            "HTTP {status}\ncontent-type: {ctype}\n\n{}",
+            String::from_utf8_lossy(&body)
+        );
         if cut {
             out.push_str(&format!("\n[truncated at {} bytes]", self.max_bytes));
         }
@@ -286,7 +293,9 @@ mod tests {
     async fn redirects_are_checked_hop_by_hop() {
         let (port, hits) = server().await;
         let t = tool(&["127.0.0.1"], 4096);
-        let e = get_url(&t, format!("http://127.0.0.1:{port}/elsewhere")).await.unwrap_err();
+        let e = get_url(&t, format!("http://127.0.0.1:{port}/elsewhere"))
+            .await
+            .unwrap_err();
         assert!(
             matches!(&e, ToolError::Refused(m) if m.contains("redirect to localhost refused")),
             "{e}"
@@ -320,7 +329,10 @@ mod tests {
             assert!(matches!(&e, ToolError::Refused(m) if m.contains(want)), "{url}: {e}");
         }
         let e = get_url(&t, "not a url".into()).await.unwrap_err();
-        assert!(matches!(&e, ToolError::InvalidArguments(m) if m.starts_with("url:")), "{e}");
+        assert!(
+            matches!(&e, ToolError::InvalidArguments(m) if m.starts_with("url:")),
+            "{e}"
+        );
         let list = AllowList::new(&["*.example.com".into(), "API.test:8443".into(), "[::1]".into()]);
         let ok = |u: &str| list.allows(&Url::parse(u).unwrap());
         assert!(ok("https://docs.example.com/x") && ok("http://a.b.example.com/"));

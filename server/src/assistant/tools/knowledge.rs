@@ -97,7 +97,15 @@ impl Tool for KnowledgeSearch {
         Ok(hits
             .iter()
             .enumerate()
-            .map(|(i, h)| format!("[{}] {} (score {:.2})\n{}", i + 1, h.chunk.source, h.score, h.chunk.text))
+            .map(|(i, h)| {
+                format!(
+                    "[{}] {} (score {:.2})\n{}",
+                    i + 1,
+                    h.chunk.source,
+                    h.score,
+                    h.chunk.text
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n\n"))
     }
@@ -130,9 +138,21 @@ mod tests {
             ..Default::default()
         }));
         svc.ingest(vec![
-            doc("tides", "acme", "The Moon's gravity raises two tidal bulges in the oceans."),
-            doc("bread", "acme", "Knead the dough for ten minutes and let it rise for an hour."),
-            doc("secret-tides", "globex", "Globex's private tide tables for the harbour of Brest."),
+            doc(
+                "tides",
+                "acme",
+                "The Moon's gravity raises two tidal bulges in the oceans.",
+            ),
+            doc(
+                "bread",
+                "acme",
+                "Knead the dough for ten minutes and let it rise for an hour.",
+            ),
+            doc(
+                "secret-tides",
+                "globex",
+                "Globex's private tide tables for the harbour of Brest.",
+            ),
         ])
         .await
         .unwrap();
@@ -156,8 +176,14 @@ mod tests {
             .run(json!({"query": "tides", "tenant": "globex"}), &ctx)
             .await
             .unwrap_err();
-        assert!(matches!(&e, ToolError::InvalidArguments(m) if m.contains("tenant")), "{e}");
+        assert!(
+            matches!(&e, ToolError::InvalidArguments(m) if m.contains("tenant")),
+            "{e}"
+        );
         let e = tool.run(json!({"query": "x", "top_k": 50}), &ctx).await.unwrap_err();
-        assert!(matches!(&e, ToolError::InvalidArguments(m) if m.starts_with("top_k")), "{e}");
+        assert!(
+            matches!(&e, ToolError::InvalidArguments(m) if m.starts_with("top_k")),
+            "{e}"
+        );
     }
 }

@@ -121,7 +121,9 @@ mod tests {
         let one = select(&all, &["current_time".into(), "current_time".into()]).unwrap();
         assert_eq!(one.iter().map(|t| t.name()).collect::<Vec<_>>(), ["current_time"]);
         let e = select(&all, &["calculator".into(), "shell".into()]).err().unwrap();
-        assert!(matches!(&e, ApiError::Invalid { param, message } if param == "tools[1]" && message.contains("\"shell\"")));
+        assert!(
+            matches!(&e, ApiError::Invalid { param, message } if param == "tools[1]" && message.contains("\"shell\""))
+        );
     }
 
     #[tokio::test]
@@ -129,9 +131,18 @@ mod tests {
         let ctx = ToolContext::default();
         let calc = calculator::Calculator;
         let e = calc.run(serde_json::json!({"expr": "1"}), &ctx).await.unwrap_err();
-        assert!(matches!(&e, ToolError::InvalidArguments(m) if m.contains("expr")), "{e}");
+        assert!(
+            matches!(&e, ToolError::InvalidArguments(m) if m.contains("expr")),
+            "{e}"
+        );
         let e = calc.run(serde_json::json!({"expression": 5}), &ctx).await.unwrap_err();
-        assert!(matches!(&e, ToolError::InvalidArguments(m) if m.starts_with("expression")), "{e}");
-        assert_eq!(calc.run(serde_json::json!({"expression": "6*7"}), &ctx).await.unwrap(), "42");
+        assert!(
+            matches!(&e, ToolError::InvalidArguments(m) if m.starts_with("expression")),
+            "{e}"
+        );
+        assert_eq!(
+            calc.run(serde_json::json!({"expression": "6*7"}), &ctx).await.unwrap(),
+            "42"
+        );
     }
 }

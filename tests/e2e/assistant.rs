@@ -46,7 +46,11 @@ const ARITHMETIC: &str = "What is 1234 * 5678?";
 
 #[tokio::test]
 async fn agent_answers_arithmetic_through_the_calculator_on_sse_and_grpc() {
-    let server = Server::start().await;
+    // Priced, so that the charge of every step shows in the tenant's spend.
+    let server = Server::builder()
+        .config("[ops.cost.prices.smollm2-135m-instruct]\nprompt_per_1k = 1.0\ncompletion_per_1k = 2.0\n")
+        .start()
+        .await;
     let events = sse(
         &server,
         json!({"messages": question(ARITHMETIC), "mode": "agent", "stream": true, "temperature": 0, "max_tokens": 96}),
@@ -70,7 +74,20 @@ async fn agent_answers_arithmetic_through_the_calculator_on_sse_and_grpc() {
     );
     let usage = of(&events, "usage")[0];
     assert!(usage["steps"].as_u64().unwrap() >= 2, "{usage}");
-    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+    let (p, c) = (usage["prompt_tokens"].as_f64().unwrap(), usage["completion_tokens"].as_f64().unwrap());
+    let cost = usage["cost_usd"].as_f64().unwrap();
+    assert!((cost - (p + 2.0 * c) / 1000.0).abs() < 1e-9, "{usage}");
+    // Every step was admitted and charged to the tenant: its settled spend is the whole run's.
+    let start = std::time::Instant::now();
+    let mut spent = 0.0;
+    while start.elapsed() < std::time::Duration::from_secs(15) {
+        spent = server.labelled_metric("genai_tenant_spend_usd", &["tenant=\"default\""]).await;
+        if (spent - cost).abs() < 1e-6 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!((spent - cost).abs() < 1e-6, "spend {spent}, the run's cost {cost}");
 
     // The same through gRPC.
     let mut client = AssistantClient::new(server.channel().await);

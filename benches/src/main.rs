@@ -136,6 +136,7 @@ async fn one(mut client: InferenceClient<tonic::transport::Channel>, args: &Args
         let messages = vec![pb::ChatMessage {
             role: "user".into(),
             content: prompt,
+            ..Default::default()
         }];
         client
             .chat(pb::ChatRequest {

@@ -23,6 +23,7 @@ use crate::state::AppState;
 use crate::tenancy::Tenancy;
 use genai_engine::EngineHandle;
 use genai_models as model;
+use genai_grammar::GrammarCompiler;
 use genai_models::prompt::PromptEncoder;
 use genai_models::registry;
 use genai_retrieval::knowledge::KnowledgeService;
@@ -191,6 +192,14 @@ fn load_models(state: &Arc<AppState>, files: registry::ModelFiles) -> anyhow::Re
         threads,
         "generation engine started"
     );
+    // Built once per tokenizer (the token trie over the whole vocabulary): structured output.
+    let grammar = match GrammarCompiler::new(model.tokenizer.clone(), &engine.info().eos_token_ids) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!("structured output is off for this model: {e:#}");
+            None
+        }
+    };
     let encoder = PromptEncoder::new(model.tokenizer, model.chat_template);
     state.pipeline.set_local(LocalEngine::new(
         files.generation.name.clone(),
@@ -198,6 +207,7 @@ fn load_models(state: &Arc<AppState>, files: registry::ModelFiles) -> anyhow::Re
         encoder,
         files.embedding.name.clone(),
         state.knowledge.embedder().clone(),
+        grammar,
     ));
     Ok(())
 }

@@ -53,6 +53,7 @@ async fn grpc_generate_and_chat_stream_with_usage() {
         messages: vec![pb::ChatMessage {
             role: "user".into(),
             content: "What is the capital of France?".into(),
+            ..Default::default()
         }],
         sampling: greedy(40),
         ..Default::default()

@@ -96,6 +96,7 @@ async fn agent_answers_arithmetic_through_the_calculator_on_sse_and_grpc() {
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: ARITHMETIC.into(),
+                ..Default::default()
             }],
             mode: pb::AssistantMode::Agent as i32,
             sampling: Some(pb::SamplingParams {
@@ -262,6 +263,7 @@ async fn bad_input_is_refused_naming_the_field() {
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             }],
             mode: 9,
             ..Default::default()

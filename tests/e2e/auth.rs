@@ -403,6 +403,7 @@ async fn rag_sources(server: &Server, key: &str, question: &str) -> Result<Vec<S
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: question.into(),
+                ..Default::default()
             }],
             mode: pb::ChatMode::Rag as i32,
             sampling: Some(pb::SamplingParams {

@@ -111,10 +111,12 @@ async fn shared_system_prompt_is_prefilled_once() {
                 pb::ChatMessage {
                     role: "system".into(),
                     content: system.clone(),
+                    ..Default::default()
                 },
                 pb::ChatMessage {
                     role: "user".into(),
                     content: q.into(),
+                    ..Default::default()
                 },
             ],
             sampling: Some(pb::SamplingParams {

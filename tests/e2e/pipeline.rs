@@ -213,6 +213,7 @@ async fn prefix_cache_hits_stay_within_the_tenant() {
         messages: vec![pb::ChatMessage {
             role: "user".into(),
             content: long.clone(),
+            ..Default::default()
         }],
         sampling: Some(pb::SamplingParams {
             max_tokens: Some(1),

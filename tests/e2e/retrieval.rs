@@ -77,6 +77,7 @@ async fn ingest_search_and_rag_chat_with_citations() {
         messages: vec![pb::ChatMessage {
             role: "user".into(),
             content: "What is the Great Red Spot?".into(),
+            ..Default::default()
         }],
         mode: pb::ChatMode::Rag as i32,
         sampling: Some(pb::SamplingParams {

@@ -134,6 +134,7 @@ async fn input_pii_never_reaches_the_model_the_logs_or_the_request_log() {
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: format!("Card {CARD}, mail {EMAIL}"),
+                ..Default::default()
             }],
             sampling: Some(pb::SamplingParams {
                 max_tokens: Some(20),

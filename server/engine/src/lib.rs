@@ -36,6 +36,7 @@
 //! the parts have their own unit tests. Design note: `README.md` here.
 
 mod config;
+mod constraint;
 mod detokenizer;
 mod fault;
 mod kv_cache;
@@ -55,6 +56,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use config::EngineConfig;
+pub use constraint::{Constraint, TokenMask};
 use fault::Fault;
 use kv_cache::BlockManager;
 use runner::{ModelInfo, ModelRunner};
@@ -166,7 +168,7 @@ impl SamplingParams {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct GenerateRequest {
     pub request_id: String,
     pub prompt_tokens: Vec<u32>,
@@ -177,6 +179,9 @@ pub struct GenerateRequest {
     pub cache_salt: u64,
     /// LoRA adapter slot; None = the base model.
     pub adapter: Option<u32>,
+    /// Structured output: only tokens this allows are sampled (see [`Constraint`]). EOS always
+    /// ends a constrained sequence, even with `ignore_eos`: the grammar decides when it may end.
+    pub constraint: Option<Box<dyn Constraint>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -348,7 +353,12 @@ impl EngineHandle {
             cfg.max_batch_tokens,
             cfg.max_running,
         );
-        let engine = Engine::new(runner, tokenizer, scheduler, shared.clone(), fault);
+        let mask_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(worker::mask_pool_threads())
+            .thread_name(|i| format!("genai-mask-{i}"))
+            .build()
+            .context("starting the structured-output mask pool")?;
+        let engine = Engine::new(runner, mask_pool, tokenizer, scheduler, shared.clone(), fault);
         metrics::gauge!(metric_names::ENGINE_UP).set(1.0);
         // Dropped with the closure if the thread never starts.
         let guard = UpGuard(shared.clone());
@@ -772,9 +782,9 @@ mod tests {
     }
 
     /// Runs the 16 requests one at a time on a roomy engine.
-    fn alone(reqs: &[GenerateRequest]) -> Vec<Outcome> {
+    fn alone(reqs: Vec<GenerateRequest>) -> Vec<Outcome> {
         let h = start(ScriptedRunner::new(256, 4), &config(64, 16, 64));
-        reqs.iter().map(|r| collect(h.submit(r.clone()).unwrap())).collect()
+        reqs.into_iter().map(|r| collect(h.submit(r).unwrap())).collect()
     }
 
     fn sixteen() -> Vec<GenerateRequest> {
@@ -791,17 +801,18 @@ mod tests {
 
     #[test]
     fn same_output_alone_and_among_sixteen_concurrent() {
-        let reqs = sixteen();
-        let expected = alone(&reqs);
+        let expected = alone(sixteen());
         let runner = ScriptedRunner::new(256, 4);
         let log = runner.log.clone();
         let h = start(runner, &config(64, 16, 64));
-        let rxs: Vec<_> = reqs.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+        let reqs = sixteen();
+        let max_tokens: Vec<_> = reqs.iter().map(|r| r.params.max_tokens).collect();
+        let rxs: Vec<_> = reqs.into_iter().map(|r| h.submit(r).unwrap()).collect();
         let got: Vec<_> = rxs.into_iter().map(collect).collect();
         assert_eq!(got, expected);
-        for (o, r) in got.iter().zip(&reqs) {
+        for (o, max_tokens) in got.iter().zip(max_tokens) {
             assert_eq!(o.finish, Some(FinishReason::Length));
-            assert_eq!(o.tokens.len(), r.params.max_tokens);
+            assert_eq!(o.tokens.len(), max_tokens);
             assert_eq!(o.text.len(), o.tokens.len(), "one printable byte per token");
         }
         assert!(
@@ -812,11 +823,10 @@ mod tests {
 
     #[test]
     fn tiny_kv_pool_forces_preemption_and_output_stays_identical() {
-        let reqs = sixteen();
-        let expected = alone(&reqs);
+        let expected = alone(sixteen());
         // 16 blocks of 4 tokens: the longest request alone needs 12 blocks.
         let h = start(ScriptedRunner::new(16, 4), &config(64, 16, 64));
-        let rxs: Vec<_> = reqs.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+        let rxs: Vec<_> = sixteen().into_iter().map(|r| h.submit(r).unwrap()).collect();
         let got: Vec<_> = rxs.into_iter().map(collect).collect();
         assert_eq!(
             got.iter().map(|o| &o.tokens).collect::<Vec<_>>(),
@@ -830,7 +840,7 @@ mod tests {
         assert!(s.preemptions > 0, "{s:?}");
         assert_eq!(s.kv_blocks_used, 0);
         // Re-admissions after preemption are not prefix-cache queries again.
-        let prompts: usize = reqs.iter().map(|r| r.prompt_tokens.len()).sum();
+        let prompts: usize = sixteen().iter().map(|r| r.prompt_tokens.len()).sum();
         assert_eq!(s.prefix_cache_queries, prompts as u64);
     }
 
@@ -1252,5 +1262,168 @@ mod tests {
             h.submit(request("r", prompt(1, 6), sampled(1, 5))).unwrap_err(),
             SubmitError::ShuttingDown
         );
+    }
+
+    /// A scripted structured-output constraint: spells `script`, then allows only EOS
+    /// (`then_eos`) or declares itself finished. Fails or panics at a chosen position; its first
+    /// mask can be gated (announces itself, then waits to be released).
+    #[derive(Debug, Default)]
+    struct Spell {
+        script: Vec<u32>,
+        pos: usize,
+        then_eos: bool,
+        fail_at: Option<usize>,
+        panic_at: Option<usize>,
+        gate: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
+    }
+
+    /// The byte tokenizer's ids of a printable ASCII string.
+    fn ids(text: &str) -> Vec<u32> {
+        text.bytes().map(|b| u32::from(b - b'!')).collect()
+    }
+
+    fn spell(text: &str) -> Box<Spell> {
+        Box::new(Spell {
+            script: ids(text),
+            ..Spell::default()
+        })
+    }
+
+    impl Constraint for Spell {
+        fn allowed(&mut self) -> Result<TokenMask, String> {
+            if let Some((started, release)) = self.gate.take() {
+                started.send(()).map_err(|e| e.to_string())?;
+                release.recv_timeout(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+            }
+            if self.fail_at == Some(self.pos) {
+                return Err("scripted failure".into());
+            }
+            if self.panic_at == Some(self.pos) {
+                panic!("scripted constraint panic");
+            }
+            Ok(match self.script.get(self.pos) {
+                Some(&t) => TokenMask::from_ids([t]),
+                None => TokenMask::from_ids([EOS]),
+            })
+        }
+
+        fn commit(&mut self, token: u32) -> Result<(), String> {
+            if self.script.get(self.pos) != Some(&token) {
+                return Err(format!("token {token} was not allowed"));
+            }
+            self.pos += 1;
+            Ok(())
+        }
+
+        fn is_finished(&self) -> bool {
+            !self.then_eos && self.pos == self.script.len()
+        }
+    }
+
+    fn constrained(id: &str, params: SamplingParams, c: Box<Spell>) -> GenerateRequest {
+        GenerateRequest {
+            constraint: Some(c),
+            ..request(id, prompt(3, 6), params)
+        }
+    }
+
+    #[test]
+    fn constraints_steer_sampling_and_end_the_sequence_among_unconstrained_ones() {
+        let runner = ScriptedRunner::new(256, 4);
+        let log = runner.log.clone();
+        let h = start(runner, &config(64, 16, 64));
+        // Sampled (not greedy): the mask, not luck, picks the tokens. Interleaved with
+        // unconstrained requests so constrained and free rows share batches.
+        let words = ["hello", "{\"a\":1}", "yes", "constrained!"];
+        let mut rxs = Vec::new();
+        for (i, w) in words.iter().enumerate() {
+            rxs.push(h.submit(constrained(&format!("c{i}"), sampled(i as u64, 64), spell(w))).unwrap());
+            rxs.push(h.submit(request(&format!("f{i}"), prompt(i as u32, 5), sampled(i as u64, 12))).unwrap());
+        }
+        let got: Vec<_> = rxs.into_iter().map(collect).collect();
+        for (i, w) in words.iter().enumerate() {
+            let c = &got[2 * i];
+            assert_eq!(c.text, *w);
+            assert_eq!(c.tokens, ids(w), "nothing after the grammar finished");
+            assert_eq!(c.finish, Some(FinishReason::Stop));
+            let f = &got[2 * i + 1];
+            assert_eq!((f.finish, f.tokens.len()), (Some(FinishReason::Length), 12));
+        }
+        assert!(log.lock().unwrap().iter().any(|step| step.len() >= 4), "requests were batched");
+
+        // A grammar that may end allows EOS, which ends the sequence even under ignore_eos.
+        let c = Box::new(Spell {
+            then_eos: true,
+            ..*spell("ok")
+        });
+        let p = SamplingParams {
+            ignore_eos: true,
+            ..sampled(5, 64)
+        };
+        let o = collect(h.submit(constrained("eos", p, c)).unwrap());
+        assert_eq!((o.text.as_str(), o.finish), ("ok", Some(FinishReason::Stop)));
+        assert_eq!(o.tokens, [ids("ok"), vec![EOS]].concat());
+        // max_tokens still cuts a grammar short.
+        let o = collect(h.submit(constrained("len", sampled(6, 3), spell("longer"))).unwrap());
+        assert_eq!((o.text.as_str(), o.finish), ("lon", Some(FinishReason::Length)));
+        wait_for(&h, |s| s.running == 0 && s.kv_blocks_used == 0);
+    }
+
+    #[test]
+    fn a_failing_or_panicking_constraint_fails_only_its_own_sequence() {
+        let h = start(ScriptedRunner::new(256, 4), &config(64, 16, 64));
+        let failing = Box::new(Spell {
+            fail_at: Some(2),
+            ..*spell("abcdef")
+        });
+        let panicking = Box::new(Spell {
+            panic_at: Some(1),
+            ..*spell("abcdef")
+        });
+        let rx_fail = h.submit(constrained("fail", sampled(1, 32), failing)).unwrap();
+        let rx_panic = h.submit(constrained("panic", sampled(2, 32), panicking)).unwrap();
+        let rx_free = h.submit(request("free", prompt(1, 5), sampled(3, 20))).unwrap();
+        let rx_ok = h.submit(constrained("ok", sampled(4, 32), spell("abcdef"))).unwrap();
+        let fail = collect(rx_fail);
+        let msg = fail.failed.unwrap();
+        assert!(msg.contains("structured output failed") && msg.contains("scripted failure"), "{msg}");
+        assert_eq!(fail.text, "ab", "the tokens before the failure were streamed");
+        let msg = collect(rx_panic).failed.unwrap();
+        assert!(msg.contains("scripted constraint panic"), "{msg}");
+        assert_eq!(collect(rx_free).finish, Some(FinishReason::Length));
+        assert_eq!(collect(rx_ok).text, "abcdef");
+        // The engine carried on: no failed step, no reset.
+        assert!(h.is_up());
+        let again = collect(h.submit(constrained("again", sampled(5, 32), spell("xyz"))).unwrap());
+        assert_eq!(again.text, "xyz");
+        wait_for(&h, |s| s.running == 0 && s.kv_blocks_used == 0);
+    }
+
+    #[test]
+    fn masks_are_computed_while_the_forward_pass_runs() {
+        let mut runner = ScriptedRunner::new(64, 4);
+        let (permit, permits) = mpsc::channel();
+        let (entered_tx, entered) = mpsc::channel();
+        runner.permits = Some(permits);
+        runner.entered = Some(entered_tx);
+        let h = start(runner, &config(64, 8, 8));
+        let (started_tx, mask_started) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let c = Box::new(Spell {
+            gate: Some((started_tx, release_rx)),
+            ..*spell("q")
+        });
+        let rx = h.submit(constrained("gated", sampled(1, 8), c)).unwrap();
+        let wait = Duration::from_secs(10);
+        // The forward pass is held until the mask has started, and the mask until the forward
+        // pass has: both are seen under way together, which a serial step never allows.
+        entered.recv_timeout(wait).expect("the forward pass started");
+        mask_started
+            .recv_timeout(wait)
+            .expect("the mask started while the forward pass was still running");
+        permit.send(()).unwrap();
+        release.send(()).unwrap();
+        let o = collect(rx);
+        assert_eq!((o.text.as_str(), o.finish), ("q", Some(FinishReason::Stop)));
     }
 }

@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
-use super::SamplingParams;
+use super::{SamplingParams, TokenMask};
 
 /// Result of sampling one position.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,7 +80,8 @@ impl SeqSampler {
 
     /// Samples the next token. `tokens` = prompt + output so far, of which
     /// `prompt_len` are prompt; `end_ids` are EOS and stop token ids (masked
-    /// until `min_tokens` outputs exist).
+    /// until `min_tokens` outputs exist); `mask` (structured output) allows
+    /// only its tokens, before every other stage.
     pub(crate) fn sample(
         &mut self,
         mut logits: Vec<f32>,
@@ -88,6 +89,7 @@ impl SeqSampler {
         tokens: &[u32],
         prompt_len: usize,
         end_ids: &[u32],
+        mask: Option<&TokenMask>,
     ) -> Result<Sampled, SampleError> {
         if let Some((i, &value)) = logits
             .iter()
@@ -96,8 +98,12 @@ impl SeqSampler {
         {
             return Err(SampleError::NonFinite { token: i as u32, value });
         }
+        if let Some(mask) = mask {
+            mask.apply(&mut logits);
+        }
         let num_output = tokens.len() - prompt_len;
-        if num_output < params.min_tokens {
+        // min_tokens never holds back an end the grammar requires (it would leave nothing).
+        if num_output < params.min_tokens && mask.is_none_or(|m| m.allows_other_than(end_ids)) {
             for &id in end_ids {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l = f32::NEG_INFINITY;
@@ -244,7 +250,12 @@ fn log_softmax(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
     }
     idx.truncate(n);
     idx.sort_unstable_by(cmp);
-    let top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+    // Masked tokens (-inf) are not alternatives: fewer than n when fewer are allowed.
+    let top = idx
+        .into_iter()
+        .filter(|&i| logits[i as usize].is_finite())
+        .map(|i| (i, logits[i as usize] - lse))
+        .collect();
     (lse, top)
 }
 
@@ -261,14 +272,14 @@ mod tests {
     fn greedy_takes_argmax_and_min_tokens_masks_eos() {
         let mut s = SeqSampler::new(Some(1));
         let logits = vec![5.0, 1.0, 2.0];
-        assert_eq!(s.sample(logits.clone(), &params(), &[1], 1, &[0]).unwrap().token, 0);
+        assert_eq!(s.sample(logits.clone(), &params(), &[1], 1, &[0], None).unwrap().token, 0);
         let p = SamplingParams {
             min_tokens: 2,
             ..params()
         };
         // One output so far (< 2): EOS (0) masked, next best is 2.
-        assert_eq!(s.sample(logits.clone(), &p, &[1, 1], 1, &[0]).unwrap().token, 2);
-        assert_eq!(s.sample(logits, &p, &[1, 1, 1], 1, &[0]).unwrap().token, 0);
+        assert_eq!(s.sample(logits.clone(), &p, &[1, 1], 1, &[0], None).unwrap().token, 2);
+        assert_eq!(s.sample(logits, &p, &[1, 1, 1], 1, &[0], None).unwrap().token, 0);
     }
 
     #[test]
@@ -280,7 +291,7 @@ mod tests {
             ..params()
         };
         // Token 0 (logit 3 → 1.5) and token 1 (-1 → -2) were seen; 2 (2.0) wins.
-        let out = s.sample(vec![3.0, -1.0, 2.0], &p, &[0, 1], 2, &[]).unwrap();
+        let out = s.sample(vec![3.0, -1.0, 2.0], &p, &[0, 1], 2, &[], None).unwrap();
         assert_eq!(out.token, 2);
         let (lp, top) = out.logprobs.unwrap();
         let lse = (1.5f32.exp() + (-2.0f32).exp() + 2.0f32.exp()).ln();
@@ -297,7 +308,7 @@ mod tests {
             frequency_penalty: 1.0,
             ..params()
         };
-        let mut token = |logits: Vec<f32>, tokens: &[u32]| s.sample(logits, &p, tokens, 1, &[]).unwrap().token;
+        let mut token = |logits: Vec<f32>, tokens: &[u32]| s.sample(logits, &p, tokens, 1, &[], None).unwrap().token;
         // Prompt contains token 0 but no penalty applies to prompt tokens.
         assert_eq!(token(vec![3.0, 2.0], &[0]), 0);
         // Token 0 emitted once: 3 - 0.5 - 1 = 1.5 < 2.
@@ -316,7 +327,7 @@ mod tests {
                 ..params()
             };
             let mut s = SeqSampler::new(Some(3));
-            let mut sample = |row: Vec<f32>| s.sample(row, &p, &[0], 1, &[]);
+            let mut sample = |row: Vec<f32>| s.sample(row, &p, &[0], 1, &[], None);
             assert!(matches!(
                 sample(vec![1.0, f32::NAN, 2.0]),
                 Err(SampleError::NonFinite { token: 1, value }) if value.is_nan()
@@ -339,9 +350,45 @@ mod tests {
         };
         let mut s = SeqSampler::new(Some(3));
         assert_eq!(
-            s.sample(vec![1.0, f32::NEG_INFINITY], &p, &[0], 1, &[0]),
+            s.sample(vec![1.0, f32::NEG_INFINITY], &p, &[0], 1, &[0], None),
             Err(SampleError::AllMasked)
         );
+    }
+
+    #[test]
+    fn a_mask_restricts_every_stage_and_min_tokens_yields_to_a_required_end() {
+        // The best logits are disallowed: greedy and sampled draws both stay inside the mask.
+        let logits = vec![5.0, 4.0, 1.0, 0.5, 0.2];
+        let mask = TokenMask::from_ids([2, 3]);
+        let mut s = SeqSampler::new(Some(1));
+        assert_eq!(s.sample(logits.clone(), &params(), &[9], 1, &[0], Some(&mask)).unwrap().token, 2);
+        let p = SamplingParams {
+            temperature: 2.0,
+            seed: Some(1),
+            ..params()
+        };
+        for _ in 0..50 {
+            let t = s.sample(logits.clone(), &p, &[9], 1, &[0], Some(&mask)).unwrap().token;
+            assert!(t == 2 || t == 3, "{t}");
+        }
+        // Logprobs are over the allowed tokens only.
+        let p = SamplingParams {
+            logprobs: Some(5),
+            ..params()
+        };
+        let out = s.sample(logits.clone(), &p, &[9], 1, &[0], Some(&mask)).unwrap();
+        let (_, top) = out.logprobs.unwrap();
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [2, 3]);
+        // min_tokens masks the end token while something else is allowed...
+        let p = SamplingParams {
+            min_tokens: 3,
+            ..params()
+        };
+        let end_or_other = TokenMask::from_ids([0, 4]);
+        assert_eq!(s.sample(logits.clone(), &p, &[9], 1, &[0], Some(&end_or_other)).unwrap().token, 4);
+        // ...but not when the grammar allows nothing but the end.
+        let only_end = TokenMask::from_ids([0]);
+        assert_eq!(s.sample(logits, &p, &[9], 1, &[0], Some(&only_end)).unwrap().token, 0);
     }
 
     #[test]
@@ -355,7 +402,7 @@ mod tests {
         let run = |p: &SamplingParams| {
             let mut s = SeqSampler::new(p.seed);
             (0..200)
-                .map(|_| s.sample(logits.clone(), p, &[0], 1, &[]).unwrap().token)
+                .map(|_| s.sample(logits.clone(), p, &[0], 1, &[], None).unwrap().token)
                 .collect::<Vec<_>>()
         };
         let a = run(&p);
@@ -398,7 +445,7 @@ mod tests {
         };
         let mut s = SeqSampler::new(p.seed);
         let draws: Vec<u32> = (0..12)
-            .map(|_| s.sample(vec![0.0; 1000], &p, &[0], 1, &[]).unwrap().token)
+            .map(|_| s.sample(vec![0.0; 1000], &p, &[0], 1, &[], None).unwrap().token)
             .collect();
         assert_eq!(draws, PINNED_DRAWS);
     }
@@ -419,7 +466,7 @@ mod tests {
         // (top-p first would keep tokens 0 and 1 of the total 3, and min-p both of them.)
         let mut s = SeqSampler::new(p.seed);
         for _ in 0..200 {
-            assert_eq!(s.sample(logits.clone(), &p, &[0], 1, &[]).unwrap().token, 0);
+            assert_eq!(s.sample(logits.clone(), &p, &[0], 1, &[], None).unwrap().token, 0);
         }
     }
 

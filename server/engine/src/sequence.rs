@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::detokenizer::Detokenizer;
 use super::kv_cache::{CacheDomain, SeqId};
 use super::sampler::SeqSampler;
-use super::{EngineEvent, GenerateRequest, SamplingParams};
+use super::{Constraint, EngineEvent, GenerateRequest, SamplingParams};
 
 #[derive(Debug)]
 pub(crate) struct Sequence {
@@ -36,6 +36,8 @@ pub(crate) struct Sequence {
     pub(crate) end_ids: Vec<u32>,
     pub(crate) sampler: SeqSampler,
     pub(crate) detok: Detokenizer,
+    /// Structured output; moved out while its mask is computed on the mask pool.
+    pub(crate) constraint: Option<Box<dyn Constraint>>,
     pub(crate) events: UnboundedSender<EngineEvent>,
     pub(crate) arrival: Instant,
     /// First admission (end of queueing).
@@ -58,10 +60,12 @@ impl Sequence {
             params,
             cache_salt,
             adapter,
+            constraint,
         } = req;
         let prompt_len = prompt_tokens.len();
         let mut end_ids = params.stop_token_ids.clone();
-        if !params.ignore_eos {
+        // A grammar's mask allows EOS exactly where the output may end: it always ends there.
+        if !params.ignore_eos || constraint.is_some() {
             end_ids.extend_from_slice(eos);
         }
         end_ids.sort_unstable();
@@ -71,6 +75,7 @@ impl Sequence {
             request_id,
             sampler: SeqSampler::new(params.seed),
             detok: Detokenizer::new(prompt_len, &params.stop)?,
+            constraint,
             tokens: prompt_tokens,
             prompt_len,
             num_computed: 0,

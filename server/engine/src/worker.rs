@@ -17,7 +17,8 @@ use super::metric_names as m;
 use super::runner::ModelRunner;
 use super::scheduler::Scheduler;
 use super::sequence::Sequence;
-use super::{EngineEvent, EngineStats, FinishReason, PositionLogprobs, TokenLogprob, Usage};
+use super::runner::ForwardBatch;
+use super::{Constraint, EngineEvent, EngineStats, FinishReason, PositionLogprobs, TokenLogprob, TokenMask, Usage};
 
 /// Consecutive failed steps (a forward error, or a panic anywhere) after
 /// which the engine gives up.
@@ -82,9 +83,33 @@ enum StepEnd {
     ForwardFailed,
 }
 
+/// A constrained sequence's mask for this step, computed on the mask pool while the forward
+/// pass runs. The constraint is moved out of its sequence meanwhile and put back after.
+struct MaskJob {
+    id: SeqId,
+    constraint: Box<dyn Constraint>,
+    mask: Option<Result<TokenMask, String>>,
+}
+
+impl MaskJob {
+    fn compute(&mut self) {
+        // A panicking constraint fails its own sequence, never the step.
+        let mask = catch_unwind(AssertUnwindSafe(|| self.constraint.allowed()))
+            .unwrap_or_else(|panic| Err(format!("panicked: {}", panic_message(&*panic))));
+        self.mask = Some(mask);
+    }
+}
+
+/// Threads of the mask pool: masks of one step run in parallel, beside the forward pass.
+pub(crate) fn mask_pool_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
+}
+
 /// The engine thread's state.
 pub(crate) struct Engine {
     runner: Box<dyn ModelRunner>,
+    /// Computes structured-output masks during the forward pass (see `constraint.rs`).
+    mask_pool: rayon::ThreadPool,
     tokenizer: Arc<Tokenizer>,
     scheduler: Scheduler,
     shared: Arc<Shared>,
@@ -105,6 +130,7 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 impl Engine {
     pub(crate) fn new(
         runner: Box<dyn ModelRunner>,
+        mask_pool: rayon::ThreadPool,
         tokenizer: Arc<Tokenizer>,
         scheduler: Scheduler,
         shared: Arc<Shared>,
@@ -112,6 +138,7 @@ impl Engine {
     ) -> Self {
         Self {
             runner,
+            mask_pool,
             tokenizer,
             scheduler,
             shared,
@@ -252,12 +279,10 @@ impl Engine {
             return StepEnd::Done;
         }
         let started = Instant::now();
-        // A panicking runner fails this batch; the engine's own state is intact.
-        let result = catch_unwind(AssertUnwindSafe(|| self.runner.forward(&batch))).unwrap_or_else(|panic| {
-            metrics::counter!(m::ENGINE_PANICS).increment(1);
-            Err(anyhow::anyhow!("model runner panicked: {}", panic_message(&*panic)))
-        });
+        let mut jobs = self.take_constraints(&batch);
+        let result = self.forward_and_masks(&batch, &mut jobs);
         let elapsed = started.elapsed().as_secs_f64();
+        let mut masks = self.restore_constraints(jobs);
         self.steps += 1;
         let num_tokens: usize = batch.entries.iter().map(|e| e.tokens.len()).sum();
         let prefill = batch.entries.iter().any(|e| e.tokens.len() > 1 || !e.want_logits);
@@ -299,7 +324,7 @@ impl Engine {
                     );
                 } else {
                     for (e, row) in wanted.zip(rows) {
-                        if let Some(o) = self.advance(e.seq_id, row) {
+                        if let Some(o) = self.advance(e.seq_id, row, masks.remove(&e.seq_id)) {
                             outcomes.push((e.seq_id, o));
                         }
                     }
@@ -329,16 +354,86 @@ impl Engine {
         }
     }
 
-    /// Samples the next token of `id`, streams it; Some(outcome) if done.
-    fn advance(&mut self, id: SeqId, logits: Vec<f32>) -> Option<Outcome> {
+    /// Moves the constraints of the sequences that sample this step out, for the mask pool.
+    fn take_constraints(&mut self, batch: &ForwardBatch) -> Vec<MaskJob> {
+        let mut jobs = Vec::new();
+        for e in batch.entries.iter().filter(|e| e.want_logits) {
+            if let Some(constraint) = self.scheduler.get_mut(e.seq_id).and_then(|s| s.constraint.take()) {
+                jobs.push(MaskJob {
+                    id: e.seq_id,
+                    constraint,
+                    mask: None,
+                });
+            }
+        }
+        jobs
+    }
+
+    /// Runs the forward pass on this thread while the mask pool computes the masks of `jobs`;
+    /// returns when both are done. A panicking runner fails this batch; the engine's own state
+    /// is intact.
+    fn forward_and_masks(&mut self, batch: &ForwardBatch, jobs: &mut [MaskJob]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let runner = &mut self.runner;
+        let mut forward = move || {
+            catch_unwind(AssertUnwindSafe(|| runner.forward(batch))).unwrap_or_else(|panic| {
+                metrics::counter!(m::ENGINE_PANICS).increment(1);
+                Err(anyhow::anyhow!("model runner panicked: {}", panic_message(&*panic)))
+            })
+        };
+        if jobs.is_empty() {
+            return forward();
+        }
+        // The scope's body (the forward pass) runs here, on the engine thread, which keeps the
+        // model's device context; the spawned masks run on the pool.
+        self.mask_pool.in_place_scope(|scope| {
+            for job in jobs.iter_mut() {
+                scope.spawn(move |_| job.compute());
+            }
+            forward()
+        })
+    }
+
+    /// Gives the constraints back to their sequences; the masks by sequence.
+    fn restore_constraints(&mut self, jobs: Vec<MaskJob>) -> HashMap<SeqId, Result<TokenMask, String>> {
+        let mut masks = HashMap::with_capacity(jobs.len());
+        for job in jobs {
+            if let Some(s) = self.scheduler.get_mut(job.id) {
+                s.constraint = Some(job.constraint);
+            }
+            if let Some(mask) = job.mask {
+                masks.insert(job.id, mask);
+            }
+        }
+        masks
+    }
+
+    /// Samples the next token of `id` (within `mask` when it is constrained), streams it;
+    /// Some(outcome) if done.
+    fn advance(&mut self, id: SeqId, logits: Vec<f32>, mask: Option<Result<TokenMask, String>>) -> Option<Outcome> {
         let tokenizer = self.tokenizer.clone();
         let s = self.scheduler.get_mut(id)?;
-        let sampled = match s.sampler.sample(logits, &s.params, &s.tokens, s.prompt_len, &s.end_ids) {
+        let mask = match mask.transpose() {
+            Ok(mask) => mask,
+            Err(e) => return Some(Outcome::Failed(format!("structured output failed: {e}"))),
+        };
+        let sampled = match s
+            .sampler
+            .sample(logits, &s.params, &s.tokens, s.prompt_len, &s.end_ids, mask.as_ref())
+        {
             Ok(sampled) => sampled,
             Err(e) => return Some(Outcome::Failed(format!("sampling failed: {e}"))),
         };
         let token = sampled.token;
         s.tokens.push(token);
+        // The constraint follows every non-end token; it may declare the output complete.
+        let is_end = s.is_end(token);
+        let mut grammar_done = false;
+        if let Some(c) = s.constraint.as_mut().filter(|_| !is_end) {
+            if let Err(e) = c.commit(token) {
+                return Some(Outcome::Failed(format!("structured output failed: {e}")));
+            }
+            grammar_done = c.is_finished();
+        }
         metrics::counter!(m::GENERATION_TOKENS).increment(1);
         let now = Instant::now();
         let since = s.last_token_at.unwrap_or(s.arrival);
@@ -352,14 +447,14 @@ impl Engine {
 
         let mut finish = None;
         let mut text = String::new();
-        if s.is_end(token) {
+        if is_end {
             // EOS / stop token: ends the sequence and is never text.
             finish = Some(FinishReason::Stop);
         } else {
             match s.detok.push(&tokenizer, &s.tokens) {
                 Ok(out) => {
                     text = out.text;
-                    if out.stopped {
+                    if out.stopped || grammar_done {
                         finish = Some(FinishReason::Stop);
                     }
                 }

@@ -22,10 +22,13 @@ use crate::llm::Health;
 use crate::ops::observe::Observer;
 use crate::pipeline::context::RequestContext;
 use crate::pipeline::sampling::SamplingInput;
+use crate::pipeline::tool_calls::{
+    self, HistoryMessage, Tool, ToolCall, ToolCallParser, ToolChoice, ToolEvent, ToolPaths, ToolSet,
+};
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::state::AppState;
 use genai_engine::{EngineEvent, FinishReason, PositionLogprobs, TokenLogprob};
-use genai_models::chat_template::ChatMessage;
+use genai_grammar::{Grammar, GrammarRequest};
 use genai_retrieval::rag;
 
 /// Names reported by `grpc.health.v1.Health`; "" is the whole server.
@@ -157,6 +160,7 @@ impl InferenceService {
                 return Err(e.into());
             }
         };
+        let mut parser: Option<ToolCallParser> = input.tools.as_ref().map(ToolSet::parser);
         let answer = self.state.pipeline.generate(&ctx, input, obs).await?;
         let ratelimit = answer.ratelimit;
         let sources = answer.citations;
@@ -170,16 +174,36 @@ impl InferenceService {
                     token_ids,
                     logprobs,
                 }) => {
+                    let (delta, tool_calls) = match parser.as_mut() {
+                        None => (delta, Vec::new()),
+                        Some(p) => split_tool_events(p.push(&delta)),
+                    };
                     text.push_str(&delta);
                     pb::GenerateResponse {
                         text: delta,
                         token_ids,
                         logprobs: logprobs.into_iter().map(position_logprobs).collect(),
+                        tool_calls,
                         ..Default::default()
                     }
                 }
-                Ok(EngineEvent::Finished { reason, usage }) => pb::GenerateResponse {
-                    finish_reason: reason.as_str().into(),
+                Ok(EngineEvent::Finished { reason, usage }) => {
+                    let (rest, tool_calls, finish) = match parser.as_mut().map(|p| p.finish(reason)) {
+                        None => (String::new(), Vec::new(), reason.as_str()),
+                        Some(Ok((events, finish))) => {
+                            let (rest, calls) = split_tool_events(events);
+                            (rest, calls, finish)
+                        }
+                        Some(Err(why)) => {
+                            let status = Status::internal(format!("the model's tool call is unusable: {why}"));
+                            return futures::stream::iter(vec![Err(status)]);
+                        }
+                    };
+                    text.push_str(&rest);
+                    pb::GenerateResponse {
+                    text: rest,
+                    tool_calls,
+                    finish_reason: finish.into(),
                     usage: Some(pb::Usage {
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
@@ -190,7 +214,8 @@ impl InferenceService {
                         .map(citation)
                         .collect(),
                     ..Default::default()
-                },
+                }
+                }
                 Ok(EngineEvent::Failed { message }) => {
                     return futures::stream::iter(vec![Err(Status::internal(message))])
                 }
@@ -228,6 +253,63 @@ impl InferenceService {
     }
 }
 
+/// `tools`, `tool_choice` and `parallel_tool_calls` of a chat request into the tools in effect.
+fn chat_tools(r: &mut pb::ChatRequest) -> Result<Option<ToolSet>, ApiError> {
+    let mut tools = Vec::with_capacity(r.tools.len());
+    for (i, t) in std::mem::take(&mut r.tools).into_iter().enumerate() {
+        let parameters = if t.parameters_json.trim().is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(&t.parameters_json).map_err(|e| {
+                ApiError::invalid(format!("tools[{i}].parameters_json"), format!("malformed JSON: {e}"))
+            })?)
+        };
+        tools.push(Tool {
+            name: t.name,
+            description: t.description,
+            parameters,
+            strict: t.strict,
+        });
+    }
+    let choice = r.tool_choice.take().unwrap_or_default();
+    let choice = match choice.mode.as_str() {
+        "" | "auto" => ToolChoice::Auto,
+        "none" => ToolChoice::None,
+        "required" => ToolChoice::Required,
+        "function" => ToolChoice::Named(choice.name),
+        other => {
+            return Err(ApiError::invalid(
+                "tool_choice.mode",
+                format!("must be \"auto\", \"none\", \"required\" or \"function\", got {other:?}"),
+            ))
+        }
+    };
+    ToolSet::new(tools, choice, r.parallel_tool_calls.unwrap_or(true), ToolPaths::GRPC)
+}
+
+/// Parser events into the message's content and its tool-call deltas.
+fn split_tool_events(events: Vec<ToolEvent>) -> (String, Vec<pb::ToolCallDelta>) {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for ev in events {
+        match ev {
+            ToolEvent::Content(c) => text.push_str(&c),
+            ToolEvent::CallStart { index, id, name } => calls.push(pb::ToolCallDelta {
+                index: index as u32,
+                id,
+                name,
+                arguments: String::new(),
+            }),
+            ToolEvent::Arguments { index, fragment } => calls.push(pb::ToolCallDelta {
+                index: index as u32,
+                arguments: fragment,
+                ..Default::default()
+            }),
+        }
+    }
+    (text, calls)
+}
+
 pub(super) fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {
     let p = p.unwrap_or_default();
     SamplingInput {
@@ -250,6 +332,34 @@ pub(super) fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {
             (_, n) => Some(i64::from(n)),
         },
     }
+}
+
+/// The request's `structured_output` as a grammar; errors name `structured_output.…` fields.
+fn grammar(so: Option<pb::StructuredOutput>) -> Result<Option<GrammarRequest>, ApiError> {
+    use pb::structured_output::Kind;
+    let Some(kind) = so.and_then(|so| so.kind) else {
+        return Ok(None);
+    };
+    let g = match kind {
+        Kind::JsonObject(false) => return Ok(None),
+        Kind::JsonObject(true) => GrammarRequest::new(Grammar::JsonObject, "structured_output.json_object"),
+        Kind::JsonSchema(js) => {
+            let field = "structured_output.json_schema.schema";
+            let schema = serde_json::from_str(&js.schema)
+                .map_err(|e| ApiError::invalid(field, format!("not valid JSON: {e}")))?;
+            GrammarRequest::new(
+                Grammar::JsonSchema {
+                    schema,
+                    strict: js.strict,
+                },
+                field,
+            )
+        }
+        Kind::Regex(rx) => GrammarRequest::new(Grammar::Regex(rx), "structured_output.regex"),
+        Kind::Choice(c) => GrammarRequest::new(Grammar::Choice(c.choices), "structured_output.choice"),
+        Kind::Grammar(lark) => GrammarRequest::new(Grammar::Lark(lark), "structured_output.grammar"),
+    };
+    Ok(Some(g))
 }
 
 fn citation(c: rag::Citation) -> pb::Citation {
@@ -283,11 +393,13 @@ impl Inference for InferenceService {
         let obs = self.observer(&req, "Generate", "completion");
         let ctx = RequestContext::of(req.extensions());
         let r = req.into_inner();
-        let input = Ok(GenerateInput {
+        let input = grammar(r.structured_output).map(|grammar| GenerateInput {
             model: r.model,
             prompt: Prompt::Text(r.prompt),
             route: Route::Chat,
             sampling: sampling(r.sampling),
+            tools: None,
+            grammar,
         });
         self.generate_stream(ctx, input, obs).await
     }
@@ -304,20 +416,36 @@ impl Inference for InferenceService {
         let label = route.as_ref().map_or("chat", |r| r.label());
         let obs = self.observer(&req, "Chat", label);
         let ctx = RequestContext::of(req.extensions());
-        let r = req.into_inner();
-        let input = route.map(|route| GenerateInput {
-            model: r.model,
-            prompt: Prompt::Chat(
-                r.messages
-                    .into_iter()
-                    .map(|m| ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            ),
-            route,
-            sampling: sampling(r.sampling),
+        let mut r = req.into_inner();
+        let input = route.and_then(|route| {
+            let tools = chat_tools(&mut r)?;
+            let grammar = grammar(r.structured_output.take())?;
+            let messages = r
+                .messages
+                .into_iter()
+                .map(|m| HistoryMessage {
+                    role: m.role,
+                    content: m.content,
+                    tool_calls: m
+                        .tool_calls
+                        .into_iter()
+                        .map(|c| ToolCall {
+                            id: c.id,
+                            name: c.name,
+                            arguments: c.arguments,
+                        })
+                        .collect(),
+                    tool_call_id: Some(m.tool_call_id).filter(|id| !id.is_empty()),
+                })
+                .collect();
+            Ok(GenerateInput {
+                model: r.model,
+                prompt: Prompt::Chat(tool_calls::render_history(messages, ToolPaths::GRPC)?),
+                route,
+                sampling: sampling(r.sampling),
+                tools,
+                grammar,
+            })
         });
         self.generate_stream(ctx, input, obs).await
     }

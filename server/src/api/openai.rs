@@ -2,11 +2,21 @@
 //! `/v1/models`. Field names, SSE framing (`data: {...}` … `data: [DONE]`), error bodies and
 //! status codes follow OpenAI's API; vLLM's extra sampling fields (`top_k`, `min_p`,
 //! `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`) are accepted too.
+//! Structured output: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) and
+//! vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark), at most one
+//! per request ([`decode_grammar`]).
 //!
 //! Protocol only: decode the body into a pipeline input, encode what comes back. Fields OpenAI
-//! defines that we do not implement yet (`tools`, `response_format`, ...) are refused with 400
-//! `unsupported_parameter` naming the field, never silently dropped; unknown fields are ignored
-//! with one warning line, as vLLM does.
+//! defines that we do not implement yet (`functions`, `logit_bias`, ...) are refused with
+//! 400 `unsupported_parameter` naming the field, never silently dropped; unknown fields are
+//! ignored with one warning line, as vLLM does.
+//!
+//! Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and
+//! `tool` messages) is decoded into [`tool_calls`]' neutral types; the answer goes through its
+//! streaming parser and is encoded as OpenAI sends it: `message.tool_calls` (with `content`
+//! null when the model only called), or per call index a first `delta.tool_calls` fragment with
+//! `id`, `type`, `function.name` and empty arguments, then fragments of `function.arguments`
+//! only; `finish_reason: "tool_calls"`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,11 +39,14 @@ use crate::llm::EventStream;
 use crate::ops::observe::Observer;
 use crate::pipeline::context::RequestContext;
 use crate::pipeline::sampling::SamplingInput;
+use crate::pipeline::tool_calls::{
+    self, HistoryMessage, Tool, ToolCall, ToolCallParser, ToolChoice, ToolEvent, ToolPaths, ToolSet,
+};
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::safety::output::Outcome;
 use crate::state::AppState;
 use genai_engine::{EngineEvent, PositionLogprobs, Usage};
-use genai_models::chat_template::ChatMessage;
+use genai_grammar::{Grammar, GrammarRequest};
 use genai_retrieval::rag::{self, Citation};
 
 /// OpenAI's default `max_tokens` for legacy completions.
@@ -47,7 +60,6 @@ const UNSUPPORTED: &[&str] = &[
     "parallel_tool_calls",
     "functions",
     "function_call",
-    "response_format",
     "logit_bias",
     "best_of",
     "suffix",
@@ -57,10 +69,6 @@ const UNSUPPORTED: &[&str] = &[
     "prediction",
     "web_search_options",
     "reasoning_effort",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
 ];
 
 /// Known fields that change nothing here (bookkeeping for the caller's own records).
@@ -86,8 +94,20 @@ const COMMON_FIELDS: &[&str] = &[
     "ignore_eos",
     "stop_token_ids",
     "logprobs",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 ];
-const CHAT_FIELDS: &[&str] = &["messages", "mode", "top_logprobs"];
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "mode",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
 const COMPLETION_FIELDS: &[&str] = &["prompt"];
 
 /// Refuses unsupported fields that are actually set, and warns once per unknown field.
@@ -96,7 +116,7 @@ fn check_fields(body: &Value, own: &[&str]) -> Result<(), ApiError> {
         return Err(ApiError::invalid("body", "must be a JSON object"));
     };
     for (k, v) in obj {
-        if UNSUPPORTED.contains(&k.as_str()) {
+        if UNSUPPORTED.contains(&k.as_str()) && !own.contains(&k.as_str()) {
             // The "off" values clients send by default are not a request for the feature.
             let off = match v {
                 Value::Null => true,
@@ -165,6 +185,100 @@ pub struct CommonFields {
     pub stop_token_ids: Vec<u32>,
 }
 
+/// Structured-output fields of both endpoints (at most one may be set).
+#[derive(Debug, Deserialize, Default)]
+pub struct GrammarFields {
+    pub response_format: Option<ResponseFormat>,
+    /// A JSON schema, as an object or as JSON text (vLLM accepts both).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    /// A Lark grammar (llguidance's dialect).
+    pub guided_grammar: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// `name` (and `description`), which OpenAI requires, are accepted and change nothing.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub schema: Option<Value>,
+    /// OpenAI's default is false.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// The request's structured-output grammar, if any. Each grammar names the field it came from
+/// (its compile errors do); two set at once is a 400 naming both.
+fn decode_grammar(body: &Value) -> Result<Option<GrammarRequest>, ApiError> {
+    let f: GrammarFields = from_value(body)?;
+    // (top-level field, grammar)
+    let mut set: Vec<(&str, GrammarRequest)> = Vec::new();
+    if let Some(rf) = f.response_format {
+        match rf.kind.as_str() {
+            "text" => {}
+            "json_object" => set.push(("response_format", GrammarRequest::new(Grammar::JsonObject, "response_format"))),
+            "json_schema" => {
+                let js = rf.json_schema.ok_or_else(|| {
+                    ApiError::invalid("response_format.json_schema", "required when type is \"json_schema\"")
+                })?;
+                let g = match js.schema {
+                    // No schema: any JSON object.
+                    None => GrammarRequest::new(Grammar::JsonObject, "response_format.json_schema"),
+                    Some(schema) => GrammarRequest::new(
+                        Grammar::JsonSchema {
+                            schema,
+                            strict: js.strict.unwrap_or(false),
+                        },
+                        "response_format.json_schema.schema",
+                    ),
+                };
+                set.push(("response_format", g));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!("must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"),
+                ))
+            }
+        }
+    }
+    if let Some(v) = f.guided_json {
+        let schema = match v {
+            Value::String(text) => serde_json::from_str(&text)
+                .map_err(|e| ApiError::invalid("guided_json", format!("not valid JSON: {e}")))?,
+            v => v,
+        };
+        let g = Grammar::JsonSchema { schema, strict: true };
+        set.push(("guided_json", GrammarRequest::new(g, "guided_json")));
+    }
+    if let Some(rx) = f.guided_regex {
+        set.push(("guided_regex", GrammarRequest::new(Grammar::Regex(rx), "guided_regex")));
+    }
+    if let Some(choices) = f.guided_choice {
+        set.push(("guided_choice", GrammarRequest::new(Grammar::Choice(choices), "guided_choice")));
+    }
+    if let Some(lark) = f.guided_grammar {
+        set.push(("guided_grammar", GrammarRequest::new(Grammar::Lark(lark), "guided_grammar")));
+    }
+    if set.len() > 1 {
+        let names: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
+        return Err(ApiError::invalid(
+            names[1],
+            format!(
+                "at most one of response_format, guided_json, guided_regex, guided_choice and guided_grammar may be set; got {}",
+                names.join(" and ")
+            ),
+        ));
+    }
+    Ok(set.pop().map(|(_, g)| g))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
@@ -184,6 +298,47 @@ pub struct ContentPart {
 pub struct WireMessage {
     pub role: String,
     pub content: Option<Content>,
+    /// Assistant messages: the calls it made.
+    #[serde(default)]
+    pub tool_calls: Vec<WireToolCall>,
+    /// Tool messages: the call answered.
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: WireFunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunctionCall {
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: WireFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunction {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+fn function_type() -> String {
+    "function".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +350,11 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub tools: Option<Vec<WireTool>>,
+    /// "auto", "none", "required" or `{"type": "function", "function": {"name": …}}`.
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +418,8 @@ struct ResponseShape {
     citations: Vec<Citation>,
     /// Why the output stage ended the answer (`finish_reason: "content_filter"`), if it did.
     safety: Outcome,
+    /// Chat with tools in effect: the answer goes through their parser.
+    tools: Option<ToolSet>,
 }
 
 /// A decoded request: the pipeline input plus how to encode the answer.
@@ -269,12 +431,63 @@ struct Decoded {
     include_usage: bool,
 }
 
+/// `tools`, `tool_choice` and `parallel_tool_calls` into the tools in effect.
+fn decode_tools(req: &mut ChatCompletionRequest) -> Result<Option<ToolSet>, ApiError> {
+    let mut tools = Vec::new();
+    for (i, t) in req.tools.take().unwrap_or_default().into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].type"),
+                format!("must be \"function\", got {:?}", t.kind),
+            ));
+        }
+        tools.push(Tool {
+            name: t.function.name,
+            description: t.function.description,
+            parameters: t.function.parameters,
+            strict: t.function.strict.unwrap_or(false),
+        });
+    }
+    let choice = match req.tool_choice.take() {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("must be \"auto\", \"none\", \"required\" or a function, got {other:?}"),
+                ))
+            }
+        },
+        Some(v) => {
+            let kind = v.get("type").and_then(Value::as_str);
+            let name = v.pointer("/function/name").and_then(Value::as_str);
+            match (kind, name) {
+                (Some("function"), Some(name)) => ToolChoice::Named(name.to_owned()),
+                (Some("function"), None) => {
+                    return Err(ApiError::invalid("tool_choice.function.name", "missing function name"))
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    ))
+                }
+            }
+        }
+    };
+    ToolSet::new(tools, choice, req.parallel_tool_calls.unwrap_or(true), ToolPaths::OPENAI)
+}
+
 fn decode_chat(body: &Value) -> Result<Decoded, ApiError> {
     check_fields(body, CHAT_FIELDS)?;
     // Two typed views of one body (no serde flatten, which would lose the field paths in errors).
-    let req: ChatCompletionRequest = from_value(body)?;
+    let mut req: ChatCompletionRequest = from_value(body)?;
     let mut common: CommonFields = from_value(body)?;
     common.check_n()?;
+    let tools = decode_tools(&mut req)?;
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
         let content = match m.content {
@@ -290,8 +503,28 @@ fn decode_chat(body: &Value) -> Result<Decoded, ApiError> {
                 parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("")
             }
         };
-        messages.push(ChatMessage { role: m.role, content });
+        let mut calls = Vec::with_capacity(m.tool_calls.len());
+        for (j, c) in m.tool_calls.into_iter().enumerate() {
+            if c.kind != "function" {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].tool_calls[{j}].type"),
+                    format!("must be \"function\", got {:?}", c.kind),
+                ));
+            }
+            calls.push(ToolCall {
+                id: c.id,
+                name: c.function.name,
+                arguments: c.function.arguments,
+            });
+        }
+        messages.push(HistoryMessage {
+            role: m.role,
+            content,
+            tool_calls: calls,
+            tool_call_id: m.tool_call_id,
+        });
     }
+    let messages = tool_calls::render_history(messages, ToolPaths::OPENAI)?;
     let route = match req.mode.as_deref() {
         None | Some("chat") => Route::Chat,
         Some("rag") => Route::Rag,
@@ -313,6 +546,8 @@ fn decode_chat(body: &Value) -> Result<Decoded, ApiError> {
             prompt: Prompt::Chat(messages),
             route,
             sampling,
+            tools,
+            grammar: decode_grammar(body)?,
         },
         kind: Kind::Chat,
         logprobs: req.logprobs,
@@ -343,6 +578,8 @@ fn decode_completion(body: &Value) -> Result<Decoded, ApiError> {
             prompt: Prompt::Text(prompt),
             route: Route::Chat,
             sampling,
+            tools: None,
+            grammar: decode_grammar(body)?,
         },
         kind: Kind::Completion,
         logprobs: req.logprobs.is_some(),
@@ -388,6 +625,7 @@ async fn generate(
             return e.into_response();
         }
     };
+    let tools = d.input.tools.clone();
     let answer = match state.pipeline.generate(&ctx, d.input, obs).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
@@ -404,6 +642,7 @@ async fn generate(
         logprobs: d.logprobs,
         citations: answer.citations,
         safety: answer.safety,
+        tools,
     };
     let mut resp = if d.stream {
         stream_response(shape, answer.events, d.include_usage).into_response()
@@ -465,6 +704,33 @@ impl ResponseShape {
         v
     }
 
+    /// A chat chunk around `delta`.
+    fn chat_chunk(&self, delta: Value, lps: &[PositionLogprobs]) -> Value {
+        let choice = json!({"index": 0, "delta": delta, "logprobs": self.logprobs_json(lps), "finish_reason": null});
+        json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
+    }
+
+    /// The chunk of one tool-parser event, as OpenAI streams calls: the first fragment of an
+    /// index carries id, type and name (arguments ""), later ones only argument pieces.
+    fn tool_event_chunk(&self, ev: ToolEvent, lps: &[PositionLogprobs], first: bool) -> Value {
+        let mut delta = match ev {
+            ToolEvent::Content(text) => json!({"content": text}),
+            ToolEvent::CallStart { index, id, name } => json!({"tool_calls": [{
+                "index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""},
+            }]}),
+            ToolEvent::Arguments { index, fragment } => {
+                json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+            }
+        };
+        if first {
+            delta["role"] = json!("assistant");
+            if delta.get("content").is_none() {
+                delta["content"] = Value::Null;
+            }
+        }
+        self.chat_chunk(delta, lps)
+    }
+
     /// Adds `"safety": {"stage", "reason"}` to the last chunk or answer of a blocked stream (an
     /// extension next to OpenAI's `finish_reason: "content_filter"`).
     fn add_safety(&self, v: &mut Value) {
@@ -491,20 +757,55 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// A tool call the parser could not hand on (malformed, unfinished, or off its schema).
+fn tool_call_error(why: String) -> ApiError {
+    ApiError::Internal(format!("the model's tool call is unusable: {why}"))
+}
+
+/// Content events into `text` (the calls stay in the parser).
+fn push_content(text: &mut String, events: Vec<ToolEvent>) {
+    for ev in events {
+        if let ToolEvent::Content(c) = ev {
+            text.push_str(&c);
+        }
+    }
+}
+
 async fn collect(job: ResponseShape, mut events: EventStream) -> Result<Value, ApiError> {
     let mut text = String::new();
     let mut lps = Vec::new();
+    let mut parser: Option<ToolCallParser> = job.tools.as_ref().map(ToolSet::parser);
     while let Some(ev) = events.next().await {
         match ev? {
             EngineEvent::Delta { text: t, logprobs, .. } => {
-                text.push_str(&t);
+                match parser.as_mut() {
+                    Some(p) => push_content(&mut text, p.push(&t)),
+                    None => text.push_str(&t),
+                }
                 lps.extend(logprobs);
             }
             EngineEvent::Finished { reason, usage } => {
-                let finish = reason.as_str();
+                let (finish, calls) = match parser.as_mut() {
+                    None => (reason.as_str(), Vec::new()),
+                    Some(p) => {
+                        let (rest, finish) = p.finish(reason).map_err(tool_call_error)?;
+                        push_content(&mut text, rest);
+                        (finish, p.calls().to_vec())
+                    }
+                };
                 let choice = match job.kind {
                     Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": job.logprobs_json(&lps), "finish_reason": finish})
+                        let mut message = json!({"role": "assistant", "content": text});
+                        if !calls.is_empty() {
+                            if text.is_empty() {
+                                message["content"] = Value::Null;
+                            }
+                            message["tool_calls"] = calls
+                                .into_iter()
+                                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                                .collect();
+                        }
+                        json!({"index": 0, "message": message, "logprobs": job.logprobs_json(&lps), "finish_reason": finish})
                     }
                     Kind::Completion => {
                         json!({"index": 0, "text": text, "logprobs": job.logprobs_json(&lps), "finish_reason": finish})
@@ -533,26 +834,61 @@ fn stream_response(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let data = |v: Value| Event::default().data(v.to_string());
     let mut first = true;
+    let mut parser: Option<ToolCallParser> = job.tools.as_ref().map(ToolSet::parser);
+    // With tools, logprobs of text the parser holds back ride on the next chunk sent.
+    let mut held_lps: Vec<PositionLogprobs> = Vec::new();
     let body = events
         .flat_map(move |ev| {
             let out: Vec<Event> = match ev {
-                Ok(EngineEvent::Delta { text, logprobs, .. }) => {
-                    let e = data(job.chunk(&text, &logprobs, None, first));
-                    first = false;
-                    vec![e]
-                }
-                Ok(EngineEvent::Finished { reason, usage }) => {
-                    let mut last = job.chunk("", &[], Some(reason.as_str()), first);
-                    job.add_safety(&mut last);
-                    let mut v = vec![data(last)];
-                    if include_usage {
-                        v.push(data(json!({
-                            "id": job.id, "object": job.object(true), "created": job.created, "model": job.model,
-                            "choices": [], "usage": usage_json(&usage),
-                        })));
+                Ok(EngineEvent::Delta { text, logprobs, .. }) => match parser.as_mut() {
+                    None => {
+                        let e = data(job.chunk(&text, &logprobs, None, first));
+                        first = false;
+                        vec![e]
                     }
-                    v.push(Event::default().data("[DONE]"));
-                    v
+                    Some(p) => {
+                        held_lps.extend(logprobs);
+                        let mut v = Vec::new();
+                        for ev in p.push(&text) {
+                            v.push(data(job.tool_event_chunk(ev, &std::mem::take(&mut held_lps), first)));
+                            first = false;
+                        }
+                        v
+                    }
+                },
+                Ok(EngineEvent::Finished { reason, usage }) => {
+                    let mut v = Vec::new();
+                    let finish = match parser.as_mut().map(|p| p.finish(reason)) {
+                        None => Ok(reason.as_str()),
+                        Some(Ok((rest, finish))) => {
+                            for ev in rest {
+                                v.push(data(job.tool_event_chunk(ev, &std::mem::take(&mut held_lps), first)));
+                                first = false;
+                            }
+                            Ok(finish)
+                        }
+                        Some(Err(why)) => Err(why),
+                    };
+                    match finish {
+                        Ok(finish) => {
+                            let mut last = job.chunk("", &std::mem::take(&mut held_lps), Some(finish), first);
+                            job.add_safety(&mut last);
+                            v.push(data(last));
+                            if include_usage {
+                                v.push(data(json!({
+                                    "id": job.id, "object": job.object(true), "created": job.created, "model": job.model,
+                                    "choices": [], "usage": usage_json(&usage),
+                                })));
+                            }
+                            v.push(Event::default().data("[DONE]"));
+                            v
+                        }
+                        // No [DONE]: the client sees the answer did not complete.
+                        Err(why) => {
+                            let message = tool_call_error(why).message();
+                            vec![data(json!({"error": {"message": message, "type": "server_error", "param": null, "code": "internal_error"}}))]
+                        }
+                    }
                 }
                 Ok(EngineEvent::Failed { message }) | Err(ApiError::Internal(message)) => {
                     vec![data(json!({"error": {"message": message, "type": "server_error", "param": null, "code": "internal_error"}}))]

@@ -39,18 +39,11 @@ use super::{AskEvent, ToolCallEvent, ToolResultEvent};
 use crate::error::ApiError;
 use crate::pipeline::context::RequestContext;
 use crate::pipeline::sampling::SamplingInput;
+use crate::pipeline::tool_calls::{self, render_history, HistoryMessage, ToolEvent, ToolPaths, ToolSet};
+pub(crate) use crate::pipeline::tool_calls::{ToolCall, ToolChoice};
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::safety::{Flags, SafetyChain};
 use crate::state::AppState;
-
-/// A tool call the model made.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ToolCall {
-    pub id: String,
-    pub name: String,
-    /// A JSON object's text.
-    pub arguments: String,
-}
 
 /// One message of the agent's conversation.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,29 +64,20 @@ pub(crate) struct ToolSpec {
     pub parameters: Value,
 }
 
-/// Whether a step must call a tool.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum ToolChoice {
-    Auto,
-    Required,
-    Named(String),
-}
-
-impl ToolChoice {
-    /// `tool_choice` of a request: "auto" (default), "required" or an enabled tool's name.
-    pub(crate) fn parse(s: Option<&str>, tools: &[Arc<dyn Tool>]) -> Result<Self, ApiError> {
-        match s {
-            None | Some("auto") => Ok(ToolChoice::Auto),
-            Some("required") => Ok(ToolChoice::Required),
-            Some(name) if tools.iter().any(|t| t.name() == name) => Ok(ToolChoice::Named(name.to_owned())),
-            Some(other) => Err(ApiError::invalid(
-                "tool_choice",
-                format!(
-                    "must be \"auto\", \"required\" or the name of an enabled tool ({}), got {other:?}",
-                    tools.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
-                ),
-            )),
-        }
+/// `tool_choice` of an Ask request (the agent's first step): "auto" (default), "required" or
+/// an enabled tool's name. ("none" would be no agent.)
+pub(crate) fn tool_choice(s: Option<&str>, tools: &[Arc<dyn Tool>]) -> Result<ToolChoice, ApiError> {
+    match s {
+        None | Some("auto") => Ok(ToolChoice::Auto),
+        Some("required") => Ok(ToolChoice::Required),
+        Some(name) if tools.iter().any(|t| t.name() == name) => Ok(ToolChoice::Named(name.to_owned())),
+        Some(other) => Err(ApiError::invalid(
+            "tool_choice",
+            format!(
+                "must be \"auto\", \"required\" or the name of an enabled tool ({}), got {other:?}",
+                tools.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
     }
 }
 
@@ -431,48 +415,78 @@ impl PipelineModel {
 
 #[async_trait]
 impl AgentModel for PipelineModel {
-    async fn step(
-        &self,
-        messages: &[AgentMessage],
-        _tools: &[ToolSpec],
-        _choice: &ToolChoice,
-    ) -> Result<Step, ApiError> {
-        // TODO(tools merge): tool specs, tool choice and the tool-call parser of `pipeline::tool_calls`.
-        let chat = messages
+    async fn step(&self, messages: &[AgentMessage], tools: &[ToolSpec], choice: &ToolChoice) -> Result<Step, ApiError> {
+        let declared = tools
+            .iter()
+            .map(|t| tool_calls::Tool {
+                name: t.name.clone(),
+                description: t.description.clone(),
+                parameters: Some(t.parameters.clone()),
+                strict: true,
+            })
+            .collect();
+        let set = ToolSet::new(declared, choice.clone(), true, ToolPaths::OPENAI)?
+            .ok_or_else(|| ApiError::Internal("the agent has no tool in effect".into()))?;
+        let history = messages
             .iter()
             .map(|m| match m {
-                AgentMessage::Chat(c) => c.clone(),
-                AgentMessage::Assistant { text, .. } => ChatMessage {
+                AgentMessage::Chat(c) => HistoryMessage {
+                    role: c.role.clone(),
+                    content: c.content.clone(),
+                    ..Default::default()
+                },
+                AgentMessage::Assistant { text, calls } => HistoryMessage {
                     role: "assistant".into(),
                     content: text.clone(),
+                    tool_calls: calls.clone(),
+                    tool_call_id: None,
                 },
-                AgentMessage::Tool { content, .. } => ChatMessage {
+                AgentMessage::Tool { id, content, .. } => HistoryMessage {
                     role: "tool".into(),
                     content: content.clone(),
+                    tool_call_id: Some(id.clone()),
+                    ..Default::default()
                 },
             })
             .collect();
         let input = GenerateInput {
             model: self.model.clone(),
-            prompt: Prompt::Chat(chat),
+            prompt: Prompt::Chat(render_history(history, ToolPaths::OPENAI)?),
             route: Route::Chat,
             sampling: self.sampling.clone(),
+            grammar: None,
+            tools: Some(set.clone()),
         };
         let (answer, prompt) = self.state.pipeline.start(&self.ctx, input, self.flags.clone()).await?;
         let mut events = answer.events;
+        let mut parser = set.parser();
         let mut text = String::new();
+        let mut content = |evs: Vec<ToolEvent>| {
+            for e in evs {
+                if let ToolEvent::Content(c) = e {
+                    text.push_str(&c);
+                }
+            }
+        };
         while let Some(ev) = events.next().await {
             match ev? {
-                EngineEvent::Delta { text: t, .. } => text.push_str(&t),
+                EngineEvent::Delta { text: t, .. } => content(parser.push(&t)),
                 EngineEvent::Finished { reason, usage } => {
+                    let (calls, malformed) = match parser.finish(reason) {
+                        Ok((evs, _)) => {
+                            content(evs);
+                            (parser.calls().to_vec(), None)
+                        }
+                        Err(why) => (Vec::new(), Some(why)),
+                    };
                     return Ok(Step {
                         text,
-                        calls: Vec::new(),
-                        malformed: None,
+                        calls,
+                        malformed,
                         usage,
                         finish: reason,
                         prompt,
-                    })
+                    });
                 }
                 EngineEvent::Failed { message } => return Err(ApiError::Internal(message)),
             }
@@ -981,16 +995,16 @@ mod tests {
     #[test]
     fn tool_choice_names_an_enabled_tool() {
         let tools: Vec<Arc<dyn Tool>> = vec![Arc::new(Calculator)];
-        assert_eq!(ToolChoice::parse(None, &tools).unwrap(), ToolChoice::Auto);
+        assert_eq!(tool_choice(None, &tools).unwrap(), ToolChoice::Auto);
         assert_eq!(
-            ToolChoice::parse(Some("required"), &tools).unwrap(),
+            tool_choice(Some("required"), &tools).unwrap(),
             ToolChoice::Required
         );
         assert_eq!(
-            ToolChoice::parse(Some("calculator"), &tools).unwrap(),
+            tool_choice(Some("calculator"), &tools).unwrap(),
             ToolChoice::Named("calculator".into())
         );
-        let e = ToolChoice::parse(Some("http_get"), &tools).unwrap_err();
+        let e = tool_choice(Some("http_get"), &tools).unwrap_err();
         assert!(matches!(&e, ApiError::Invalid { param, .. } if param == "tool_choice"));
     }
 }

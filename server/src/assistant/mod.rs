@@ -41,7 +41,7 @@ use crate::pipeline::sampling::SamplingInput;
 use crate::pipeline::{GenerateInput, Prompt, Route};
 use crate::router::Mode as RoutedMode;
 use crate::state::AppState;
-use agent::{Agent, AgentLimits, ToolChoice};
+use agent::{Agent, AgentLimits};
 use tools::{Tool, ToolContext};
 
 /// `[agent]`: the ReAct agent and its tools.
@@ -384,12 +384,14 @@ impl Assistant {
                         Route::Chat
                     },
                     sampling: input.sampling,
+                    grammar: None,
+                    tools: None,
                 };
                 Ok(Started::Pipeline(route, Box::new(gen), ctx))
             }
             Mode::Agent => {
                 let tools = tools::select(&self.tools, &input.tools)?;
-                let choice = ToolChoice::parse(input.tool_choice.as_deref(), &tools)?;
+                let choice = agent::tool_choice(input.tool_choice.as_deref(), &tools)?;
                 let max_steps = match input.max_steps {
                     None | Some(0) => self.cfg.max_steps,
                     Some(n) if n <= self.cfg.max_steps => n,

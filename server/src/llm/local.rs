@@ -10,6 +10,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use genai_engine::{EngineEvent, EngineHandle, GenerateRequest, SamplingParams};
+use genai_grammar::{GrammarCompiler, GrammarRequest};
 use genai_models::chat_template::ChatMessage;
 use genai_models::embedder::EmbedderHandle;
 use genai_models::prompt::PromptEncoder;
@@ -25,6 +26,8 @@ pub(crate) struct LocalEngine {
     engine: EngineHandle,
     encoder: Arc<PromptEncoder>,
     embedder: EmbedderHandle,
+    /// Structured output for this model's tokenizer; None when the tokenizer is not supported.
+    grammar: Option<Arc<GrammarCompiler>>,
     /// Keys the tenant → cache-salt hash, so salts cannot be predicted from tenant names.
     salt_key: RandomState,
 }
@@ -36,6 +39,7 @@ impl LocalEngine {
         encoder: PromptEncoder,
         embedding_model: String,
         embedder: EmbedderHandle,
+        grammar: Option<GrammarCompiler>,
     ) -> Self {
         Self {
             model,
@@ -43,6 +47,7 @@ impl LocalEngine {
             engine,
             encoder: Arc::new(encoder),
             embedder,
+            grammar: grammar.map(Arc::new),
             salt_key: RandomState::new(),
         }
     }
@@ -135,6 +140,7 @@ impl LlmBackend for LocalEngine {
         Ok(Prepared {
             prompt: p.text,
             tokens: p.tokens,
+            constraint: None,
         })
     }
 
@@ -146,11 +152,30 @@ impl LlmBackend for LocalEngine {
         self.blocking(
             move |e| {
                 let tokens = e.encode_text(&prompt)?;
-                Ok(Prepared { prompt, tokens })
+                Ok(Prepared {
+                    prompt,
+                    tokens,
+                    constraint: None,
+                })
             },
             "prompt",
         )
         .await
+    }
+
+    async fn prepare_grammar(&self, prepared: &mut Prepared, grammar: GrammarRequest) -> Result<(), ApiError> {
+        let Some(compiler) = self.grammar.clone() else {
+            return Err(ApiError::invalid(
+                grammar.field,
+                format!("structured output is not available for model {}", self.model),
+            ));
+        };
+        let constraint = tokio::task::spawn_blocking(move || compiler.compile(&grammar))
+            .await
+            .map_err(|e| ApiError::Internal(format!("grammar task failed: {e}")))?
+            .map_err(|e| ApiError::invalid(e.field, e.message))?;
+        prepared.constraint = Some(constraint);
+        Ok(())
     }
 
     fn submit(&self, ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError> {
@@ -160,6 +185,7 @@ impl LlmBackend for LocalEngine {
             params,
             cache_salt: self.salt_key.hash_one(&ctx.tenant),
             adapter: None,
+            constraint: prepared.constraint,
         })?;
         Ok(Generation {
             prompt: prepared.prompt,

@@ -18,7 +18,8 @@ pub(crate) mod local;
 use std::pin::Pin;
 
 use futures::Stream;
-use genai_engine::{EngineEvent, SamplingParams};
+use genai_engine::{Constraint, EngineEvent, SamplingParams};
+use genai_grammar::GrammarRequest;
 use genai_models::chat_template::ChatMessage;
 
 use crate::error::ApiError;
@@ -39,6 +40,8 @@ pub(crate) struct Prepared {
     /// The prompt as the model sees it (rendered chat), for the request log.
     pub prompt: String,
     pub tokens: Vec<u32>,
+    /// Structured output compiled for the local engine by [`LlmBackend::prepare_grammar`].
+    pub constraint: Option<Box<dyn Constraint>>,
 }
 
 pub(crate) struct Embeddings {
@@ -87,6 +90,9 @@ pub(crate) trait LlmBackend: Send + Sync {
     async fn prepare_chat(&self, messages: Vec<ChatMessage>) -> Result<Prepared, ApiError>;
     /// Tokenizes a raw completion prompt; see [`LlmBackend::prepare_chat`].
     async fn prepare_text(&self, prompt: String) -> Result<Prepared, ApiError>;
+    /// Compiles the request's structured-output grammar for this backend into `prepared` (on the
+    /// blocking pool). Err: a grammar this backend cannot use, naming the request field.
+    async fn prepare_grammar(&self, prepared: &mut Prepared, grammar: GrammarRequest) -> Result<(), ApiError>;
     /// Starts generating from a prepared prompt.
     fn submit(&self, ctx: &RequestContext, prepared: Prepared, params: SamplingParams) -> Result<Generation, ApiError>;
     async fn embed(&self, texts: Vec<String>, priority: Priority) -> Result<Embeddings, ApiError>;

@@ -25,11 +25,13 @@
 pub(crate) mod context;
 pub(crate) mod limits;
 pub(crate) mod sampling;
+pub(crate) mod tool_calls;
 
 use std::sync::{Arc, OnceLock};
 
 use futures::StreamExt;
 use genai_engine::EngineEvent;
+use genai_grammar::{Grammar, GrammarRequest};
 use genai_models::chat_template::ChatMessage;
 use genai_retrieval::index::Filter;
 use genai_retrieval::rag::{Citation, RagPipeline};
@@ -79,6 +81,15 @@ pub(crate) struct GenerateInput {
     pub prompt: Prompt,
     pub route: Route,
     pub sampling: SamplingInput,
+    /// Structured output (`response_format`, `guided_*`, tool-call grammars): the backend
+    /// compiles it on the blocking pool before anything is reserved or queued; a grammar that
+    /// cannot be used is a 400 naming its field.
+    pub grammar: Option<GrammarRequest>,
+    /// Chat only: the tools in effect ([`tool_calls`]). Their definitions join the system prompt
+    /// after the safety stages ran (they are the caller's declarations, not conversation) and
+    /// their grammar constrains the answer; the door parses the answer with
+    /// [`tool_calls::ToolSet::parser`].
+    pub tools: Option<tool_calls::ToolSet>,
 }
 
 /// A generation under way.
@@ -229,6 +240,19 @@ impl Pipeline {
         flags: Flags,
     ) -> Result<(Answer, String), ApiError> {
         self.limits.check_sampling(&input.sampling)?;
+        if let Some(tools) = &input.tools {
+            if !(input.route == Route::Chat && matches!(input.prompt, Prompt::Chat(_))) {
+                return Err(ApiError::invalid("tools", "tools are for plain chat (not RAG, not completions)"));
+            }
+            if input.grammar.is_some() {
+                return Err(ApiError::invalid(
+                    "tools",
+                    "cannot be combined with structured output (response_format, guided_*)",
+                ));
+            }
+            // Every call's arguments are constrained by its tool's schema (see `tool_calls`).
+            input.grammar = Some(GrammarRequest::new(Grammar::Lark(tools.lark()), "tools"));
+        }
         match &input.prompt {
             Prompt::Text(p) => self.limits.check_prompt(p)?,
             Prompt::Chat(m) => self.limits.check_messages(m)?,
@@ -241,9 +265,14 @@ impl Pipeline {
         let params = input.sampling.into_params(self.default_max_tokens)?;
         // Safety: PII redacted in place before the backend tokenizes; classifiers start here.
         let mut scan = self.safety.scan_input(&ctx.tenant, &mut input.prompt, flags).await?;
-        let (prepared, citations) = match (input.prompt, input.route) {
+        let (mut prepared, citations) = match (input.prompt, input.route) {
             (Prompt::Text(p), _) => (backend.prepare_text(p).await?, Vec::new()),
-            (Prompt::Chat(messages), Route::Chat) => (backend.prepare_chat(messages).await?, Vec::new()),
+            (Prompt::Chat(mut messages), Route::Chat) => {
+                if let Some(tools) = &input.tools {
+                    tools.inject(&mut messages);
+                }
+                (backend.prepare_chat(messages).await?, Vec::new())
+            }
             (Prompt::Chat(messages), Route::Rag) => {
                 let (mut messages, citations) = self.retrieve(ctx, &messages).await?;
                 let chunks: Vec<&str> = citations.iter().map(|c| c.text.as_str()).collect();
@@ -251,6 +280,9 @@ impl Pipeline {
                 (backend.prepare_chat(messages).await?, citations)
             }
         };
+        if let Some(grammar) = input.grammar {
+            backend.prepare_grammar(&mut prepared, grammar).await?;
+        }
         // Reserve prompt + max_tokens (tokens and worst-case spend) before the engine sees it;
         // the meter goes with the stream and refunds what is not used.
         let prompt_tokens = prepared.tokens.len();

@@ -67,21 +67,22 @@ async fn agent_answers_arithmetic_through_the_calculator_on_sse_and_grpc() {
     assert!(args["expression"].is_string(), "{args}");
     let results = of(&events, "tool_result");
     assert_eq!(results[0]["id"], calls[0]["id"]);
-    assert!(
-        results[0]["output"].as_str().unwrap().contains("7006652"),
-        "{:?}",
-        results[0]
-    );
+    assert!(results[0]["output"].as_str().unwrap().contains("7006652"), "{events:?}");
     let usage = of(&events, "usage")[0];
     assert!(usage["steps"].as_u64().unwrap() >= 2, "{usage}");
-    let (p, c) = (usage["prompt_tokens"].as_f64().unwrap(), usage["completion_tokens"].as_f64().unwrap());
+    let (p, c) = (
+        usage["prompt_tokens"].as_f64().unwrap(),
+        usage["completion_tokens"].as_f64().unwrap(),
+    );
     let cost = usage["cost_usd"].as_f64().unwrap();
     assert!((cost - (p + 2.0 * c) / 1000.0).abs() < 1e-9, "{usage}");
     // Every step was admitted and charged to the tenant: its settled spend is the whole run's.
     let start = std::time::Instant::now();
     let mut spent = 0.0;
     while start.elapsed() < std::time::Duration::from_secs(15) {
-        spent = server.labelled_metric("genai_tenant_spend_usd", &["tenant=\"default\""]).await;
+        spent = server
+            .labelled_metric("genai_tenant_spend_usd", &["tenant=\"default\""])
+            .await;
         if (spent - cost).abs() < 1e-6 {
             break;
         }

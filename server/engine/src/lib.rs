@@ -1293,7 +1293,9 @@ mod tests {
         fn allowed(&mut self) -> Result<TokenMask, String> {
             if let Some((started, release)) = self.gate.take() {
                 started.send(()).map_err(|e| e.to_string())?;
-                release.recv_timeout(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+                release
+                    .recv_timeout(Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
             }
             if self.fail_at == Some(self.pos) {
                 return Err("scripted failure".into());
@@ -1337,8 +1339,14 @@ mod tests {
         let words = ["hello", "{\"a\":1}", "yes", "constrained!"];
         let mut rxs = Vec::new();
         for (i, w) in words.iter().enumerate() {
-            rxs.push(h.submit(constrained(&format!("c{i}"), sampled(i as u64, 64), spell(w))).unwrap());
-            rxs.push(h.submit(request(&format!("f{i}"), prompt(i as u32, 5), sampled(i as u64, 12))).unwrap());
+            rxs.push(
+                h.submit(constrained(&format!("c{i}"), sampled(i as u64, 64), spell(w)))
+                    .unwrap(),
+            );
+            rxs.push(
+                h.submit(request(&format!("f{i}"), prompt(i as u32, 5), sampled(i as u64, 12)))
+                    .unwrap(),
+            );
         }
         let got: Vec<_> = rxs.into_iter().map(collect).collect();
         for (i, w) in words.iter().enumerate() {
@@ -1349,7 +1357,10 @@ mod tests {
             let f = &got[2 * i + 1];
             assert_eq!((f.finish, f.tokens.len()), (Some(FinishReason::Length), 12));
         }
-        assert!(log.lock().unwrap().iter().any(|step| step.len() >= 4), "requests were batched");
+        assert!(
+            log.lock().unwrap().iter().any(|step| step.len() >= 4),
+            "requests were batched"
+        );
 
         // A grammar that may end allows EOS, which ends the sequence even under ignore_eos.
         let c = Box::new(Spell {
@@ -1386,7 +1397,10 @@ mod tests {
         let rx_ok = h.submit(constrained("ok", sampled(4, 32), spell("abcdef"))).unwrap();
         let fail = collect(rx_fail);
         let msg = fail.failed.unwrap();
-        assert!(msg.contains("structured output failed") && msg.contains("scripted failure"), "{msg}");
+        assert!(
+            msg.contains("structured output failed") && msg.contains("scripted failure"),
+            "{msg}"
+        );
         assert_eq!(fail.text, "ab", "the tokens before the failure were streamed");
         let msg = collect(rx_panic).failed.unwrap();
         assert!(msg.contains("scripted constraint panic"), "{msg}");

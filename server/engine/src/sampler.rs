@@ -272,7 +272,10 @@ mod tests {
     fn greedy_takes_argmax_and_min_tokens_masks_eos() {
         let mut s = SeqSampler::new(Some(1));
         let logits = vec![5.0, 1.0, 2.0];
-        assert_eq!(s.sample(logits.clone(), &params(), &[1], 1, &[0], None).unwrap().token, 0);
+        assert_eq!(
+            s.sample(logits.clone(), &params(), &[1], 1, &[0], None).unwrap().token,
+            0
+        );
         let p = SamplingParams {
             min_tokens: 2,
             ..params()
@@ -361,7 +364,12 @@ mod tests {
         let logits = vec![5.0, 4.0, 1.0, 0.5, 0.2];
         let mask = TokenMask::from_ids([2, 3]);
         let mut s = SeqSampler::new(Some(1));
-        assert_eq!(s.sample(logits.clone(), &params(), &[9], 1, &[0], Some(&mask)).unwrap().token, 2);
+        assert_eq!(
+            s.sample(logits.clone(), &params(), &[9], 1, &[0], Some(&mask))
+                .unwrap()
+                .token,
+            2
+        );
         let p = SamplingParams {
             temperature: 2.0,
             seed: Some(1),
@@ -385,7 +393,12 @@ mod tests {
             ..params()
         };
         let end_or_other = TokenMask::from_ids([0, 4]);
-        assert_eq!(s.sample(logits.clone(), &p, &[9], 1, &[0], Some(&end_or_other)).unwrap().token, 4);
+        assert_eq!(
+            s.sample(logits.clone(), &p, &[9], 1, &[0], Some(&end_or_other))
+                .unwrap()
+                .token,
+            4
+        );
         // ...but not when the grammar allows nothing but the end.
         let only_end = TokenMask::from_ids([0]);
         assert_eq!(s.sample(logits, &p, &[9], 1, &[0], Some(&only_end)).unwrap().token, 0);

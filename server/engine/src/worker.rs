@@ -14,10 +14,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::fault::Fault;
 use super::kv_cache::SeqId;
 use super::metric_names as m;
+use super::runner::ForwardBatch;
 use super::runner::ModelRunner;
 use super::scheduler::Scheduler;
 use super::sequence::Sequence;
-use super::runner::ForwardBatch;
 use super::{Constraint, EngineEvent, EngineStats, FinishReason, PositionLogprobs, TokenLogprob, TokenMask, Usage};
 
 /// Consecutive failed steps (a forward error, or a panic anywhere) after

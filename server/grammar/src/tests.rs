@@ -36,7 +36,10 @@ fn fixture() -> &'static Fixture {
 }
 
 fn compile(grammar: Grammar, field: &str) -> Box<dyn Constraint> {
-    fixture().compiler.compile(&GrammarRequest::new(grammar, field)).unwrap()
+    fixture()
+        .compiler
+        .compile(&GrammarRequest::new(grammar, field))
+        .unwrap()
 }
 
 fn compile_err(grammar: Grammar, field: &str) -> CompileError {
@@ -140,7 +143,11 @@ fn token_bytes_spell_what_the_tokenizer_decodes() {
     assert_eq!(bytes[hello as usize], b" hello");
     for special in ["<|im_start|>", "<|im_end|>", "<|endoftext|>"] {
         let id = f.tok.token_to_id(special).unwrap();
-        assert_eq!(bytes[id as usize][0], toktrie::TokTrie::SPECIAL_TOKEN_MARKER, "{special}");
+        assert_eq!(
+            bytes[id as usize][0],
+            toktrie::TokTrie::SPECIAL_TOKEN_MARKER,
+            "{special}"
+        );
     }
     // Multi-byte characters split over tokens reassemble.
     let ids = f.tok.encode("日本語 🙂", false).unwrap().get_ids().to_vec();
@@ -197,8 +204,14 @@ fn json_schema_enforces_nesting_enums_and_required_fields() {
     assert!(refuses(&g, r#"{"age":36,"#));
     assert!(refuses(&g, r#"{"name":"Ada","age":36,"tags":["pink"]"#));
     assert!(refuses(&g, r#"{"name":"Ada","age":"36""#));
-    assert!(refuses(&g, r#"{"name":"Ada","age":36,"tags":[],"address":{"city":"x","zip":"1234x"#));
-    assert!(refuses(&g, r#"{"name":"Ada","age":36,"tags":[],"address":{"city":"x","zip":"12345"},"x":1"#));
+    assert!(refuses(
+        &g,
+        r#"{"name":"Ada","age":36,"tags":[],"address":{"city":"x","zip":"1234x"#
+    ));
+    assert!(refuses(
+        &g,
+        r#"{"name":"Ada","age":36,"tags":[],"address":{"city":"x","zip":"12345"},"x":1"#
+    ));
     // Whatever path the model takes, the output validates.
     for seed in 0..8 {
         validates(&schema, &walk(&g, seed));
@@ -222,7 +235,10 @@ fn json_schema_with_refs_and_any_of_validates() {
         schema: schema.clone(),
         strict: true,
     };
-    assert!(accepts(&g, r#"{"steps":[{"explanation":"e","output":"o"}],"final_answer":null}"#));
+    assert!(accepts(
+        &g,
+        r#"{"steps":[{"explanation":"e","output":"o"}],"final_answer":null}"#
+    ));
     assert!(refuses(&g, r#"{"steps":[{"output":"o""#));
     for seed in 0..6 {
         validates(&schema, &walk(&g, seed));
@@ -245,7 +261,12 @@ fn regex_is_matched_whole() {
 
 #[test]
 fn choice_is_exactly_one_option_and_finishes() {
-    let options = vec!["yes".to_string(), "no".to_string(), "maybe so".to_string(), "a.b*c".to_string()];
+    let options = vec![
+        "yes".to_string(),
+        "no".to_string(),
+        "maybe so".to_string(),
+        "a.b*c".to_string(),
+    ];
     let g = Grammar::Choice(options.clone());
     for o in &options {
         assert!(accepts(&g, o), "{o}");
@@ -272,9 +293,8 @@ fn lark_with_an_embedded_json_schema() {
         "additionalProperties": false
     });
     let embedded = json_schema_options(args.clone(), true).unwrap();
-    let lark = format!(
-        "start: \"<call>\" name \" \" args \"</call>\"\nname: \"add\" | \"mul\"\nargs: %json {embedded}\n"
-    );
+    let lark =
+        format!("start: \"<call>\" name \" \" args \"</call>\"\nname: \"add\" | \"mul\"\nargs: %json {embedded}\n");
     let g = Grammar::Lark(lark);
     assert!(accepts(&g, r#"<call>add {"a":1,"b":2}</call>"#));
     assert!(refuses(&g, r#"<call>sub "#));
@@ -321,7 +341,11 @@ fn bad_grammars_are_errors_naming_their_field() {
         ),
         (Grammar::Regex("(abc".into()), "guided_regex", "unclosed"),
         (Grammar::Choice(vec![]), "guided_choice", "at least one"),
-        (Grammar::Lark("start: missing_rule".into()), "guided_grammar", "missing_rule"),
+        (
+            Grammar::Lark("start: missing_rule".into()),
+            "guided_grammar",
+            "missing_rule",
+        ),
         (Grammar::Lark("  ".into()), "guided_grammar", "empty"),
         (
             Grammar::JsonSchema {

@@ -67,7 +67,10 @@ fn spelling(tok: &Tokenizer) -> anyhow::Result<Spelling> {
     };
     if kinds.contains(&"ByteLevel") {
         Ok(Spelling::ByteLevel)
-    } else if kinds.iter().any(|k| matches!(*k, "ByteFallback" | "Metaspace" | "Replace")) {
+    } else if kinds
+        .iter()
+        .any(|k| matches!(*k, "ByteFallback" | "Metaspace" | "Replace"))
+    {
         Ok(Spelling::Metaspace)
     } else {
         bail!("structured output needs a byte-level BPE or SentencePiece tokenizer; its decoder is {kinds:?}")
@@ -87,11 +90,7 @@ pub(crate) fn token_bytes(tok: &Tokenizer) -> anyhow::Result<Vec<Vec<u8>>> {
     let table = byte_level_table();
     let vocab = tok.get_vocab(false);
     let added = tok.get_added_tokens_decoder();
-    let size = vocab
-        .values()
-        .chain(added.keys())
-        .max()
-        .map_or(0, |&m| m as usize + 1);
+    let size = vocab.values().chain(added.keys()).max().map_or(0, |&m| m as usize + 1);
     let mut bytes: Vec<Vec<u8>> = vec![Vec::new(); size];
     for (piece, &id) in &vocab {
         let b = match spelling {

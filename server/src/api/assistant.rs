@@ -217,7 +217,11 @@ fn decode_grpc(r: pb::AskRequest) -> Result<AskInput, ApiError> {
         }
     };
     // The conversation is plain text: the agent makes its own tool calls.
-    if let Some(i) = r.messages.iter().position(|m| !m.tool_calls.is_empty() || !m.tool_call_id.is_empty()) {
+    if let Some(i) = r
+        .messages
+        .iter()
+        .position(|m| !m.tool_calls.is_empty() || !m.tool_call_id.is_empty())
+    {
         return Err(ApiError::invalid(
             format!("messages[{i}]"),
             "tool_calls and tool_call_id are not accepted by Ask (the agent makes its own tool calls)",

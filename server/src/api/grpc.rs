@@ -201,20 +201,20 @@ impl InferenceService {
                     };
                     text.push_str(&rest);
                     pb::GenerateResponse {
-                    text: rest,
-                    tool_calls,
-                    finish_reason: finish.into(),
-                    usage: Some(pb::Usage {
-                        prompt_tokens: usage.prompt_tokens,
-                        completion_tokens: usage.completion_tokens,
-                        cached_prompt_tokens: usage.cached_prompt_tokens,
-                    }),
-                    citations: rag::parse_citations(&text, &sources)
-                        .into_iter()
-                        .map(citation)
-                        .collect(),
-                    ..Default::default()
-                }
+                        text: rest,
+                        tool_calls,
+                        finish_reason: finish.into(),
+                        usage: Some(pb::Usage {
+                            prompt_tokens: usage.prompt_tokens,
+                            completion_tokens: usage.completion_tokens,
+                            cached_prompt_tokens: usage.cached_prompt_tokens,
+                        }),
+                        citations: rag::parse_citations(&text, &sources)
+                            .into_iter()
+                            .map(citation)
+                            .collect(),
+                        ..Default::default()
+                    }
                 }
                 Ok(EngineEvent::Failed { message }) => {
                     return futures::stream::iter(vec![Err(Status::internal(message))])

@@ -222,7 +222,10 @@ fn decode_grammar(body: &Value) -> Result<Option<GrammarRequest>, ApiError> {
     if let Some(rf) = f.response_format {
         match rf.kind.as_str() {
             "text" => {}
-            "json_object" => set.push(("response_format", GrammarRequest::new(Grammar::JsonObject, "response_format"))),
+            "json_object" => set.push((
+                "response_format",
+                GrammarRequest::new(Grammar::JsonObject, "response_format"),
+            )),
             "json_schema" => {
                 let js = rf.json_schema.ok_or_else(|| {
                     ApiError::invalid("response_format.json_schema", "required when type is \"json_schema\"")
@@ -261,10 +264,16 @@ fn decode_grammar(body: &Value) -> Result<Option<GrammarRequest>, ApiError> {
         set.push(("guided_regex", GrammarRequest::new(Grammar::Regex(rx), "guided_regex")));
     }
     if let Some(choices) = f.guided_choice {
-        set.push(("guided_choice", GrammarRequest::new(Grammar::Choice(choices), "guided_choice")));
+        set.push((
+            "guided_choice",
+            GrammarRequest::new(Grammar::Choice(choices), "guided_choice"),
+        ));
     }
     if let Some(lark) = f.guided_grammar {
-        set.push(("guided_grammar", GrammarRequest::new(Grammar::Lark(lark), "guided_grammar")));
+        set.push((
+            "guided_grammar",
+            GrammarRequest::new(Grammar::Lark(lark), "guided_grammar"),
+        ));
     }
     if set.len() > 1 {
         let names: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
@@ -469,16 +478,19 @@ fn decode_tools(req: &mut ChatCompletionRequest) -> Result<Option<ToolSet>, ApiE
                 (Some("function"), None) => {
                     return Err(ApiError::invalid("tool_choice.function.name", "missing function name"))
                 }
-                _ => {
-                    return Err(ApiError::invalid(
-                        "tool_choice",
-                        "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": …}}",
-                    ))
-                }
+                _ => return Err(ApiError::invalid(
+                    "tool_choice",
+                    "must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                )),
             }
         }
     };
-    ToolSet::new(tools, choice, req.parallel_tool_calls.unwrap_or(true), ToolPaths::OPENAI)
+    ToolSet::new(
+        tools,
+        choice,
+        req.parallel_tool_calls.unwrap_or(true),
+        ToolPaths::OPENAI,
+    )
 }
 
 fn decode_chat(body: &Value) -> Result<Decoded, ApiError> {

@@ -64,17 +64,19 @@ pub(crate) struct ToolSpec {
     pub parameters: Value,
 }
 
-/// `tool_choice` of an Ask request (the agent's first step): "auto" (default), "required" or
-/// an enabled tool's name. ("none" would be no agent.)
+/// `tool_choice` of an Ask request (the agent's first step): "required" (default: a request in
+/// agent mode, by its own choice or the router's, is one that needs a tool, and a small model
+/// that may call one too often answers from memory instead), "auto" or an enabled tool's
+/// name. ("none" would be no agent.)
 pub(crate) fn tool_choice(s: Option<&str>, tools: &[Arc<dyn Tool>]) -> Result<ToolChoice, ApiError> {
     match s {
-        None | Some("auto") => Ok(ToolChoice::Auto),
-        Some("required") => Ok(ToolChoice::Required),
+        None | Some("required") => Ok(ToolChoice::Required),
+        Some("auto") => Ok(ToolChoice::Auto),
         Some(name) if tools.iter().any(|t| t.name() == name) => Ok(ToolChoice::Named(name.to_owned())),
         Some(other) => Err(ApiError::invalid(
             "tool_choice",
             format!(
-                "must be \"auto\", \"required\" or the name of an enabled tool ({}), got {other:?}",
+                "must be \"required\", \"auto\" or the name of an enabled tool ({}), got {other:?}",
                 tools.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
             ),
         )),
@@ -244,11 +246,18 @@ impl Agent {
             } else {
                 retries = 0;
             }
+            // A call whose arguments are not a JSON object cannot be written back as a call (a
+            // call cut short by max_tokens): its error goes back as a re-prompt instead.
+            let (calls, cut): (Vec<_>, Vec<_>) = out
+                .calls
+                .into_iter()
+                .zip(observations)
+                .partition(|(c, _)| serde_json::from_str::<Value>(&c.arguments).is_ok_and(|v| v.is_object()));
             conv.push(AgentMessage::Assistant {
                 text: out.text,
-                calls: out.calls.clone(),
+                calls: calls.iter().map(|(c, _)| c.clone()).collect(),
             });
-            for (call, o) in out.calls.into_iter().zip(observations) {
+            for (call, o) in calls {
                 conv.push(AgentMessage::Tool {
                     id: call.id,
                     name: call.name,
@@ -257,6 +266,19 @@ impl Agent {
                         Err(e) => format!("error: {e}"),
                     },
                 });
+            }
+            if !cut.is_empty() {
+                let errors: Vec<String> = cut
+                    .into_iter()
+                    .map(|(c, o)| format!("{}: {}", c.name, o.content.err().unwrap_or_default()))
+                    .collect();
+                conv.push(AgentMessage::Chat(ChatMessage {
+                    role: "user".into(),
+                    content: format!(
+                        "These tool calls could not be run: {}. Call the tool again with complete JSON arguments, or answer directly.",
+                        errors.join("; ")
+                    ),
+                }));
             }
         }
         Ok(self.finish(String::new(), usage, self.limits.max_steps, Finish::MaxSteps, prompt))
@@ -791,6 +813,16 @@ mod tests {
         // Each error went back to the model as the call's observation.
         assert!(tool_message(&model.seen(1), 2).starts_with("error: unknown tool"));
         assert!(tool_message(&model.seen(2), 4).starts_with("error: invalid arguments"));
+        // Arguments cut short are not written back as a call: a re-prompt says what went wrong.
+        let third = model.seen(3);
+        assert!(matches!(&third[5], AgentMessage::Assistant { calls, .. } if calls.is_empty()));
+        let AgentMessage::Chat(cut) = &third[6] else {
+            panic!("no re-prompt for the cut call: {third:?}")
+        };
+        assert!(
+            cut.content.contains("calculator: invalid arguments: not valid JSON"),
+            "{cut:?}"
+        );
         let fourth = model.seen(4);
         let AgentMessage::Chat(reprompt) = fourth.last().unwrap() else {
             panic!("no re-prompt")
@@ -995,11 +1027,8 @@ mod tests {
     #[test]
     fn tool_choice_names_an_enabled_tool() {
         let tools: Vec<Arc<dyn Tool>> = vec![Arc::new(Calculator)];
-        assert_eq!(tool_choice(None, &tools).unwrap(), ToolChoice::Auto);
-        assert_eq!(
-            tool_choice(Some("required"), &tools).unwrap(),
-            ToolChoice::Required
-        );
+        assert_eq!(tool_choice(None, &tools).unwrap(), ToolChoice::Required);
+        assert_eq!(tool_choice(Some("auto"), &tools).unwrap(), ToolChoice::Auto);
         assert_eq!(
             tool_choice(Some("calculator"), &tools).unwrap(),
             ToolChoice::Named("calculator".into())

@@ -144,7 +144,7 @@ pub(crate) struct AskInput {
     pub max_steps: Option<u32>,
     /// Agent: the tools it may use; empty = all.
     pub tools: Vec<String>,
-    /// Agent: "auto", "required" or a tool name (the first step).
+    /// Agent: "required" (default), "auto" or a tool name (the first step).
     pub tool_choice: Option<String>,
 }
 

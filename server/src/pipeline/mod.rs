@@ -242,7 +242,10 @@ impl Pipeline {
         self.limits.check_sampling(&input.sampling)?;
         if let Some(tools) = &input.tools {
             if !(input.route == Route::Chat && matches!(input.prompt, Prompt::Chat(_))) {
-                return Err(ApiError::invalid("tools", "tools are for plain chat (not RAG, not completions)"));
+                return Err(ApiError::invalid(
+                    "tools",
+                    "tools are for plain chat (not RAG, not completions)",
+                ));
             }
             if input.grammar.is_some() {
                 return Err(ApiError::invalid(

@@ -39,14 +39,20 @@ impl Tool for Calculator {
     }
 
     fn description(&self) -> &'static str {
-        "Evaluates an arithmetic expression exactly, e.g. \"1234 * 5678\" or \"sqrt(2) / 3\"."
+        "Evaluates an arithmetic expression exactly: numbers, + - * / % ^, parentheses, sqrt, abs, ln, exp, min, max."
     }
 
     fn parameters(&self) -> Value {
         json!({
             "type": "object",
             "properties": {
-                "expression": {"type": "string", "description": "The arithmetic expression to evaluate."}
+                // The pattern keeps a constrained decoder on arithmetic (a small model otherwise
+                // wanders into prose inside the string).
+                "expression": {
+                    "type": "string",
+                    "description": "The arithmetic expression to evaluate, for example 2 * (3 + 4).",
+                    "pattern": "^[-+(0-9A-Za-z][0-9A-Za-z_+*/%^()., -]{0,199}$"
+                }
             },
             "required": ["expression"],
             "additionalProperties": false

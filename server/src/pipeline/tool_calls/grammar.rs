@@ -43,7 +43,11 @@ impl ToolSet {
             ));
             g.push_str(&format!("pre[lazy]: TEXT {}\n", lit(CALL_OPEN)));
         }
-        g.push_str(&format!("body: \"\\n\" ({}) {}\n", fns.join(" | "), lit(&format!("\n{CALL_CLOSE}"))));
+        g.push_str(&format!(
+            "body: \"\\n\" ({}) {}\n",
+            fns.join(" | "),
+            lit(&format!("\n{CALL_CLOSE}"))
+        ));
         if self.0.parallel {
             g.push_str(&format!("more: ({} body)*\n", lit(&format!("\n{CALL_OPEN}"))));
         }
@@ -61,8 +65,8 @@ impl ToolSet {
     fn guided_schema(&self, i: usize) -> String {
         let schema = &self.0.schemas[i];
         // Only fails for a non-object, which `ToolSet::new` refused.
-        let mut guided =
-            genai_grammar::json_schema_options(schema.clone(), self.0.tools[i].strict).unwrap_or_else(|_| schema.clone());
+        let mut guided = genai_grammar::json_schema_options(schema.clone(), self.0.tools[i].strict)
+            .unwrap_or_else(|_| schema.clone());
         if let Some(opts) = guided.get_mut("x-guidance").and_then(Value::as_object_mut) {
             opts.insert("item_separator".into(), ", ".into());
             opts.insert("key_separator".into(), ": ".into());
@@ -116,7 +120,10 @@ mod tests {
         assert_eq!(a0["x-guidance"]["whitespace_flexible"], false);
         assert_eq!(a0["x-guidance"]["lenient"], false, "get_weather is strict");
         // The parameterless tool: an empty object schema, lenient (not strict).
-        assert!(g.contains("fn_1: \"{\\\"name\\\": \\\"now\\\", \\\"arguments\\\": \" args_1 \"}\"\n"), "{g}");
+        assert!(
+            g.contains("fn_1: \"{\\\"name\\\": \\\"now\\\", \\\"arguments\\\": \" args_1 \"}\"\n"),
+            "{g}"
+        );
         let a1 = args(1);
         assert_eq!(a1["properties"], serde_json::json!({}));
         assert_eq!(a1["x-guidance"]["lenient"], true);

@@ -205,7 +205,10 @@ impl ToolSet {
             ToolChoice::Auto if tools.is_empty() => return Ok(None),
             ToolChoice::Auto => (None, false),
             ToolChoice::Required if tools.is_empty() => {
-                return Err(ApiError::invalid("tool_choice", "\"required\" needs at least one tool in `tools`"))
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "\"required\" needs at least one tool in `tools`",
+                ))
             }
             ToolChoice::Required => (None, true),
             ToolChoice::Named(name) => match tools.iter().position(|t| &t.name == name) {
@@ -263,8 +266,13 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(format!("must be 1 to {MAX_NAME_LEN} characters, got {}", name.len()));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
-        return Err(format!("may contain only A-Z, a-z, 0-9, '_' and '-', got {c:?} in {name:?}"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "may contain only A-Z, a-z, 0-9, '_' and '-', got {c:?} in {name:?}"
+        ));
     }
     Ok(())
 }
@@ -376,7 +384,9 @@ pub(crate) mod tests {
         let s = set(ToolChoice::Auto, true);
         assert!(s.check_arguments("get_weather", r#"{"city": "Paris"}"#).is_ok());
         assert!(s.check_arguments("get_weather", r#"{"city": 3}"#).is_err());
-        assert!(s.check_arguments("get_weather", r#"{"city": "x", "extra": 1}"#).is_err());
+        assert!(s
+            .check_arguments("get_weather", r#"{"city": "x", "extra": 1}"#)
+            .is_err());
         assert!(s.check_arguments("get_weather", r#"{"city": "#).is_err());
         assert!(s.check_arguments("now", "{}").is_ok());
         assert!(s.check_arguments("nope", "{}").is_err());

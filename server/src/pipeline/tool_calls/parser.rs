@@ -44,12 +44,27 @@ enum State {
     Text,
     /// After `<tool_call>`; `raw` is the text consumed from the whitespace before the trigger
     /// on (given back as content if this turns out not to be a call).
-    Head { step: usize, raw: String },
+    Head {
+        step: usize,
+        raw: String,
+    },
     /// Inside the name string.
-    Name { raw: String, name: String, escaped: bool },
-    Between { step: usize },
-    Args { depth: usize, in_string: bool, escaped: bool },
-    Tail { step: usize },
+    Name {
+        raw: String,
+        name: String,
+        escaped: bool,
+    },
+    Between {
+        step: usize,
+    },
+    Args {
+        depth: usize,
+        in_string: bool,
+        escaped: bool,
+    },
+    Tail {
+        step: usize,
+    },
 }
 
 pub(crate) struct ToolCallParser {
@@ -503,7 +518,10 @@ mod tests {
         assert_eq!(p.push("box>"), vec![ToolEvent::Content(" <toolbox>".into())]);
         // A trailing whitespace run waits for what follows it.
         assert_eq!(p.push(" x \n"), vec![ToolEvent::Content(" x".into())]);
-        assert_eq!(p.finish(FinishReason::Stop).unwrap(), (vec![ToolEvent::Content(" \n".into())], "stop"));
+        assert_eq!(
+            p.finish(FinishReason::Stop).unwrap(),
+            (vec![ToolEvent::Content(" \n".into())], "stop")
+        );
     }
 
     #[test]
@@ -518,21 +536,42 @@ mod tests {
     #[test]
     fn broken_or_invalid_calls_fail_the_answer() {
         let s = set(ToolChoice::Auto, false);
-        let call = |name: &str, a: &str| format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {a}}}\n</tool_call>");
+        let call =
+            |name: &str, a: &str| format!("<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {a}}}\n</tool_call>");
         let fails = |chunks: &[&str], reason| run(&s, chunks, reason).unwrap_err();
         assert!(fails(&[&call("get_weather", "{\"city\": 1}")], FinishReason::Stop).contains("schema"));
-        assert!(fails(&["<tool_call>{\"name\": \"now\", \"args\": {}}"], FinishReason::Stop).contains("after the tool name"));
-        assert!(fails(&["<tool_call>{\"name\": \"now\", \"arguments\": [1]}"], FinishReason::Stop).contains("not a JSON object"));
-        assert!(fails(&["<tool_call>{\"name\": \"now\", \"arguments\": {}} oops"], FinishReason::Stop).contains("after the arguments"));
-        assert!(fails(&["<tool_call>{\"name\": \"now\", \"arguments\": {"], FinishReason::Stop).contains("stopped inside"));
+        assert!(
+            fails(&["<tool_call>{\"name\": \"now\", \"args\": {}}"], FinishReason::Stop)
+                .contains("after the tool name")
+        );
+        assert!(fails(
+            &["<tool_call>{\"name\": \"now\", \"arguments\": [1]}"],
+            FinishReason::Stop
+        )
+        .contains("not a JSON object"));
+        assert!(fails(
+            &["<tool_call>{\"name\": \"now\", \"arguments\": {}} oops"],
+            FinishReason::Stop
+        )
+        .contains("after the arguments"));
+        assert!(
+            fails(&["<tool_call>{\"name\": \"now\", \"arguments\": {"], FinishReason::Stop).contains("stopped inside")
+        );
         let two = format!("{}\n{}", call("now", "{}"), call("now", "{}"));
         assert!(fails(&[&two], FinishReason::Stop).contains("parallel_tool_calls"));
         // Cut by max_tokens: what was generated stands, finish_reason stays "length".
-        let (ev, f) = run(&s, &["<tool_call>{\"name\": \"now\", \"arguments\": {\"a"], FinishReason::Length).unwrap();
+        let (ev, f) = run(
+            &s,
+            &["<tool_call>{\"name\": \"now\", \"arguments\": {\"a"],
+            FinishReason::Length,
+        )
+        .unwrap();
         assert_eq!(f, "length");
         assert_eq!(ev, vec![start(0, "now"), args(0, "{\"a")]);
         // A forced call that never came.
         let forced = set(ToolChoice::Required, true);
-        assert!(run(&forced, &["just text"], FinishReason::Stop).unwrap_err().contains("required"));
+        assert!(run(&forced, &["just text"], FinishReason::Stop)
+            .unwrap_err()
+            .contains("required"));
     }
 }

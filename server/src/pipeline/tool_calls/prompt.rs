@@ -204,7 +204,10 @@ mod tests {
 
     #[test]
     fn dumps_uses_python_separators() {
-        assert_eq!(dumps(&json!({"a": [1, 2], "b": {"c": "x"}})), r#"{"a": [1, 2], "b": {"c": "x"}}"#);
+        assert_eq!(
+            dumps(&json!({"a": [1, 2], "b": {"c": "x"}})),
+            r#"{"a": [1, 2], "b": {"c": "x"}}"#
+        );
         assert_eq!(dumps(&json!({})), "{}");
     }
 
@@ -225,7 +228,9 @@ mod tests {
         ), "{p}");
         // A tool without parameters gets the empty object schema.
         assert!(p.contains("{\"name\": \"now\", \"description\": \"The current time.\", \"parameters\": {\"properties\": {}, \"type\": \"object\"}}}\n</tools>"), "{p}");
-        assert!(p.ends_with("<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"));
+        assert!(
+            p.ends_with("<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>")
+        );
         // An existing system prompt keeps its text, the tools follow it.
         let mut msgs = vec![ChatMessage {
             role: "system".into(),
@@ -274,7 +279,10 @@ mod tests {
                     "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n\
                      <tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"
                 ),
-                ("user", "<tool_response>\n18C\n</tool_response>\n<tool_response>\n12:00\n</tool_response>"),
+                (
+                    "user",
+                    "<tool_response>\n18C\n</tool_response>\n<tool_response>\n12:00\n</tool_response>"
+                ),
                 ("assistant", "18C at noon."),
             ]
         );
@@ -296,9 +304,15 @@ mod tests {
             name: "f".into(),
             arguments: "{not json".into(),
         }];
-        assert_eq!(invalid(vec![bad.clone()]), "messages[0].tool_calls[0].function.arguments");
+        assert_eq!(
+            invalid(vec![bad.clone()]),
+            "messages[0].tool_calls[0].function.arguments"
+        );
         bad.tool_calls[0].arguments = "[1]".into();
-        assert_eq!(invalid(vec![bad.clone()]), "messages[0].tool_calls[0].function.arguments");
+        assert_eq!(
+            invalid(vec![bad.clone()]),
+            "messages[0].tool_calls[0].function.arguments"
+        );
         bad.role = "user".into();
         assert_eq!(invalid(vec![bad]), "messages[0].tool_calls");
     }

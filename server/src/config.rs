@@ -66,6 +66,9 @@ pub struct Config {
     /// Remote backends (`[[llm.backends]]`): `crate::llm::backends`.
     #[serde(default)]
     pub llm: crate::llm::backends::LlmConfig,
+    /// The assistant's ReAct agent and its tools (`crate::assistant`).
+    #[serde(default)]
+    pub agent: crate::assistant::AgentConfig,
 }
 
 /// `[limits]`: what one request may ask for. Checked on the raw request, before tokenization,
@@ -428,6 +431,7 @@ impl Config {
         crate::tenancy::validate(&self.tenants, &self.tenants_state)?;
         self.safety.validate()?;
         self.llm.validate(&self.models.generation.name)?;
+        self.agent.validate()?;
         self.validate_retrieval()
     }
 

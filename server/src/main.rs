@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 mod api;
+mod assistant;
 mod atomic_file;
 mod auth;
 mod cli;

@@ -68,7 +68,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(target: "genai::safety", "safety policy: {}", safety.describe());
     let remotes = crate::llm::backends::Backends::from_config(&config.llm)?;
-    let state = AppState::new(config, ops, knowledge, auth, |draining| {
+    let assistant = crate::assistant::Assistant::new(&config.agent, knowledge.clone(), &config.rag)?;
+    let state = AppState::new(config, ops, knowledge, auth, assistant, |draining| {
         Pipeline::new(limits, pipeline_tenancy, rag, safety, draining, default_max).with_remotes(remotes)
     });
     tokio::spawn(latency.run(Duration::from_secs(5)));

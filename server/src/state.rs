@@ -17,6 +17,8 @@ pub(crate) struct AppState {
     /// Embedder + vector store; loaded before the servers start.
     pub knowledge: Arc<KnowledgeService>,
     pub pipeline: Pipeline,
+    /// The assistant service (mode dispatch, the agent's tools).
+    pub assistant: crate::assistant::Assistant,
     /// Chooses chat / RAG / agent for assistant requests with `mode = "auto"`.
     pub router: Router,
     /// API keys; the context layer of both doors asks it about every request.
@@ -31,6 +33,7 @@ impl AppState {
         ops: Ops,
         knowledge: Arc<KnowledgeService>,
         auth: Arc<Authenticator>,
+        assistant: crate::assistant::Assistant,
         pipeline: impl FnOnce(watch::Receiver<bool>) -> Pipeline,
     ) -> Arc<Self> {
         let draining = watch::channel(false).0;
@@ -40,6 +43,7 @@ impl AppState {
             router: Router::new(knowledge.clone()),
             knowledge,
             pipeline: pipeline(draining.subscribe()),
+            assistant,
             auth,
             draining,
         })

@@ -4,6 +4,7 @@
 mod harness;
 
 mod api;
+mod assistant;
 mod auth;
 mod engine;
 mod foundation;

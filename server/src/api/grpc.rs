@@ -1,4 +1,4 @@
-//! tonic server: `genai.v1.Inference`, `grpc.health.v1.Health` (per service),
+//! tonic server: `genai.v1.Inference`, `genai.v1.Assistant`, `genai.v1.Knowledge`, `grpc.health.v1.Health` (per service),
 //! server reflection v1 and v1alpha, gzip, HTTP/2 keepalive, size limits.
 
 use std::pin::Pin;
@@ -32,7 +32,7 @@ use genai_grammar::{Grammar, GrammarRequest};
 use genai_retrieval::rag;
 
 /// Names reported by `grpc.health.v1.Health`; "" is the whole server.
-const SERVICES: &[&str] = &["", "genai.v1.Inference", "genai.v1.Knowledge"];
+const SERVICES: &[&str] = &["", "genai.v1.Inference", "genai.v1.Knowledge", "genai.v1.Assistant"];
 
 pub(crate) async fn serve(
     state: Arc<AppState>,
@@ -98,6 +98,11 @@ pub(crate) async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
+        .add_service(
+            super::assistant::grpc_service(state.clone(), limits.max_message_bytes)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
+        )
         .add_service(
             super::knowledge::grpc_service(state.knowledge.clone(), limits.max_message_bytes)
                 .accept_compressed(CompressionEncoding::Gzip)
@@ -306,7 +311,7 @@ fn split_tool_events(events: Vec<ToolEvent>) -> (String, Vec<pb::ToolCallDelta>)
     (text, calls)
 }
 
-fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {
+pub(super) fn sampling(p: Option<pb::SamplingParams>) -> SamplingInput {
     let p = p.unwrap_or_default();
     SamplingInput {
         temperature: p.temperature.map(f64::from),

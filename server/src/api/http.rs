@@ -32,7 +32,8 @@ pub(crate) async fn serve(
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/feedback", post(feedback))
-        .route("/v1/embeddings", post(openai::embeddings));
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/assistant/ask", post(super::assistant::ask));
     // `/metrics` is here (behind the `metrics` scope once keys exist) unless it has its own listener.
     if state.config.server.metrics_addr.is_none() {
         app = app.route("/metrics", get(metrics));

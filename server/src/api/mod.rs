@@ -2,6 +2,7 @@
 //! [`Pipeline`](crate::pipeline::Pipeline), encode what comes back, map errors to gRPC codes /
 //! HTTP statuses. One tower stack (request id, then request context) wraps both.
 
+pub(crate) mod assistant;
 pub(crate) mod error;
 pub(crate) mod grpc;
 mod grpc_guard;

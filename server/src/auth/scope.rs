@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// What an API key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Scope {
-    /// Generation, embeddings, tokenization, model list, knowledge search (and RAG).
+    /// Generation, embeddings, tokenization, model list, knowledge search (and RAG), the assistant.
     #[serde(rename = "infer")]
     Infer,
     /// Knowledge ingest, upsert and delete.
@@ -100,6 +100,7 @@ pub(crate) fn access(path: &str) -> Access {
             Access::Needs(Scope::Infer)
         }
         "/v1/knowledge/search" | "/genai.v1.Knowledge/Search" => Access::Needs(Scope::Infer),
+        "/v1/assistant/ask" | "/genai.v1.Assistant/Ask" => Access::Needs(Scope::Infer),
         "/v1/knowledge/documents"
         | "/genai.v1.Knowledge/Ingest"
         | "/genai.v1.Knowledge/IngestStream"
@@ -150,6 +151,9 @@ mod tests {
             ("/genai.v1.Inference/Embed", Needs(Infer)),
             ("/genai.v1.Inference/Tokenize", Needs(Infer)),
             ("/genai.v1.Knowledge/Search", Needs(Infer)),
+            ("/v1/assistant/ask", Needs(Infer)),
+            ("/genai.v1.Assistant/Ask", Needs(Infer)),
+            ("/genai.v1.Assistant/Other", Needs(Admin)),
             ("/v1/knowledge/documents", Needs(KnowledgeWrite)),
             ("/v1/knowledge/documents/doc-1", Needs(KnowledgeWrite)),
             ("/genai.v1.Knowledge/Ingest", Needs(KnowledgeWrite)),

@@ -68,6 +68,8 @@ pub const BACKEND_CIRCUIT_STATE: &str = "genai_backend_circuit_state";
 pub const BACKEND_ATTEMPTS: &str = "genai_backend_attempts_total";
 pub const BACKEND_RETRIES: &str = "genai_backend_retries_total";
 pub const BACKEND_FALLBACKS: &str = "genai_backend_fallbacks_total";
+// Recorded by the assistant's agent (`crate::assistant`).
+pub const AGENT_TOOL_CALLS: &str = "genai_agent_tool_calls_total";
 
 /// Prometheus type of a catalogued metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -490,7 +492,14 @@ pub const CATALOGUE: &[MetricDef] = &[
         Kind::Counter,
         &["stage", "verdict", "reason"],
         N,
-        "Safety verdicts by stage (input_pii|retrieval_pii|output_pii|input_injection|input_toxicity|retrieval_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
+        "Safety verdicts by stage (input_pii|retrieval_pii|output_pii|input_injection|input_toxicity|retrieval_injection|tool_injection), verdict (redact|block|allow) and reason code; one per value redacted.",
+    ),
+    def(
+        AGENT_TOOL_CALLS,
+        Kind::Counter,
+        &["tool", "outcome"],
+        N,
+        "Agent tool calls by tool and outcome (ok|invalid_arguments|refused|failed|timeout); calls to unknown tools are not counted.",
     ),
     def(
         BACKEND_CIRCUIT_STATE,
@@ -649,6 +658,11 @@ pub fn record_embedding_batch(size: usize) {
 /// Time taken by one retrieval (query embedding + search).
 pub fn record_retrieval(duration: Duration) {
     metrics::histogram!(RETRIEVAL_LATENCY).record(duration.as_secs_f64());
+}
+
+/// One agent tool call (`tool` is a built-in name, a bounded label set).
+pub fn record_tool_call(tool: &'static str, outcome: &'static str) {
+    metrics::counter!(AGENT_TOOL_CALLS, "tool" => tool, "outcome" => outcome).increment(1);
 }
 
 type LabelSet = Vec<(&'static str, String)>;

@@ -89,6 +89,11 @@ impl Observer {
         self.safety_flags.clone()
     }
 
+    /// The route, once known (the assistant's `auto` mode routes after the observer exists).
+    pub fn set_route(&mut self, route: &str) {
+        self.record.route = route.into();
+    }
+
     pub fn set_model(&mut self, model: &str, prompt: &str) {
         self.record.model = model.into();
         self.record.prompt = prompt.into();

@@ -113,7 +113,8 @@ pub(crate) struct Pipeline {
     /// Per-tenant limits and budgets (`crate::tenancy`).
     tenancy: Arc<Tenancy>,
     rag: RagPipeline,
-    safety: SafetyChain,
+    /// Shared with the assistant's agent, which screens tool outputs with it.
+    safety: Arc<SafetyChain>,
     local: OnceLock<Arc<LocalEngine>>,
     /// Remote backends (`[[llm.backends]]`), addressed by name.
     remotes: Backends,
@@ -137,7 +138,7 @@ impl Pipeline {
             limits,
             tenancy,
             rag,
-            safety,
+            safety: Arc::new(safety),
             local: OnceLock::new(),
             remotes: Backends::default(),
             draining,
@@ -159,6 +160,10 @@ impl Pipeline {
 
     pub(crate) fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    pub(crate) fn safety(&self) -> &Arc<SafetyChain> {
+        &self.safety
     }
 
     /// Called once, when the models are loaded.
@@ -256,8 +261,9 @@ impl Pipeline {
     }
 
     /// The answer with the backend's raw events, and the prompt as the model sees it (for the
-    /// request log).
-    async fn start(
+    /// request log). Unobserved: [`Pipeline::generate`] adds the observer; the assistant's agent
+    /// calls it once per step and records the request as a whole.
+    pub(crate) async fn start(
         &self,
         ctx: &RequestContext,
         mut input: GenerateInput,

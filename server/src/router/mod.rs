@@ -25,10 +25,8 @@ use std::sync::Arc;
 
 use genai_models::embedder::Priority;
 use genai_retrieval::knowledge::KnowledgeService;
-// Until the assistant (server/src/assistant) calls `route`, only the tests use these.
 use genai_router::{dataset, rules, Classifier, Context};
-#[allow(unused_imports)]
-pub(crate) use genai_router::{By, Decision, Mode};
+pub(crate) use genai_router::{Decision, Mode};
 use tokio::sync::OnceCell;
 
 pub(crate) struct Router {
@@ -76,7 +74,6 @@ impl Router {
     }
 
     /// The mode for `query` (the last user message) from `tenant`.
-    #[allow(dead_code)] // Called by the assistant (server/src/assistant) once merged.
     pub(crate) async fn route(&self, tenant: &str, query: &str) -> Decision {
         let ctx = Context {
             has_documents: self.knowledge.has_documents(tenant),
@@ -111,6 +108,7 @@ mod tests {
     use super::*;
     use crate::config::IndexConfig;
     use genai_retrieval::test_support::{corpus, passage_docs, service};
+    use genai_router::By;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn routes_by_rule_classifier_and_documents() {

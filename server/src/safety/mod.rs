@@ -16,6 +16,7 @@
 //!   part concurrently with prefill (the generation is submitted first; a block drops it);
 //! - `retrieval_injection`: the injection detectors on each retrieved chunk (indirect
 //!   injection);
+//! - `tool_injection`: the same on each output of an agent tool (`crate::assistant`);
 //! - `output_pii`: the streaming scanner on the answer.
 //!
 //! Invariants: a verdict is logged and counted with its stage and reason code, never the
@@ -480,6 +481,27 @@ impl SafetyChain {
         Ok(())
     }
 
+    /// An agent tool's output before the model reads it: the injection stage as on retrieved
+    /// chunks (rules, then the classifier where they found nothing), stage `tool_injection`,
+    /// when the tenant's policy screens retrieved text. A block is `ContentFiltered`; the agent
+    /// withholds the output rather than failing the request.
+    pub(crate) async fn scan_tool_output(&self, tenant: &str, text: &str, flags: &Flags) -> Result<(), ApiError> {
+        let policy = self.policy(tenant);
+        if !policy.retrieval_injection {
+            return Ok(());
+        }
+        for (d, s) in self.active(&policy, true) {
+            let mut v = d.check(text, s.threshold);
+            if v.action != Action::Block {
+                if let Some(c) = d.classify(text, s.threshold).await {
+                    v = c;
+                }
+            }
+            judge(flags, "tool_injection", v, &s)?;
+        }
+        Ok(())
+    }
+
     /// The detectors the policy enables (injection only, for retrieved text).
     fn active(&self, policy: &TenantPolicy, injection_only: bool) -> Vec<(Arc<dyn Detector>, ClassifierStage)> {
         self.detectors
@@ -589,26 +611,31 @@ impl InputScan {
 
     /// Counts a detector's verdict and applies the stage's action.
     fn judge(&self, label: &str, v: Verdict, s: &ClassifierStage) -> Result<(), ApiError> {
-        if v.action == Action::Allow {
-            return Ok(());
-        }
-        let mut v = v;
-        v.action = if s.action == ActionName::Block {
-            Action::Block
-        } else {
-            Action::Allow
-        };
-        self.record(label, std::slice::from_ref(&v));
-        if v.action == Action::Block {
-            return Err(blocked(label, &v));
-        }
-        Ok(())
+        judge(&self.flags, label, v, s)
     }
 
     /// Metrics, the request log's flags and one log line — never the matched text.
     fn record(&self, label: &str, verdicts: &[Verdict]) {
         record(&self.flags, label, verdicts);
     }
+}
+
+/// Counts a detector's verdict (in `flags`, metrics, the log) and applies the stage's action.
+fn judge(flags: &Flags, label: &str, v: Verdict, s: &ClassifierStage) -> Result<(), ApiError> {
+    if v.action == Action::Allow {
+        return Ok(());
+    }
+    let mut v = v;
+    v.action = if s.action == ActionName::Block {
+        Action::Block
+    } else {
+        Action::Allow
+    };
+    record(flags, label, std::slice::from_ref(&v));
+    if v.action == Action::Block {
+        return Err(blocked(label, &v));
+    }
+    Ok(())
 }
 
 pub(crate) fn record(flags: &Flags, label: &str, verdicts: &[Verdict]) {

@@ -27,9 +27,7 @@ use genai_engine::{EngineEvent, SamplingParams};
 use genai_grammar::GrammarRequest;
 use genai_models::chat_template::ChatMessage;
 
-use super::{
-    Capabilities, Embeddings, EventStream, Generation, Health, LlmBackend, Prepared, PreparedInput, Tokenized,
-};
+use super::{Embeddings, EventStream, Generation, Health, LlmBackend, Prepared, PreparedInput, Tokenized};
 use crate::error::ApiError;
 use crate::ops::metrics::BACKEND_FALLBACKS;
 use crate::pipeline::context::{Priority, RequestContext};
@@ -152,10 +150,6 @@ impl LlmBackend for Chain {
 
     fn context_length(&self) -> usize {
         self.members[0].context_length()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.members[0].capabilities()
     }
 
     /// Serving while any member is.

@@ -16,7 +16,7 @@ use genai_models::embedder::EmbedderHandle;
 use genai_models::prompt::PromptEncoder;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{Capabilities, Embeddings, Generation, Health, LlmBackend, Prepared, PreparedInput, Tokenized};
+use super::{Embeddings, Generation, Health, LlmBackend, Prepared, PreparedInput, Tokenized};
 use crate::error::ApiError;
 use crate::pipeline::context::{Priority, RequestContext};
 
@@ -102,15 +102,6 @@ impl LlmBackend for LocalEngine {
 
     fn context_length(&self) -> usize {
         self.engine.max_context()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            logprobs: true,
-            cached_tokens: true,
-            embeddings: true,
-            tokenize: true,
-        }
     }
 
     fn health(&self) -> Health {

@@ -95,17 +95,6 @@ pub(crate) struct Tokenized {
     pub tokens: Vec<String>,
 }
 
-/// What a backend can do beyond plain generation.
-#[derive(Debug, Clone, Copy)]
-#[allow(dead_code)] // Consulted by the router and remote backends (orchestration issue).
-pub(crate) struct Capabilities {
-    pub logprobs: bool,
-    /// Reports `cached_prompt_tokens` in usage.
-    pub cached_tokens: bool,
-    pub embeddings: bool,
-    pub tokenize: bool,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Health {
     Serving,
@@ -120,8 +109,6 @@ pub(crate) trait LlmBackend: Send + Sync {
     fn embedding_model(&self) -> Option<&str>;
     /// Longest prompt + completion, in tokens.
     fn context_length(&self) -> usize;
-    #[allow(dead_code)] // See `Capabilities`.
-    fn capabilities(&self) -> Capabilities;
     fn health(&self) -> Health;
 
     /// Renders the chat template and tokenizes (on the blocking pool): the prompt as the model

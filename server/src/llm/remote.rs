@@ -44,8 +44,8 @@ use super::breaker::Breaker;
 use super::retry::{parse_retry_after, Failure, RetryPolicy};
 use super::sse::{SseEvent, SseParser};
 use super::{
-    estimate_chat_tokens, estimate_tokens, Capabilities, Embeddings, EventStream, Generation, Health, LlmBackend,
-    Prepared, PreparedInput, Tokenized,
+    estimate_chat_tokens, estimate_tokens, Embeddings, EventStream, Generation, Health, LlmBackend, Prepared,
+    PreparedInput, Tokenized,
 };
 use crate::error::ApiError;
 use crate::ops::metrics::BACKEND_ATTEMPTS;
@@ -569,15 +569,6 @@ impl LlmBackend for RemoteBackend {
     /// Unknown here: the upstream enforces its own.
     fn context_length(&self) -> usize {
         usize::MAX
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            logprobs: false,
-            cached_tokens: true,
-            embeddings: false,
-            tokenize: false,
-        }
     }
 
     /// Not serving while the circuit refuses calls (the fallback chain skips it at once).
